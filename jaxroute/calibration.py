@@ -1,0 +1,113 @@
+"""Threshold calibration: the online κ rule (seed eq. 5, corrected), coverage events, final calibration.
+
+Online rule. In conformal terms the score of action a is s = 1 − π(a|o) and the set {s ≤ q} is
+{π ≥ 1 − q}, so κ = 1 − q. Angelopoulos, Barber & Bates (2024, "Online conformal prediction with
+decaying step sizes", https://arxiv.org/abs/2402.01139) update q ← q + η(err − α); in κ-space
+
+    κ_{k+1} = κ_k − η_k (err_k − α):
+
+a miss *lowers* κ, which enlarges Π and the escalation region. The seed's eq. 5 writes the
+opposite sign (κ + η(err − α)); that fixed point is unstable (κ runs to its bound) — kept as
+`kappa_update_seed_literal` for the regression test that documents it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxroute import threshold
+
+
+def step_size(step: jax.Array, eta0: float = 0.1, xi: float | None = 0.1) -> jax.Array:
+    """η_k = η₀·(k+1)^{−(1/2+ξ)} (Σ η = ∞, Σ η² < ∞ for ξ ∈ (0, 1/2)); constant η₀ if ξ is None."""
+    if xi is None:
+        return jnp.asarray(eta0, jnp.float32)
+    return eta0 * (step.astype(jnp.float32) + 1.0) ** (-(0.5 + xi))
+
+
+def kappa_update(
+    kappa: jax.Array, miscoverage: jax.Array, alpha: float, eta: jax.Array,
+    lo: float = 0.0, hi: float = 1.0,
+) -> jax.Array:
+    """κ ← clip(κ − η (err − α), lo, hi). `miscoverage` is err ∈ [0, 1] (a batch mean is fine).
+
+    Clipping to [0, 1] loses nothing: κ ≤ 0 already puts every valid action in Π, and with the
+    empty-set rule an always-covered stream would otherwise push κ up without bound.
+    """
+    return jnp.clip(kappa - eta * (miscoverage - alpha), lo, hi)
+
+
+def kappa_update_seed_literal(kappa, miscoverage, alpha, eta, lo=0.0, hi=1.0):
+    """Seed eq. 5 as printed, κ ← κ + η(err − α). Unstable; for the regression test only."""
+    return jnp.clip(kappa + eta * (miscoverage - alpha), lo, hi)
+
+
+def covered_by_verifier(
+    probs: jax.Array,
+    kappa: jax.Array,
+    model: jax.Array,
+    action: jax.Array,
+    verifier_ok: jax.Array,
+    correct: jax.Array,
+    large_wrong: jax.Array,
+    mask: jax.Array,
+    *,
+    strict: bool = True,
+) -> jax.Array:
+    """The local-verification coverage event of seed Sec. 4.2. `[B]` bool.
+
+    covered_b = R_M(x_b)=0  ∨  R_π(x_b)=1  ∨  ∏_t ok_{b,t},   ok_t = V(o_t, ỹ_t) ∨ (escalate ∈ Π(o_t)):
+    a step the verifier rejects is forgiven only if the thresholded set would have escalated there.
+
+    Args:
+      probs: `[B, T, K]` π(·|o_t) of the policy being calibrated.
+      kappa: () threshold.
+      model: `[B, T]` int current model at each decision.
+      action: `[B, T]` int action taken in the rollout.
+      verifier_ok: `[B, T]` bool V(o_t, ỹ_t) for the step under decision.
+      correct: `[B]` bool R_π = 1 for the rollout.
+      large_wrong: `[B]` bool R_M = 0.
+      mask: `[B, T]` bool.
+      strict: count R_π = 1 only if every sampled action lay in Π (a rollout that left the set
+        says nothing about Π's outcome).
+    """
+    esc_in = threshold.escalation_in_set(probs, kappa, model)
+    ok = verifier_ok | esc_in | ~mask
+    locally_verified = jnp.all(ok, axis=-1)
+    if strict:
+        valid = threshold.valid_actions(model, probs.shape[-1])
+        inset = threshold.action_set(probs, kappa, valid)
+        taken_in = jnp.take_along_axis(inset, action[..., None], axis=-1)[..., 0]
+        correct = correct & jnp.all(taken_in | ~mask, axis=-1)
+    return large_wrong | correct | locally_verified
+
+
+def conformal_threshold(
+    errors: jax.Array, grid: jax.Array, alpha: float
+) -> tuple[jax.Array, jax.Array]:
+    """Largest κ on `grid` whose calibration risk passes the conformal-risk-control bound.
+
+    κ̂ = max{κ ∈ grid : (Σ_i err'_i(κ) + 1)/(n + 1) ≤ α}, where err' is err made monotone in κ
+    (err'_i(κ) = max_{κ' ≤ κ} err_i(κ')). For exchangeable calibration and test problems this gives
+    E[err_test(κ̂)] ≤ E[err'_test(κ̂)] ≤ α (Angelopoulos et al. 2022, "Conformal risk control",
+    Thm. 1, with losses bounded by 1). The monotone envelope keeps the guarantee when re-routing
+    with a larger κ happens to fix a problem. Needs n ≥ 1/α − 1 to be non-trivial.
+
+    Args:
+      errors: `[n, G]` in [0, 1], err_i at each grid value (1 = not covered).
+      grid: `[G]` increasing thresholds.
+      alpha: target miscoverage.
+
+    Returns:
+      (κ̂, feasible): if no grid value passes, κ̂ = grid[0] (the most conservative) and
+      feasible = False.
+    """
+    n = errors.shape[0]
+    monotone = jax.lax.cummax(errors.astype(jnp.float32), axis=1)
+    risk = (jnp.sum(monotone, axis=0) + 1.0) / (n + 1.0)
+    ok = risk <= alpha
+    # The monotone risk is non-decreasing in κ, so the passing grid points form a prefix.
+    last = jnp.sum(ok) - 1
+    feasible = last >= 0
+    return jnp.where(feasible, grid[jnp.maximum(last, 0)], grid[0]), feasible

@@ -28,17 +28,20 @@ def step_size(step: jax.Array, eta0: float = 0.1, xi: float | None = 0.1) -> jax
 
 def kappa_update(
     kappa: jax.Array, miscoverage: jax.Array, alpha: float, eta: jax.Array,
-    lo: float = 0.0, hi: float = 1.0,
+    lo: float = -1.0, hi: float = 2.0,
 ) -> jax.Array:
-    """κ ← clip(κ − η (err − α), lo, hi). `miscoverage` is err ∈ [0, 1] (a batch mean is fine).
+    """κ ← κ − η (err − α). `miscoverage` is err ∈ [0, 1] (a batch mean is fine).
 
-    Clipping to [0, 1] loses nothing: κ ≤ 0 already puts every valid action in Π, and with the
-    empty-set rule an always-covered stream would otherwise push κ up without bound.
+    With a coverage event that is monotone in κ (Γ escalates iff π ≥ κ), κ stays in
+    [−(1−α)η₀, 1 + αη₀] by itself: at κ ≤ 0 every problem escalates (no miss, κ rises) and at κ > 1
+    none does. The ABB guarantee needs that room, so the clip [lo, hi] is only a wide safety net
+    against a caller's non-monotone event; clipping at [0, 1] would break the bound when scores sit
+    on the boundary (see tests/test_calibration.py).
     """
     return jnp.clip(kappa - eta * (miscoverage - alpha), lo, hi)
 
 
-def kappa_update_seed_literal(kappa, miscoverage, alpha, eta, lo=0.0, hi=1.0):
+def kappa_update_seed_literal(kappa, miscoverage, alpha, eta, lo=-1.0, hi=2.0):
     """Seed eq. 5 as printed, κ ← κ + η(err − α). Unstable; for the regression test only."""
     return jnp.clip(kappa + eta * (miscoverage - alpha), lo, hi)
 
@@ -57,8 +60,10 @@ def covered_by_verifier(
 ) -> jax.Array:
     """The local-verification coverage event of seed Sec. 4.2. `[B]` bool.
 
-    covered_b = R_M(x_b)=0  ∨  R_π(x_b)=1  ∨  ∏_t ok_{b,t},   ok_t = V(o_t, ỹ_t) ∨ (escalate ∈ Π(o_t)):
-    a step the verifier rejects is forgiven only if the thresholded set would have escalated there.
+    covered_b = R_M(x_b)=0  ∨  R_π(x_b)=1  ∨  ∏_t ok_{b,t},   ok_t = V(o_t, ỹ_t) ∨ Γ(o_t) escalates:
+    a step the verifier rejects is forgiven only if the deployed rule Γ (eq. 6) would escalate
+    there. Using Γ (π(esc) ≥ κ, no empty-set fallback) keeps the event monotone in κ: lowering κ
+    never uncovers a problem.
 
     Args:
       probs: `[B, T, K]` π(·|o_t) of the policy being calibrated.
@@ -69,17 +74,14 @@ def covered_by_verifier(
       correct: `[B]` bool R_π = 1 for the rollout.
       large_wrong: `[B]` bool R_M = 0.
       mask: `[B, T]` bool.
-      strict: count R_π = 1 only if every sampled action lay in Π (a rollout that left the set
-        says nothing about Π's outcome).
+      strict: count R_π = 1 only if every sampled action is the one Γ would take (otherwise the
+        rollout's outcome says nothing about Γ's).
     """
-    esc_in = threshold.escalation_in_set(probs, kappa, model)
-    ok = verifier_ok | esc_in | ~mask
+    decision = threshold.route(probs, kappa, model)
+    ok = verifier_ok | (decision > model) | ~mask
     locally_verified = jnp.all(ok, axis=-1)
     if strict:
-        valid = threshold.valid_actions(model, probs.shape[-1])
-        inset = threshold.action_set(probs, kappa, valid)
-        taken_in = jnp.take_along_axis(inset, action[..., None], axis=-1)[..., 0]
-        correct = correct & jnp.all(taken_in | ~mask, axis=-1)
+        correct = correct & jnp.all((action == decision) | ~mask, axis=-1)
     return large_wrong | correct | locally_verified
 
 

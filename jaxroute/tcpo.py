@@ -47,7 +47,7 @@ class TCPOConfig:
     coverage_estimator: str = "exact"  # "exact" | "union_bound"
     constraint_gradient: str = "advantage"  # "advantage" (V-trace) | "is" (autodiff of D̂_IS)
     coverage_event: str = "verifier"  # "verifier" (Sec. 4.2) | "outcome" (eq. 5) | "given"
-    strict_coverage: bool = True  # R_π counts for Π only if every sampled action was in Π
+    strict_coverage: bool = True  # R_π counts only if every sampled action is Γ's (eq. 6)
     standardize_cost_advantage: bool = True
     kappa_init: float = 0.5
     eta0: float = 0.1  # κ step size (seed: 0.1)
@@ -157,9 +157,8 @@ def coverage_event(networks, config: TCPOConfig, state: TrainState, batch: Rollo
     # "outcome": eq. 5 with the rollout's own outcome standing in for R_Π.
     correct = batch.correct
     if config.strict_coverage:
-        valid = threshold.valid_actions(batch.model, networks.num_models)
-        inset = threshold.action_set(probs, state.kappa, valid)
-        correct = correct & jnp.all(_take(inset, batch.action) | ~batch.mask, axis=-1)
+        decision = threshold.route(probs, state.kappa, batch.model)
+        correct = correct & jnp.all((batch.action == decision) | ~batch.mask, axis=-1)
     return correct | batch.large_wrong
 
 

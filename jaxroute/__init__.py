@@ -7,7 +7,7 @@ in the `generation` package, launch scripts in `launch`.
 from jaxroute import calibration, cg, cpo, fisher, networks, tcpo, threshold, vtrace
 from jaxroute.calibration import conformal_threshold, kappa_update
 from jaxroute.cg import conjugate_gradient
-from jaxroute.cpo import cpo_dual, cpo_direction, line_search
+from jaxroute.cpo import cpo_direction, cpo_dual, line_search
 from jaxroute.networks import Normalizer, make_networks
 from jaxroute.tcpo import Rollout, TCPOConfig, TrainState, init_state, make_update
 from jaxroute.threshold import route

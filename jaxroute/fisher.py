@@ -37,6 +37,36 @@ def make_fvp(
     return lambda v: hvp(v) + damping * v
 
 
+def make_ggn_fvp(
+    outputs: Callable[[jax.Array], jax.Array],
+    flat_params: jax.Array,
+    output_hessian: jax.Array,
+    damping: float = 0.1,
+) -> Callable[[jax.Array], jax.Array]:
+    """Damped Fisher-vector product in Gauss–Newton form, v ↦ (Jᵀ H_u J + damping·I) v.
+
+    For a KL whose first argument is the distribution at θ_k, the output-space gradient vanishes at
+    θ_k, so the Hessian of the mean KL *is* Jᵀ H_u J exactly (no second-derivative-of-network term):
+    the same F as `make_fvp`, but each product costs one JVP plus one transposed JVP through the
+    network instead of a JVP through its backward pass, and F is PSD by construction.
+
+    Args:
+      outputs: flat θ ↦ network outputs u `[..., K]` (e.g. policy logits for every decision).
+      flat_params: `[N]` θ_k.
+      output_hessian: `[..., K, K]` ∂²(weighted KL)/∂u² at u(θ_k), per output row, including
+        the averaging weights (mask / Σ mask).
+      damping: Tikhonov damping.
+    """
+    _, jvp = jax.linearize(outputs, flat_params)
+    vjp = jax.linear_transpose(jvp, flat_params)
+
+    def fvp(v):
+        ju = jvp(v)
+        return vjp(jnp.einsum("...ij,...j->...i", output_hessian, ju))[0] + damping * v
+
+    return fvp
+
+
 def categorical_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """KL(p ‖ q) over the last axis from log-probabilities; 0·log 0 terms count as 0. `[...]`."""
     p = jnp.exp(log_p)

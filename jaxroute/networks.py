@@ -1,7 +1,8 @@
 """The router's policy and its two critics: small flax MLPs over normalised step features.
 
-Seed Sec. 5.1: "three-layer neural networks with 64 hidden units per layer" — read as three hidden
-layers of 64 (configurable via `hidden`). Inputs are the step features, standardised with fixed
+Seed Sec. 5.1: "three-layer neural networks with 64 hidden units per layer" — read as three weight
+layers, i.e. two hidden layers of 64 and the output layer (CCPO's reading; configurable via
+`hidden`, e.g. `(64, 64, 64)` for three hidden layers). Inputs are the step features, standardised with fixed
 statistics (`Normalizer`), concatenated with a one-hot of the current model (the policy "tracks the
 current model M_k", Sec. 3.1).
 """
@@ -73,11 +74,14 @@ class RouterNetworks(NamedTuple):
             [normalizer(obs), jax.nn.one_hot(model, self.num_models, dtype=obs.dtype)], axis=-1
         )
 
+    def logits(self, params, normalizer: Normalizer, obs, model) -> jax.Array:
+        """Unmasked policy logits `[..., K]`."""
+        return self.policy.apply(params, self.inputs(normalizer, obs, model))
+
     def log_probs(self, params, normalizer: Normalizer, obs, model) -> jax.Array:
         """log π(·|o) `[..., K]`, NEG_INF on actions below the current model."""
-        logits = self.policy.apply(params, self.inputs(normalizer, obs, model))
         valid = threshold.valid_actions(model, self.num_models)
-        return threshold.masked_log_softmax(logits, valid)
+        return threshold.masked_log_softmax(self.logits(params, normalizer, obs, model), valid)
 
     def value(self, params, normalizer: Normalizer, obs, model) -> jax.Array:
         """Critic value `[...]`."""
@@ -85,7 +89,7 @@ class RouterNetworks(NamedTuple):
 
 
 def make_networks(
-    num_models: int, num_features: int, hidden: Sequence[int] = (64, 64, 64)
+    num_models: int, num_features: int, hidden: Sequence[int] = (64, 64)
 ) -> RouterNetworks:
     if num_models < 2:
         raise ValueError(f"routing needs at least 2 models, got num_models={num_models}")

@@ -17,7 +17,6 @@ Seed Sec. 4 (Algorithm of Si, Lee & Bastani), with the decisions recorded in BUI
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import flax
@@ -25,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxroute import calibration, cg, cpo, fisher, networks as nets_lib, threshold, vtrace
+from jaxroute import calibration, cg, cpo, fisher, threshold, vtrace
+from jaxroute import networks as nets_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,6 @@ class TCPOConfig:
     critic_steps: int = 10
     backtrack_coeff: float = 0.8
     backtrack_iters: int = 10
-    hidden: Sequence[int] = (64, 64, 64)
 
     def __post_init__(self):
         if not 0.0 < self.alpha < 1.0:
@@ -104,8 +103,7 @@ class Rollout(NamedTuple):
 @flax.struct.dataclass
 class TrainState:
     policy_params: dict
-    cost_params: dict
-    corr_params: dict
+    critic_params: dict  # two critics stacked on a leading axis: [0] cost-to-go, [1] correctness
     critic_opt_state: optax.OptState
     kappa: jax.Array  # () float32
     step: jax.Array  # () int32, iterations done
@@ -119,12 +117,12 @@ def init_state(
     normalizer: nets_lib.Normalizer | None = None,
 ) -> TrainState:
     policy, cost, corr = nets_lib.init_params(networks, key)
+    critics = jax.tree.map(lambda a, b: jnp.stack([a, b]), cost, corr)
     opt = optax.adam(config.critic_lr)
     return TrainState(
         policy_params=policy,
-        cost_params=cost,
-        corr_params=corr,
-        critic_opt_state=opt.init((cost, corr)),
+        critic_params=critics,
+        critic_opt_state=opt.init(critics),
         kappa=jnp.asarray(config.kappa_init, jnp.float32),
         step=jnp.asarray(0, jnp.int32),
         normalizer=normalizer or nets_lib.Normalizer.identity(networks.num_features),
@@ -184,17 +182,27 @@ def make_update(networks: nets_lib.RouterNetworks, config: TCPOConfig):
         # 2. The softmask target S̃_{π_k, κ} and the V-trace ratios against the behaviour.
         flat_k, unravel = fisher.flatten(state.policy_params)
 
-        def log_s_all(flat):
-            logp = networks.log_probs(unravel(flat), state.normalizer, batch.obs, batch.model)
-            return threshold.log_softmask(jnp.exp(logp), kappa, valid, config.softmask_eps)
+        def logits_of(flat):
+            return networks.logits(unravel(flat), state.normalizer, batch.obs, batch.model)
 
-        log_s_k_all = jax.lax.stop_gradient(log_s_all(flat_k))
+        def log_s_of_logits(u, valid):
+            probs = jnp.exp(threshold.masked_log_softmax(u, valid))
+            return threshold.log_softmask(probs, kappa, valid, config.softmask_eps)
+
+        def log_s_all(flat):
+            return log_s_of_logits(logits_of(flat), valid)
+
+        logits_k = logits_of(flat_k)
+        log_s_k_all = jax.lax.stop_gradient(log_s_of_logits(logits_k, valid))
         log_s_k = _take(log_s_k_all, batch.action)
         log_rho = jnp.where(mask, log_s_k - batch.log_behaviour, 0.0)
         rho_raw = jnp.exp(jnp.minimum(log_rho, 30.0))
 
-        v_cost = networks.value(state.cost_params, state.normalizer, batch.obs, batch.model)
-        v_corr = networks.value(state.corr_params, state.normalizer, batch.obs, batch.model)
+        def critic_values(params):  # [2, B, T]; one batched pass for both critics
+            return jax.vmap(networks.value, in_axes=(0, None, None, None))(
+                params, state.normalizer, batch.obs, batch.model)
+
+        v_cost, v_corr = critic_values(state.critic_params)
         disc = vtrace.episodic_discounts(mask, config.gamma)
         terminal = vtrace.terminal_indicator(mask)
         success = batch.correct
@@ -242,11 +250,25 @@ def make_update(networks: nets_lib.RouterNetworks, config: TCPOConfig):
         g = jax.grad(objective)(flat_k)
         b = jax.grad(constraint)(flat_k)
         c = miscoverage_is(flat_k) - config.alpha
-        fvp = fisher.make_fvp(mean_kl, flat_k, config.damping)
-        v = cg.conjugate_gradient(fvp, g, iters=config.cg_iters, tol=config.cg_tol)
-        w = cg.conjugate_gradient(fvp, b, iters=config.cg_iters, tol=config.cg_tol)
-        hv = fvp(v.x)
-        q, r, s = jnp.vdot(v.x, hv), jnp.vdot(w.x, hv), jnp.vdot(w.x, fvp(w.x))
+
+        # Fisher of mean KL(S̃_k ‖ S̃_θ) in Gauss–Newton form: per-decision K×K Hessians in logit
+        # space, weighted like the mean.
+        def kl_of_logits(u, ref, valid):
+            return fisher.categorical_kl(ref, log_s_of_logits(u, valid))
+
+        flat_rows = lambda x: x.reshape(-1, k_models)  # noqa: E731
+        h_u = jax.vmap(jax.hessian(kl_of_logits))(
+            flat_rows(logits_k), flat_rows(log_s_k_all), flat_rows(valid))
+        h_u = h_u.reshape(mask.shape + (k_models, k_models))
+        h_u = h_u * (m / jnp.maximum(m.sum(), 1.0))[..., None, None]
+        fvp = fisher.make_ggn_fvp(logits_of, flat_k, h_u, config.damping)
+        # Solve for g and b together: one CG loop over a batch of two right-hand sides.
+        sol = jax.vmap(lambda rhs: cg.conjugate_gradient(
+            fvp, rhs, iters=config.cg_iters, tol=config.cg_tol))(jnp.stack([g, b]))
+        vw = sol.x
+        hvw = jax.vmap(fvp)(vw)
+        q, r, s = jnp.vdot(vw[0], hvw[0]), jnp.vdot(vw[1], hvw[0]), jnp.vdot(vw[1], hvw[1])
+        v, w = jax.tree.map(lambda x: x[0], sol), jax.tree.map(lambda x: x[1], sol)
         dual = cpo.cpo_dual(q, r, s, c, config.max_kl, jnp.vdot(b, b))
         full_step = cpo.cpo_direction(v.x, w.x, dual)
         obj_old, con_old = objective(flat_k), constraint(flat_k)
@@ -258,30 +280,27 @@ def make_update(networks: nets_lib.RouterNetworks, config: TCPOConfig):
         new_policy = unravel(flat_k + search.step)
 
         # 4. Critics: Adam on the masked squared error to the V-trace targets.
+        targets = jnp.stack([vt_cost.vs, vt_corr.vs])
+        denom = jnp.maximum(m.sum(), 1.0)
+
         def critic_loss(params):
-            pc, pz = params
-            vc = networks.value(pc, state.normalizer, batch.obs, batch.model)
-            vz = networks.value(pz, state.normalizer, batch.obs, batch.model)
-            lc = jnp.sum(m * (vc - vt_cost.vs) ** 2) / jnp.maximum(m.sum(), 1.0)
-            lz = jnp.sum(m * (vz - vt_corr.vs) ** 2) / jnp.maximum(m.sum(), 1.0)
-            return 0.5 * (lc + lz), (lc, lz)
+            per_critic = jnp.sum(m[None] * (critic_values(params) - targets) ** 2, axis=(1, 2)) / denom
+            return 0.5 * jnp.sum(per_critic), per_critic
 
         def critic_step(carry, _):
             params, opt_state = carry
-            (_, aux), grads = jax.value_and_grad(critic_loss, has_aux=True)(params)
+            (_, per_critic), grads = jax.value_and_grad(critic_loss, has_aux=True)(params)
             updates, opt_state = critic_opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), aux
+            return (optax.apply_updates(params, updates), opt_state), per_critic
 
-        (critics, opt_state), (lc, lz) = jax.lax.scan(
-            critic_step, ((state.cost_params, state.corr_params), state.critic_opt_state),
-            None, length=config.critic_steps)
-        if config.critic_steps == 0:
-            lc = lz = jnp.zeros((1,))
+        (critics, opt_state), losses = jax.lax.scan(
+            critic_step, (state.critic_params, state.critic_opt_state), None,
+            length=config.critic_steps)
+        losses = losses[-1] if config.critic_steps else critic_loss(critics)[1]
 
         new_state = state.replace(
             policy_params=new_policy,
-            cost_params=critics[0],
-            corr_params=critics[1],
+            critic_params=critics,
             critic_opt_state=opt_state,
             kappa=kappa,
             step=state.step + 1,
@@ -308,8 +327,8 @@ def make_update(networks: nets_lib.RouterNetworks, config: TCPOConfig):
             constraint_new=search.constraint,
             cg_iterations=v.iterations,
             cg_residual=v.residual_norm,
-            critic_loss_cost=lc[-1],
-            critic_loss_corr=lz[-1],
+            critic_loss_cost=losses[0],
+            critic_loss_corr=losses[1],
             batch_cost=jnp.sum(batch.cost * m) / n_rows,
             batch_correct=jnp.sum(batch.correct & rows) / n_rows,
             batch_escalated=jnp.sum(escalated & rows) / n_rows,

@@ -1,6 +1,5 @@
 """CPO: the closed-form dual against a brute-force QCQP solver, closed-form special cases, line search."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,7 +102,7 @@ def test_recovery_case_is_pure_constraint_descent():
 
 def test_positive_scaling_of_g_leaves_step_unchanged():
     rng = np.random.default_rng(3)
-    for i in range(30):
+    for _i in range(30):
         h, g, b, c = random_problem(rng, binding=True)
         x1, d1 = closed_form(h, g, b, c)
         x2, d2 = closed_form(h, 7.0 * g, b, c)

@@ -33,7 +33,7 @@ def random_rollout(seed, b=5, t=8, d=4, k=2):
 @pytest.fixture(scope="module")
 def setup():
     nets = networks.make_networks(2, 4, hidden=(16, 16))
-    cfg = tcpo.TCPOConfig(hidden=(16, 16))
+    cfg = tcpo.TCPOConfig()
     state = tcpo.init_state(nets, cfg, jax.random.PRNGKey(0))
     return nets, cfg, state, tcpo.make_update(nets, cfg)
 
@@ -44,7 +44,7 @@ def test_update_is_finite_and_respects_trust_region(setup):
         batch = random_rollout(seed)
         new, m = update(state, batch, jax.random.PRNGKey(seed))
         chex.assert_trees_all_equal_shapes(new.policy_params, state.policy_params)
-        chex.assert_tree_all_finite((new.policy_params, new.cost_params, new.corr_params, m))
+        chex.assert_tree_all_finite((new.policy_params, new.critic_params, m))
         assert int(new.step) == int(state.step) + 1
         assert not bool(m["nonfinite"])
         if bool(m["step_accepted"]):
@@ -77,7 +77,7 @@ def test_padding_never_changes_the_update(setup):
     a, ma = update(state, batch, jax.random.PRNGKey(0))
     b, mb = update(state, pad_time(batch, 5, 1e6), jax.random.PRNGKey(0))
     chex.assert_trees_all_close(a.policy_params, b.policy_params, atol=1e-5)
-    chex.assert_trees_all_close(a.cost_params, b.cost_params, atol=1e-5)
+    chex.assert_trees_all_close(a.critic_params, b.critic_params, atol=1e-5)
     np.testing.assert_allclose(a.kappa, b.kappa)
     assert bool(ma["step_accepted"]) == bool(mb["step_accepted"])
 
@@ -129,7 +129,7 @@ def bandit_rollout(state, nets, key, b):
 
 def test_learns_to_escalate_only_when_needed():
     nets = networks.make_networks(2, 1, hidden=(32, 32))
-    cfg = dataclasses.replace(tcpo.TCPOConfig(hidden=(32, 32)), alpha=0.05, softmask_eps=0.05)
+    cfg = dataclasses.replace(tcpo.TCPOConfig(), alpha=0.05, softmask_eps=0.05)
     update = tcpo.make_update(nets, cfg)
     state = tcpo.init_state(nets, cfg, jax.random.PRNGKey(0))
 

@@ -38,6 +38,7 @@ class TCPOConfig:
     cg_iters: int = 10
     cg_tol: float = 1e-10
     softmask_eps: float = 0.01  # ε of the sigmoid softmask (CCPO)
+    target: str = "softmask"  # policy optimised: "softmask" S̃_{π,κ} (paper) | "policy" π itself
     rho_bar: float = 1.0  # V-trace value-target clip ρ̄ (CCPO)
     c_bar: float = 1.0  # V-trace trace clip c̄
     rho_bar_pg: float = 1.0  # clip on the objective's policy-gradient ratio
@@ -74,6 +75,8 @@ class TCPOConfig:
         if self.coverage_event not in ("verifier", "outcome", "given"):
             raise ValueError(f"coverage_event: 'verifier', 'outcome' or 'given', got "
                              f"{self.coverage_event!r}")
+        if self.target not in ("softmask", "policy"):
+            raise ValueError(f"target: 'softmask' or 'policy', got {self.target!r}")
         if self.cg_iters < 1 or self.critic_steps < 0 or self.backtrack_iters < 1:
             raise ValueError("cg_iters and backtrack_iters must be ≥ 1, critic_steps ≥ 0")
         if not 0.0 <= self.kappa_init <= 1.0:
@@ -186,8 +189,10 @@ def make_update(networks: nets_lib.RouterNetworks, config: TCPOConfig):
             return networks.logits(unravel(flat), state.normalizer, batch.obs, batch.model)
 
         def log_s_of_logits(u, valid):
-            probs = jnp.exp(threshold.masked_log_softmax(u, valid))
-            return threshold.log_softmask(probs, kappa, valid, config.softmask_eps)
+            log_p = threshold.masked_log_softmax(u, valid)
+            if config.target == "policy":
+                return log_p
+            return threshold.log_softmask(jnp.exp(log_p), kappa, valid, config.softmask_eps)
 
         def log_s_all(flat):
             return log_s_of_logits(logits_of(flat), valid)

@@ -1,0 +1,191 @@
+"""Routing baselines that can be replayed on trace trees, and the exact oracle.
+
+Each baseline is a rule that picks an action per tree node (`[N, S, T]` int), which `env.walk`
+then follows — the same machinery as the trained router, so every method is scored identically:
+
+- small-only / random escalation / confidence threshold;
+- STEER (Lee et al. 2026): a two-component 1-D Gaussian mixture over the small model's confidence
+  score per step index (EM, steps ≥ `max_bucket` pooled); escalate, sticky, at the first step whose
+  posterior probability of the high-confidence component falls below τ;
+- the oracle (`oracle_costs`): the cheapest path per instance that ends correct, by dynamic
+  programming over the tree — a lower bound no router can beat.
+
+Escalations go to the largest model.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxroute.trace import PackedTrees
+
+GRID = tuple(round(0.1 * i, 1) for i in range(11))  # the paper's 0.1-step threshold grid
+
+
+def node_mask(trees: PackedTrees) -> np.ndarray:
+    """`[P, S, T]` bool, valid nodes."""
+    return np.arange(trees.step_cost.shape[2])[None, None] < trees.seg_len[..., None]
+
+
+def escalate_where(trees: PackedTrees, flag: np.ndarray) -> np.ndarray:
+    """Node actions: the largest model where `flag` `[P, S, T]` is set, else continue."""
+    model = np.broadcast_to(trees.seg_model[..., None], flag.shape)
+    return np.where(flag, trees.num_models - 1, model).astype(np.int32)
+
+
+def small_only(trees: PackedTrees) -> np.ndarray:
+    return escalate_where(trees, np.zeros(trees.step_cost.shape, bool))
+
+
+def random_escalation(trees: PackedTrees, prob: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return escalate_where(trees, rng.random(trees.step_cost.shape) < prob)
+
+
+def confidence_threshold(trees: PackedTrees, feature: int, tau: float) -> np.ndarray:
+    """Escalate at the first step whose confidence feature is below τ."""
+    return escalate_where(trees, trees.features[..., feature] < tau)
+
+
+# ------------------------------------------------------------------------------------------------
+# STEER's Gaussian mixture
+
+
+class Mixture(NamedTuple):
+    """Two-component 1-D Gaussian mixtures, one per bucket. Arrays `[G, 2]`; component 1 has the
+    larger mean."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    stds: np.ndarray
+
+
+def fit_mixture(x: np.ndarray, iters: int = 200, min_std: float = 1e-3) -> Mixture:
+    """EM for a two-component Gaussian mixture on 1-D data `x` (one bucket). Deterministic init
+    at the 25th/75th percentiles."""
+    x = np.asarray(x, np.float64)
+    if x.size < 2:
+        raise ValueError("fit_mixture needs at least 2 points")
+    mu = np.percentile(x, [25, 75]).astype(np.float64)
+    sd = np.full(2, max(x.std(), min_std))
+    w = np.array([0.5, 0.5])
+    for _ in range(iters):
+        logp = (np.log(w) - np.log(sd) - 0.5 * ((x[:, None] - mu) / sd) ** 2)
+        logp -= logp.max(1, keepdims=True)
+        r = np.exp(logp)
+        r /= r.sum(1, keepdims=True)
+        nk = r.sum(0) + 1e-12
+        w = nk / nk.sum()
+        mu = (r * x[:, None]).sum(0) / nk
+        sd = np.sqrt(np.maximum((r * (x[:, None] - mu) ** 2).sum(0) / nk, min_std**2))
+    order = np.argsort(mu)
+    return Mixture(w[order][None], mu[order][None], sd[order][None])
+
+
+def posterior_high(mix: Mixture, x: np.ndarray, bucket: np.ndarray) -> np.ndarray:
+    """P(high-confidence component | x) for each x with its bucket index."""
+    w, mu, sd = mix.weights[bucket], mix.means[bucket], mix.stds[bucket]
+    logp = np.log(w) - np.log(sd) - 0.5 * ((x[..., None] - mu) / sd) ** 2
+    logp -= logp.max(-1, keepdims=True)
+    p = np.exp(logp)
+    return p[..., 1] / p.sum(-1)
+
+
+class Steer(NamedTuple):
+    mixture: Mixture  # one per step-index bucket
+    feature: int  # index of the confidence feature
+    step_feature: int  # index of the step-index feature
+    max_bucket: int
+
+
+def fit_steer(trees: PackedTrees, confidence: int, step_index: int,
+              max_bucket: int = 10) -> Steer:
+    """Fit STEER's per-step mixtures on every valid model-0 step of `trees` (the train split)."""
+    valid = node_mask(trees) & (trees.seg_model[..., None] == 0)
+    x = trees.features[..., confidence][valid]
+    b = np.minimum(trees.features[..., step_index][valid].astype(int), max_bucket)
+    fits = []
+    pooled = fit_mixture(x)
+    for k in range(max_bucket + 1):
+        xs = x[b == k]
+        fits.append(fit_mixture(xs) if xs.size >= 20 else pooled)  # too few points: pooled fit
+    mix = Mixture(*(np.concatenate([f[i] for f in fits]) for i in range(3)))
+    return Steer(mix, confidence, step_index, max_bucket)
+
+
+def steer_posterior(steer: Steer, trees: PackedTrees) -> np.ndarray:
+    """`[P, S, T]` posterior of the high-confidence component at every node."""
+    b = np.clip(trees.features[..., steer.step_feature].astype(int), 0, steer.max_bucket)
+    return posterior_high(steer.mixture, trees.features[..., steer.feature], b)
+
+
+def steer_actions(steer: Steer, trees: PackedTrees, tau: float) -> np.ndarray:
+    return escalate_where(trees, steer_posterior(steer, trees) < tau)
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracle
+
+
+class OracleCosts(NamedTuple):
+    cheapest: np.ndarray  # [P, J] cost of the cheapest path from each root (any outcome)
+    cheapest_correct: np.ndarray  # [P, J] cost of the cheapest correct path (inf if none)
+    cheapest_is_correct: np.ndarray  # [P, J] bool, is the cheapest path itself correct
+
+
+def oracle_costs(trees: PackedTrees) -> OracleCosts:
+    """Dynamic programming over every problem's tree (all problems at once, numpy)."""
+    p_n, s_n, t_n = trees.step_cost.shape
+    k_n = trees.num_models
+    inf = np.inf
+    # best_*[p, s, t]: cheapest cost from node (s, t), step t already paid.
+    best_any = np.full((p_n, s_n, t_n), inf)
+    best_any_ok = np.zeros((p_n, s_n, t_n), bool)  # outcome of that cheapest path
+    best_cor = np.full((p_n, s_n, t_n), inf)
+    rows = np.arange(p_n)
+    for s in reversed(range(s_n)):  # children always have larger segment indices
+        length = trees.seg_len[:, s]
+        model = trees.seg_model[:, s]
+        for t in reversed(range(t_n)):
+            live = t < length
+            last = t == length - 1
+            # continue
+            if t + 1 < t_n:
+                nxt_cost = trees.step_cost[:, s, t + 1]
+                c_any = np.where(last, 0.0, nxt_cost + best_any[:, s, t + 1])
+                c_ok = np.where(last, trees.seg_correct[:, s], best_any_ok[:, s, t + 1])
+                c_cor = np.where(last, np.where(trees.seg_correct[:, s], 0.0, inf),
+                                 nxt_cost + best_cor[:, s, t + 1])
+            else:
+                c_any = np.zeros(p_n)
+                c_ok = trees.seg_correct[:, s].copy()
+                c_cor = np.where(trees.seg_correct[:, s], 0.0, inf)
+            options = [(c_any, c_ok, c_cor)]
+            for kp in range(1, k_n):
+                ok_model = kp > model
+                child = trees.branch_seg[:, s, t, kp]
+                is_seg = child >= 0
+                ch = np.maximum(child, 0)
+                seg_any = trees.step_cost[rows, ch, 0] + best_any[rows, ch, 0]
+                seg_ok = best_any_ok[rows, ch, 0]
+                seg_cor = trees.step_cost[rows, ch, 0] + best_cor[rows, ch, 0]
+                leaf_cost = trees.branch_cost[:, s, t, kp]
+                leaf_ok = trees.branch_correct[:, s, t, kp]
+                e_any = np.where(is_seg, seg_any, leaf_cost)
+                e_ok = np.where(is_seg, seg_ok, leaf_ok)
+                e_cor = np.where(is_seg, seg_cor, np.where(leaf_ok, leaf_cost, inf))
+                options.append((np.where(ok_model, e_any, inf), e_ok & ok_model,
+                                np.where(ok_model, e_cor, inf)))
+            anys = np.stack([o[0] for o in options])
+            pick = np.argmin(anys, axis=0)
+            best_any[:, s, t] = np.where(live, anys[pick, rows], inf)
+            best_any_ok[:, s, t] = np.where(live, np.stack([o[1] for o in options])[pick, rows],
+                                            False)
+            best_cor[:, s, t] = np.where(live, np.min(np.stack([o[2] for o in options]), 0), inf)
+    j_n = int(trees.num_roots.max())
+    root_cost = trees.step_cost[:, :j_n, 0]
+    return OracleCosts(cheapest=root_cost + best_any[:, :j_n, 0],
+                       cheapest_correct=root_cost + best_cor[:, :j_n, 0],
+                       cheapest_is_correct=best_any_ok[:, :j_n, 0])

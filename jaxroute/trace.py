@@ -1,0 +1,429 @@
+"""Trace trees: recorded generations from which every sticky routing policy's outcome is known.
+
+A *trace set* is a folder with `manifest.json` and `trees.jsonl` (one problem per line).
+
+Semantics (BUILD_NOTES.md, "trace trees"). A *segment* is a run of steps by one model. Decision t
+observes step t of the current segment. "Continue" moves to step t+1 (after the final step it ends
+the episode with that segment's answer). "Escalate to k'" discards step t and lets model k'
+regenerate from the prefix y_{<t} (sticky: it never comes back). The escalation target is either a
+*leaf* (the largest model completes the solution: outcome and cost only) or, for K ≥ 3, a further
+segment with its own steps and branches.
+
+Per problem (one JSON object):
+
+    {"problem_id": str, "dataset": str, "difficulty": float | null, "split": "train"|"cal"|"test",
+     "solo": [Outcome per model k (model k alone from scratch); the last one is R_M],
+     "roots": [Segment, ...]}                       # sampled trajectories of model 0
+    Segment = {"model": k, "correct": bool, "status": "ok" | "<failure>",
+               "steps": [Step, ...]}
+    Step    = {"features": [D floats], "cost": Cost, "verifier_ok": bool | null,
+               "branches": {"<k'>": Leaf | Segment for every k' > k}}
+    Leaf    = {"model": K-1, "correct": bool, "cost": Cost}       # Outcome has the same fields
+    Cost    = {"flops": float, "input_tokens": int, "cached_input_tokens": int,
+               "output_tokens": int}
+
+Costs are kept as FLOPs and token counts; `pack` turns them into one cost unit: FLOPs in 1e12
+("flops") or US cents from the manifest's per-model prices ("usd_cents").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TREES = "trees.jsonl"
+SPLITS = ("train", "cal", "test")
+COST_MODELS = ("flops", "usd_cents")
+
+
+class TraceFormatError(ValueError):
+    """A trace file that does not follow the format; the message names file, problem and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    params: float  # N, parameter count (FLOPs per generated token = 2N)
+    price_input: float = 0.0  # USD per 1M input tokens
+    price_cached_input: float = 0.0  # USD per 1M cached input tokens
+    price_output: float = 0.0  # USD per 1M output tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    models: tuple[ModelInfo, ...]  # ordered small → large
+    feature_names: tuple[str, ...]
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+    synthetic: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_models(self) -> int:
+        return len(self.models)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["models"] = [dataclasses.asdict(m) for m in self.models]
+        d["feature_names"] = list(self.feature_names)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, path: str = MANIFEST) -> Manifest:
+        try:
+            version = int(d["schema_version"])
+            if version != SCHEMA_VERSION:
+                raise TraceFormatError(f"{path}: schema_version {version} is not supported "
+                                       f"(this jaxroute reads {SCHEMA_VERSION})")
+            models = tuple(ModelInfo(**m) for m in d["models"])
+            feats = tuple(str(f) for f in d["feature_names"])
+        except KeyError as e:
+            raise TraceFormatError(f"{path}: missing field {e.args[0]!r}") from None
+        except TypeError as e:
+            raise TraceFormatError(f"{path}: bad model entry: {e}") from None
+        if len(models) < 2:
+            raise TraceFormatError(f"{path}: field 'models' needs at least 2 models")
+        if not feats:
+            raise TraceFormatError(f"{path}: field 'feature_names' is empty")
+        return cls(models=models, feature_names=feats, provenance=d.get("provenance", {}),
+                   synthetic=bool(d.get("synthetic", False)), schema_version=version)
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via a temporary file and rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def append_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Append JSON lines durably: one write of whole lines, then fsync.
+
+    A crash can leave at most a torn *last* line, which `read_records` reports and `repair_tail`
+    drops; earlier lines are never touched.
+    """
+    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+    if not text:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def repair_tail(path: str | os.PathLike) -> int:
+    """Drop a torn final line (no trailing newline) left by a crash. Returns bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep
+
+
+def write_trace_set(folder: str | os.PathLike, manifest: Manifest, problems: Iterable[dict]) -> None:
+    """Write a whole trace set atomically (manifest last, so a readable manifest means complete)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    problems = list(problems)
+    for i, p in enumerate(problems):
+        validate_problem(p, manifest, where=f"{folder / TREES}: record {i + 1}")
+    atomic_write_text(folder / TREES,
+                      "".join(json.dumps(p, separators=(",", ":")) + "\n" for p in problems))
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading and validation
+
+
+def read_manifest(folder: str | os.PathLike) -> Manifest:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise TraceFormatError(f"{path}: not found (is {folder} a trace set?)")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(f"{path}: invalid JSON: {e}") from None
+    return Manifest.from_json(d, str(path))
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) from a JSON-lines file, with clear errors."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not line.endswith("\n"):
+                raise TraceFormatError(f"{path}: line {n}: truncated last line (an interrupted "
+                                       "write); run repair_tail() or re-run the generator")
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TraceFormatError(f"{path}: line {n}: invalid JSON: {e}") from None
+
+
+def _need(d: Any, key: str, kind, where: str):
+    if not isinstance(d, dict):
+        raise TraceFormatError(f"{where}: expected an object, got {type(d).__name__}")
+    if key not in d:
+        raise TraceFormatError(f"{where}: missing field {key!r}")
+    val = d[key]
+    if kind is float:
+        ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+    elif kind is int:
+        ok = isinstance(val, int) and not isinstance(val, bool) and val >= 0
+    else:
+        ok = isinstance(val, kind)
+    if not ok:
+        raise TraceFormatError(f"{where}: field {key!r} must be {getattr(kind, '__name__', kind)}"
+                               f" (finite, non-negative for counts), got {val!r}")
+    return val
+
+
+def _check_cost(c: Any, where: str) -> None:
+    _need(c, "flops", float, where)
+    if c["flops"] < 0:
+        raise TraceFormatError(f"{where}: field 'flops' must be ≥ 0, got {c['flops']}")
+    for k in ("input_tokens", "cached_input_tokens", "output_tokens"):
+        _need(c, k, int, where)
+    if c["cached_input_tokens"] > c["input_tokens"]:
+        raise TraceFormatError(f"{where}: cached_input_tokens > input_tokens")
+
+
+def _check_segment(seg: Any, k_models: int, n_feat: int, where: str, depth: int) -> None:
+    model = _need(seg, "model", int, where)
+    if model >= k_models - 1:
+        raise TraceFormatError(f"{where}: a segment of model {model} cannot branch (the largest "
+                               f"model's continuations are leaves)")
+    _need(seg, "correct", bool, where)
+    steps = _need(seg, "steps", list, where)
+    if not steps and seg.get("status", "ok") == "ok":
+        raise TraceFormatError(f"{where}: field 'steps' is empty")
+    for t, step in enumerate(steps):
+        w = f"{where}.steps[{t}]"
+        feats = _need(step, "features", list, w)
+        if len(feats) != n_feat or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                for x in feats):
+            raise TraceFormatError(f"{w}: field 'features' must be {n_feat} finite numbers")
+        _check_cost(_need(step, "cost", dict, w), f"{w}.cost")
+        v = step.get("verifier_ok")
+        if v is not None and not isinstance(v, bool):
+            raise TraceFormatError(f"{w}: field 'verifier_ok' must be bool or null")
+        branches = _need(step, "branches", dict, w)
+        for kp in range(model + 1, k_models):
+            wb = f"{w}.branches[{kp}]"
+            if str(kp) not in branches:
+                raise TraceFormatError(f"{wb}: missing escalation branch to model {kp}")
+            br = branches[str(kp)]
+            if kp == k_models - 1:
+                if _need(br, "model", int, wb) != kp:
+                    raise TraceFormatError(f"{wb}: field 'model' must be {kp}")
+                _need(br, "correct", bool, wb)
+                _check_cost(_need(br, "cost", dict, wb), f"{wb}.cost")
+            else:
+                if br.get("model") != kp:
+                    raise TraceFormatError(f"{wb}: field 'model' must be {kp}")
+                _check_segment(br, k_models, n_feat, wb, depth + 1)
+
+
+def validate_problem(p: Any, manifest: Manifest, where: str) -> None:
+    """Raise TraceFormatError naming `where` (file and record) and the field if `p` is malformed."""
+    pid = p.get("problem_id") if isinstance(p, dict) else None
+    where = f"{where} (problem {pid!r})" if pid is not None else where
+    _need(p, "problem_id", str, where)
+    _need(p, "dataset", str, where)
+    split = _need(p, "split", str, where)
+    if split not in SPLITS:
+        raise TraceFormatError(f"{where}: field 'split' must be one of {SPLITS}, got {split!r}")
+    d = p.get("difficulty")
+    if d is not None and not (isinstance(d, (int, float)) and math.isfinite(d)):
+        raise TraceFormatError(f"{where}: field 'difficulty' must be a number or null")
+    k = manifest.num_models
+    solo = _need(p, "solo", list, where)
+    if len(solo) != k:
+        raise TraceFormatError(f"{where}: field 'solo' needs {k} outcomes (one per model)")
+    for i, o in enumerate(solo):
+        _need(o, "correct", bool, f"{where}.solo[{i}]")
+        _check_cost(_need(o, "cost", dict, f"{where}.solo[{i}]"), f"{where}.solo[{i}].cost")
+    roots = _need(p, "roots", list, where)
+    if not roots:
+        raise TraceFormatError(f"{where}: field 'roots' is empty")
+    for j, seg in enumerate(roots):
+        if seg.get("model") != 0:
+            raise TraceFormatError(f"{where}.roots[{j}]: field 'model' must be 0")
+        _check_segment(seg, k, len(manifest.feature_names), f"{where}.roots[{j}]", 0)
+
+
+def load_trace_set(folder: str | os.PathLike) -> tuple[Manifest, list[dict]]:
+    """Read and validate a trace set; problems with a non-"ok" root status are kept (reported by
+    `pack` via `PackedTrees.ok`)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    path = folder / TREES
+    if not path.exists():
+        raise TraceFormatError(f"{path}: not found")
+    problems, seen = [], set()
+    for n, p in read_records(path):
+        validate_problem(p, manifest, where=f"{path}: line {n}")
+        if p["problem_id"] in seen:
+            raise TraceFormatError(f"{path}: line {n}: duplicate problem_id {p['problem_id']!r}")
+        seen.add(p["problem_id"])
+        problems.append(p)
+    if not problems:
+        raise TraceFormatError(f"{path}: no problems")
+    return manifest, problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed array view
+
+
+class PackedTrees(NamedTuple):
+    """Padded arrays for P problems, S segments per problem, T steps per segment, K models.
+
+    Segment 0..J−1 of each problem are its sampled roots (model 0); further segments are the
+    intermediate-model branches (K ≥ 3). Costs are in one unit (see `cost_unit`).
+    """
+
+    features: np.ndarray  # [P, S, T, D] float32
+    step_cost: np.ndarray  # [P, S, T] float32 cost of generating step t of segment s
+    verifier_ok: np.ndarray  # [P, S, T] bool (True where unlabelled)
+    seg_len: np.ndarray  # [P, S] int32 (0 for padding segments)
+    seg_model: np.ndarray  # [P, S] int32
+    seg_correct: np.ndarray  # [P, S] bool, the segment's own final answer
+    branch_seg: np.ndarray  # [P, S, T, K] int32 child segment index, −1 for a leaf or invalid
+    branch_correct: np.ndarray  # [P, S, T, K] bool outcome of a leaf branch
+    branch_cost: np.ndarray  # [P, S, T, K] float32 cost of a leaf branch (0 for segment children)
+    num_roots: np.ndarray  # [P] int32 J_p
+    solo_correct: np.ndarray  # [P, K] bool
+    solo_cost: np.ndarray  # [P, K] float32
+    difficulty: np.ndarray  # [P] float32 (nan when unknown)
+    split: np.ndarray  # [P] int8 index into SPLITS
+    ok: np.ndarray  # [P] bool every root has status "ok"
+
+    @property
+    def num_problems(self) -> int:
+        return self.seg_len.shape[0]
+
+    @property
+    def num_models(self) -> int:
+        return self.solo_correct.shape[1]
+
+    def subset(self, idx: np.ndarray) -> PackedTrees:
+        return PackedTrees(*(np.asarray(a)[idx] for a in self))
+
+    def split_indices(self, name: str) -> np.ndarray:
+        return np.flatnonzero((self.split == SPLITS.index(name)) & self.ok)
+
+
+def cost_of(c: dict, model: ModelInfo, cost_model: str) -> float:
+    """One scalar cost: FLOPs in units of 1e12, or US cents from token counts and prices."""
+    if cost_model == "flops":
+        return c["flops"] / 1e12
+    if cost_model == "usd_cents":
+        fresh = c["input_tokens"] - c["cached_input_tokens"]
+        usd = (fresh * model.price_input + c["cached_input_tokens"] * model.price_cached_input
+               + c["output_tokens"] * model.price_output) / 1e6
+        return 100.0 * usd
+    raise ValueError(f"cost_model must be one of {COST_MODELS}, got {cost_model!r}")
+
+
+def pack(manifest: Manifest, problems: Sequence[dict], cost_model: str = "flops") -> PackedTrees:
+    """Pack validated problems into padded arrays (see `PackedTrees`)."""
+    if cost_model not in COST_MODELS:
+        raise ValueError(f"cost_model must be one of {COST_MODELS}, got {cost_model!r}")
+    k = manifest.num_models
+    d = len(manifest.feature_names)
+    flat: list[list[dict]] = []  # per problem, list of segments (roots first, then BFS children)
+    links: list[list[dict]] = []  # per problem, per segment: {(t, k'): child index}
+    for p in problems:
+        segs, link = list(p["roots"]), [dict() for _ in p["roots"]]
+        i = 0
+        while i < len(segs):
+            for t, step in enumerate(segs[i]["steps"]):
+                for kp in range(segs[i]["model"] + 1, k - 1):
+                    link[i][(t, kp)] = len(segs)
+                    segs.append(step["branches"][str(kp)])
+                    link.append({})
+            i += 1
+        flat.append(segs)
+        links.append(link)
+    n = len(problems)
+    s_max = max(len(s) for s in flat)
+    t_max = max(max((len(seg["steps"]) for seg in s), default=1) for s in flat)
+    t_max = max(t_max, 1)
+    out = dict(
+        features=np.zeros((n, s_max, t_max, d), np.float32),
+        step_cost=np.zeros((n, s_max, t_max), np.float32),
+        verifier_ok=np.ones((n, s_max, t_max), bool),
+        seg_len=np.zeros((n, s_max), np.int32),
+        seg_model=np.zeros((n, s_max), np.int32),
+        seg_correct=np.zeros((n, s_max), bool),
+        branch_seg=np.full((n, s_max, t_max, k), -1, np.int32),
+        branch_correct=np.zeros((n, s_max, t_max, k), bool),
+        branch_cost=np.zeros((n, s_max, t_max, k), np.float32),
+        num_roots=np.zeros(n, np.int32),
+        solo_correct=np.zeros((n, k), bool),
+        solo_cost=np.zeros((n, k), np.float32),
+        difficulty=np.full(n, np.nan, np.float32),
+        split=np.zeros(n, np.int8),
+        ok=np.ones(n, bool),
+    )
+    models = manifest.models
+    for i, (p, segs, link) in enumerate(zip(problems, flat, links, strict=True)):
+        out["num_roots"][i] = len(p["roots"])
+        out["split"][i] = SPLITS.index(p["split"])
+        if p.get("difficulty") is not None:
+            out["difficulty"][i] = p["difficulty"]
+        out["ok"][i] = all(r.get("status", "ok") == "ok" for r in p["roots"])
+        for kk, o in enumerate(p["solo"]):
+            out["solo_correct"][i, kk] = o["correct"]
+            out["solo_cost"][i, kk] = cost_of(o["cost"], models[kk], cost_model)
+        for s, seg in enumerate(segs):
+            m = seg["model"]
+            out["seg_len"][i, s] = len(seg["steps"])
+            out["seg_model"][i, s] = m
+            out["seg_correct"][i, s] = seg["correct"]
+            for t, step in enumerate(seg["steps"]):
+                out["features"][i, s, t] = step["features"]
+                out["step_cost"][i, s, t] = cost_of(step["cost"], models[m], cost_model)
+                if step.get("verifier_ok") is not None:
+                    out["verifier_ok"][i, s, t] = step["verifier_ok"]
+                for kp in range(m + 1, k):
+                    if kp == k - 1:
+                        leaf = step["branches"][str(kp)]
+                        out["branch_correct"][i, s, t, kp] = leaf["correct"]
+                        out["branch_cost"][i, s, t, kp] = cost_of(leaf["cost"], models[kp],
+                                                                   cost_model)
+                    else:
+                        out["branch_seg"][i, s, t, kp] = link[s][(t, kp)]
+    return PackedTrees(**out)

@@ -1,0 +1,233 @@
+"""The whole TCPO loop over packed trace trees: rollout → update, as jitted scans; checkpoints;
+final κ calibration on the calibration split.
+
+`train(trees, config, workdir)` is resumable: every `chunk` iterations the state and PRNG key are
+saved with orbax under `workdir/checkpoints/<iteration>`, and a restart continues from the latest
+one (same numbers as an uninterrupted run, since the chunk function is deterministic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxroute import calibration, env, networks as nets_lib, tcpo
+from jaxroute.trace import PackedTrees
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The paper's defaults (Sec. 5.1): α = 0.02, 1000 iterations, batch 5, lr 1e-3, κ step 0.1."""
+
+    tcpo: tcpo.TCPOConfig = tcpo.TCPOConfig()
+    iterations: int = 1000
+    batch_size: int = 5
+    hidden: tuple[int, ...] = (64, 64)
+    seed: int = 0
+    chunk: int = 100  # iterations per jitted scan / checkpoint
+    calibration_grid: int = 1001  # κ values in [0, 1] for the final calibration
+    final_calibration: bool = True
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.batch_size < 1 or self.chunk < 1:
+            raise ValueError("iterations ≥ 0, batch_size ≥ 1 and chunk ≥ 1 are required")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: tcpo.TrainState
+    networks: nets_lib.RouterNetworks
+    kappa_online: float  # κ at the end of training
+    kappa: float  # κ to deploy (final calibration if enabled and feasible, else online)
+    calibration_feasible: bool
+    history: dict[str, np.ndarray]  # per-iteration metrics
+
+
+def make_chunk(networks: nets_lib.RouterNetworks, config: TrainConfig, n_iters: int):
+    """Jitted `(state, key, trees_train) -> (state, key, metrics[n_iters])`."""
+    update = tcpo.make_update(networks, config.tcpo)
+    b = config.batch_size
+    given = config.tcpo.coverage_event == "given"
+
+    def one(carry, _):
+        state, key, trees = carry
+        key, k_prob, k_root, k_act, k_upd = jax.random.split(key, 5)
+        problems = jax.random.randint(k_prob, (b,), 0, trees.num_roots.shape[0])
+        roots = jnp.floor(jax.random.uniform(k_root, (b,)) * trees.num_roots[problems])
+        roots = roots.astype(jnp.int32)
+        log_prob_fn = lambda obs, model: networks.log_probs(  # noqa: E731
+            state.policy_params, state.normalizer, obs, model)
+        h = env.horizon(trees)
+        batch, _ = env.rollout(trees, problems, roots, log_prob_fn, k_act, h)
+        if given:  # exact coverage of Γ_{π_k, κ_k} by replaying eq. 6 on the same problems
+            greedy = env.greedy_actions(log_prob_fn, env.gather(trees, problems), state.kappa)
+            replay = env.walk(trees, problems, roots, greedy, h)
+            batch = batch._replace(covered=replay.correct | batch.large_wrong)
+        state, metrics = update(state, batch, k_upd)
+        return (state, key, trees), metrics
+
+    @jax.jit
+    def chunk(state, key, trees):
+        (state, key, _), metrics = jax.lax.scan(one, (state, key, trees), None, length=n_iters)
+        return state, key, metrics
+
+    return chunk
+
+
+def fit_normalizer(trees: PackedTrees) -> nets_lib.Normalizer:
+    """Feature statistics over every valid step of the given trees."""
+    mask = np.arange(trees.step_cost.shape[2])[None, None] < trees.seg_len[..., None]
+    return nets_lib.Normalizer.fit(jnp.asarray(trees.features), jnp.asarray(mask))
+
+
+def escalation_scores(networks, state: tcpo.TrainState, sub: PackedTrees) -> jax.Array:
+    """`[N, S, T]` max_{a > k} π(a|node): Γ escalates at a node iff this is ≥ κ."""
+    logp = env.node_log_probs(
+        lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m), sub)
+    model = sub.seg_model[..., None]
+    higher = jnp.arange(logp.shape[-1]) > model[..., None]
+    return jnp.max(jnp.where(higher, jnp.exp(logp), 0.0), axis=-1)
+
+
+def calibrate(networks, state: tcpo.TrainState, trees: PackedTrees, problem_idx: np.ndarray,
+              alpha: float, grid_size: int = 1001) -> tuple[float, bool, np.ndarray, np.ndarray]:
+    """Final κ on held-out problems by conformal risk control (`calibration.conformal_threshold`).
+
+    A problem's loss at κ is its miscoverage under Γ_{π,κ}, averaged over its sampled roots. The
+    κ grid is adaptive: 0, then quantiles of the escalation scores on the calibration nodes (Γ's
+    outcome only changes where κ crosses one of them), so a policy whose probabilities sit near
+    0 or 1 is calibrated as finely as one that spreads them.
+    Returns (κ̂, feasible, grid, per-problem errors [n, G]).
+    """
+    dev = env.to_device(trees)
+    problems, roots = env.instances(trees, problem_idx)
+    h = env.horizon(trees)
+    sub = env.gather(dev, jnp.asarray(problems))
+    scores = np.asarray(escalation_scores(networks, state, sub))
+    valid = np.asarray(np.arange(scores.shape[-1])[None, None] < np.asarray(sub.seg_len)[..., None])
+    cand = np.unique(scores[valid])
+    grid = np.unique(np.concatenate([[0.0], np.quantile(cand, np.linspace(0, 1, grid_size)),
+                                     [np.nextafter(np.float32(cand.max()), np.float32(2))]]))
+    grid = grid.astype(np.float32)
+    p_dev, r_dev = jnp.asarray(problems), jnp.asarray(roots)
+    large_right = sub.solo_correct[:, -1]
+    model = jnp.broadcast_to(sub.seg_model[..., None], sub.step_cost.shape)
+    scores_dev = jnp.asarray(scores)
+
+    @jax.jit
+    def errors_at(kappa):
+        acts = jnp.where(scores_dev >= kappa, trees.num_models - 1, model)
+        if trees.num_models > 2:  # K ≥ 3: Γ picks the largest model above κ, not always K−1
+            acts = env.greedy_actions(
+                lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m),
+                sub, kappa)
+        w = env.walk(dev, p_dev, r_dev, acts, h)
+        return (~w.correct & large_right).astype(jnp.float32)
+
+    errs = np.stack([np.asarray(errors_at(k)) for k in grid], axis=1)  # [N_inst, G]
+    # Average over each problem's roots so the loss is per problem (exchangeable units).
+    _, inverse = np.unique(problems, return_inverse=True)
+    per_problem = np.zeros((inverse.max() + 1, len(grid)))
+    np.add.at(per_problem, inverse, errs)
+    per_problem /= np.bincount(inverse)[:, None]
+    kappa, feasible = calibration.conformal_threshold(jnp.asarray(per_problem), jnp.asarray(grid),
+                                                      alpha)
+    return float(kappa), bool(feasible), grid, per_problem
+
+
+def _checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    )
+
+
+def train(
+    trees: PackedTrees,
+    config: TrainConfig = TrainConfig(),
+    workdir: str | Path | None = None,
+    progress: Callable[[int, dict[str, float]], Any] | None = None,
+) -> TrainResult:
+    """Train a router on the train split of `trees`, calibrate κ on the cal split.
+
+    Args:
+      trees: packed trace trees (host arrays) with train and cal splits.
+      config: training configuration.
+      workdir: if given, checkpoints go to `workdir/checkpoints` and training resumes from them.
+      progress: called after every chunk with (iterations done, mean metrics of the chunk).
+    """
+    train_idx = trees.split_indices("train")
+    if len(train_idx) == 0:
+        raise ValueError("no usable problems in the 'train' split")
+    train_trees = trees.subset(train_idx)
+    networks = nets_lib.make_networks(trees.num_models, trees.features.shape[-1], config.hidden)
+    key = jax.random.PRNGKey(config.seed)
+    key, init_key = jax.random.split(key)
+    state = tcpo.init_state(networks, config.tcpo, init_key, fit_normalizer(train_trees))
+    done = 0
+    history: list[dict[str, np.ndarray]] = []
+    manager = None
+    if workdir is not None:
+        workdir = Path(workdir)
+        manager = _checkpoint_manager(workdir)
+        latest = manager.latest_step()
+        if latest is not None:
+            restored = manager.restore(latest, args=ocp.args.StandardRestore(
+                {"state": state, "key": key}))
+            state, key, done = restored["state"], restored["key"], int(latest)
+            hist_file = workdir / "history.npz"
+            if hist_file.exists():
+                with np.load(hist_file) as h:
+                    history.append({k: h[k][:done] for k in h.files})
+    dev = env.to_device(train_trees)
+    chunks: dict[int, Callable] = {}
+    while done < config.iterations:
+        n = min(config.chunk, config.iterations - done)
+        if n not in chunks:
+            chunks[n] = make_chunk(networks, config, n)
+        state, key, metrics = chunks[n](state, key, dev)
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        nonfinite = metrics["nonfinite"]
+        if nonfinite.any():
+            first = done + int(np.argmax(nonfinite)) + 1
+            raise FloatingPointError(f"non-finite policy gradient at iteration {first}; the "
+                                     "update kept θ but the data or config needs a look")
+        history.append(metrics)
+        done += n
+        if manager is not None:
+            manager.save(done, args=ocp.args.StandardSave({"state": state, "key": key}))
+            manager.wait_until_finished()
+            _save_history(workdir / "history.npz", history)
+        if progress is not None:
+            progress(done, {k: float(np.mean(v)) for k, v in metrics.items()})
+    hist = {k: np.concatenate([h[k] for h in history]) for k in history[0]} if history else {}
+    kappa_online = float(state.kappa)
+    kappa, feasible = kappa_online, False
+    if config.final_calibration:
+        cal_idx = trees.split_indices("cal")
+        if len(cal_idx) == 0:
+            raise ValueError("final_calibration needs problems in the 'cal' split")
+        k_hat, feasible, _, _ = calibrate(networks, state, trees, cal_idx, config.tcpo.alpha,
+                                          config.calibration_grid)
+        kappa = k_hat if feasible else 0.0  # infeasible: escalate everywhere Γ can
+    return TrainResult(state=state, networks=networks, kappa_online=kappa_online, kappa=kappa,
+                       calibration_feasible=feasible, history=hist)
+
+
+def _save_history(path: Path, history: list[dict[str, np.ndarray]]) -> None:
+    merged = {k: np.concatenate([h[k] for h in history]) for k in history[0]}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **merged)
+    tmp.replace(path)
+
+
+def config_to_json(config: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2, default=str)

@@ -12,6 +12,7 @@ model-0 trajectory to start from.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -86,6 +87,7 @@ def gather(trees: PackedTrees, problems: jax.Array) -> PackedTrees:
     return PackedTrees(*(a[problems] for a in trees))
 
 
+@functools.partial(jax.jit, static_argnames="h")
 def walk(trees: PackedTrees, problems: jax.Array, roots: jax.Array, node_action: jax.Array,
          h: int) -> Walk:
     """Follow `node_action` `[N, S, T]` through each instance's tree.

@@ -159,3 +159,66 @@ def sweep(name: str, actions_fn: Callable[[float], np.ndarray], grid, trees, dev
     row["threshold"] = float(grid[i])
     return {"name": name, "row": row, "curve": [dict(r, threshold=float(g))
                                                 for r, g in zip(curve_test, grid, strict=True)]}
+
+
+def evaluate_all(trees: PackedTrees, networks, state, kappa: float, alpha: float,
+                 confidence_feature: int | None, step_feature: int | None,
+                 seed: int = 0) -> dict[str, Any]:
+    """The router and every replayable baseline on the test split.
+
+    Returns {"rows": [{"method", "external", ...summary}], "curves": {method: [points]}}.
+    """
+    dev = env.to_device(trees)
+    cal = env.instances(trees, trees.split_indices("cal"))
+    test = env.instances(trees, trees.split_indices("test"))
+    pt, rt = test
+    if len(pt) == 0:
+        raise ValueError("no usable problems in the 'test' split")
+    k = trees.num_models
+    rows, curves = [], {}
+
+    def add(name, summary, external="–", extra=None):
+        rows.append({"method": name, "external": external, **summary, **(extra or {})})
+
+    for m in range(k):
+        add(f"model {m} only", summarize(solo_outcome(trees, pt, m), seed))
+    large_acc_cal = 100.0 * float(trees.solo_correct[cal[0], -1].mean()) if len(cal[0]) else 0.0
+
+    # The router: Γ at the deployed κ, plus its own κ curve.
+    all_sub = env.gather(dev, jnp.arange(trees.num_problems))
+    log_prob_fn = lambda o, m: networks.log_probs(  # noqa: E731
+        state.policy_params, state.normalizer, o, m)
+
+    def router_actions(kap):
+        return np.asarray(env.greedy_actions(log_prob_fn, all_sub, jnp.float32(kap)))
+
+    routed = router_actions(kappa)
+    add("TCPO router (ours)", summarize(walk_outcome(trees, dev, pt, rt, routed[pt]), seed),
+        "no", {"threshold": float(kappa)})
+    kgrid = sorted(set(np.linspace(0, 1, 41).round(4).tolist()) | {float(kappa)})
+    curves["TCPO router (ours)"] = [
+        dict(summarize(walk_outcome(trees, dev, pt, rt, router_actions(g)[pt]), seed), threshold=g)
+        for g in kgrid]
+
+    methods: list[tuple[str, Callable[[float], np.ndarray], Any]] = [
+        ("random escalation", lambda q: baselines.random_escalation(trees, q, seed),
+         baselines.GRID)]
+    if confidence_feature is not None:
+        train_valid = baselines.node_mask(trees) & (trees.split == 0)[:, None, None]
+        conf = trees.features[..., confidence_feature][train_valid]
+        qs = np.quantile(conf, baselines.GRID) if conf.size else np.zeros(len(baselines.GRID))
+        methods.append(("confidence threshold",
+                        lambda tau: baselines.confidence_threshold(trees, confidence_feature, tau),
+                        [float(q) for q in qs]))
+        if step_feature is not None:
+            steer = baselines.fit_steer(trees.subset(trees.split_indices("train")),
+                                        confidence_feature, step_feature)
+            methods.append(("STEER", lambda tau: baselines.steer_actions(steer, trees, tau),
+                            baselines.GRID))
+    for name, fn, grid in methods:
+        res = sweep(name, fn, grid, trees, dev, cal, test, large_acc_cal)
+        add(name, res["row"], "no", {"threshold": res["row"]["threshold"]})
+        curves[name] = res["curve"]
+    for name, summary in oracle_summary(trees, pt, rt, alpha).items():
+        add(name, summary, "oracle")
+    return {"rows": rows, "curves": curves}

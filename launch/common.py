@@ -1,0 +1,37 @@
+"""Flags and helpers shared by the launch scripts (no library logic here)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from jaxroute import synthetic, trace
+
+_TRACES = flags.DEFINE_string("traces", None, "Trace-set folder (manifest.json + trees.jsonl).")
+_SYNTHETIC = flags.DEFINE_integer(
+    "synthetic", 0, "If > 0 and --traces is unset: use a SYNTHETIC trace set of this many problems "
+    "(jaxroute.synthetic; for demos and tests, not real LLM data).")
+_SYNTHETIC_K = flags.DEFINE_integer("synthetic_models", 2, "Models in the synthetic set (2 or 3).")
+_SEED_DATA = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic trace set.")
+_COST = flags.DEFINE_enum("cost_model", "flops", list(trace.COST_MODELS),
+                          "Cost unit: FLOPs in 1e12, or US cents from token counts and prices.")
+
+
+def load_trees() -> tuple[trace.Manifest, trace.PackedTrees, str]:
+    """(manifest, packed trees, description) from --traces or --synthetic."""
+    if _TRACES.value:
+        manifest, problems = trace.load_trace_set(_TRACES.value)
+        source = _TRACES.value
+    elif _SYNTHETIC.value > 0:
+        if _SYNTHETIC_K.value == 3:
+            cfg = synthetic.three_model_config(num_problems=_SYNTHETIC.value, seed=_SEED_DATA.value)
+        else:
+            cfg = synthetic.SyntheticConfig(num_problems=_SYNTHETIC.value, seed=_SEED_DATA.value)
+        manifest, problems = synthetic.generate(cfg)
+        source = f"SYNTHETIC ({_SYNTHETIC.value} problems, seed {_SEED_DATA.value})"
+    else:
+        raise flags.ValidationError("give --traces=FOLDER or --synthetic=N")
+    return manifest, trace.pack(manifest, problems, _COST.value), source
+
+
+def cost_model() -> str:
+    return _COST.value

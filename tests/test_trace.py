@@ -1,0 +1,106 @@
+"""Trace-tree format: round trip, validation errors that name file/record/field, torn lines, packing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxroute import synthetic, trace
+
+
+@pytest.fixture(scope="module")
+def small_set():
+    return synthetic.generate(synthetic.SyntheticConfig(num_problems=40, roots_per_problem=2))
+
+
+def test_round_trip_and_pack(tmp_path, small_set):
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems)
+    m2, p2 = trace.load_trace_set(tmp_path)
+    assert m2.to_json() == json.loads(json.dumps(manifest.to_json())) and p2 == problems
+    packed = trace.pack(m2, p2)
+    assert packed.features.shape[:2] == (40, 2)
+    assert packed.features.shape[-1] == len(manifest.feature_names)
+    # Step lengths and costs agree with the records.
+    p = problems[3]
+    seg = p["roots"][1]
+    assert packed.seg_len[3, 1] == len(seg["steps"])
+    np.testing.assert_allclose(packed.step_cost[3, 1, 0], seg["steps"][0]["cost"]["flops"] / 1e12,
+                               rtol=1e-6)
+    assert packed.solo_correct[3, 1] == p["solo"][1]["correct"]
+    assert manifest.synthetic
+
+
+def test_usd_cost_model_uses_prices():
+    model = trace.ModelInfo("m", 1e9, price_input=0.4, price_cached_input=0.1, price_output=1.6)
+    c = {"flops": 0.0, "input_tokens": 1000, "cached_input_tokens": 400, "output_tokens": 200}
+    usd = (600 * 0.4 + 400 * 0.1 + 200 * 1.6) / 1e6
+    assert trace.cost_of(c, model, "usd_cents") == pytest.approx(100 * usd)
+    with pytest.raises(ValueError, match="cost_model"):
+        trace.cost_of(c, model, "euros")
+
+
+def corrupt(tmp_path, manifest, problems, edit):
+    bad = json.loads(json.dumps(problems))
+    edit(bad)
+    (tmp_path / "trees.jsonl").write_text("".join(json.dumps(p) + "\n" for p in bad))
+    trace.atomic_write_text(tmp_path / "manifest.json", json.dumps(manifest.to_json()))
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda b: b[2].pop("split"), r"line 3 \(problem 'synthetic-0-000002'\): missing field 'split'"),
+    (lambda b: b[0]["roots"][0]["steps"][1]["features"].pop(),
+     r"line 1 .*roots\[0\]\.steps\[1\]: field 'features' must be 5 finite numbers"),
+    (lambda b: b[1]["roots"][0]["steps"][0]["cost"].update(flops=float("nan")),
+     r"line 2 .*steps\[0\]\.cost: field 'flops'"),
+    (lambda b: b[4]["roots"][0]["steps"][0]["branches"].pop("1"),
+     r"line 5 .*branches\[1\]: missing escalation branch to model 1"),
+    (lambda b: b[0].update(split="dev"), r"field 'split' must be one of"),
+    (lambda b: b[1].update(problem_id=b[0]["problem_id"]), r"line 2: duplicate problem_id"),
+])
+def test_errors_name_file_record_and_field(tmp_path, small_set, edit, pattern):
+    manifest, problems = small_set
+    corrupt(tmp_path, manifest, problems, edit)
+    with pytest.raises(trace.TraceFormatError, match=pattern) as err:
+        trace.load_trace_set(tmp_path)
+    assert "trees.jsonl" in str(err.value)
+
+
+def test_manifest_errors(tmp_path, small_set):
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems)
+    d = manifest.to_json()
+    d["schema_version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(trace.TraceFormatError, match="schema_version 99"):
+        trace.load_trace_set(tmp_path)
+    with pytest.raises(trace.TraceFormatError, match="not found"):
+        trace.load_trace_set(tmp_path / "nope")
+
+
+def test_torn_last_line_is_reported_and_repaired(tmp_path, small_set):
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems[:5])
+    path = tmp_path / "trees.jsonl"
+    trace.append_records(path, problems[5:7])
+    with open(path, "a") as f:
+        f.write(json.dumps(problems[7])[:50])  # a crash mid-write
+    with pytest.raises(trace.TraceFormatError, match="line 8: truncated last line"):
+        trace.load_trace_set(tmp_path)
+    assert trace.repair_tail(path) == 50
+    _, loaded = trace.load_trace_set(tmp_path)
+    assert [p["problem_id"] for p in loaded] == [p["problem_id"] for p in problems[:7]]
+
+
+def test_three_model_trees_pack_their_intermediate_segments():
+    manifest, problems = synthetic.generate(synthetic.three_model_config(num_problems=6))
+    packed = trace.pack(manifest, problems)
+    # Every root step has a model-1 segment child; leaves (model 2) are inline.
+    for i, p in enumerate(problems):
+        steps = p["roots"][0]["steps"]
+        children = packed.branch_seg[i, 0, : len(steps), 1]
+        assert np.all(children >= 1)
+        for t, c in enumerate(children):
+            seg = steps[t]["branches"]["1"]
+            assert packed.seg_model[i, c] == 1 and packed.seg_len[i, c] == len(seg["steps"])
+            assert packed.branch_correct[i, 0, t, 2] == steps[t]["branches"]["2"]["correct"]

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxroute import networks as nets_lib, threshold
+from jaxroute import networks as nets_lib
+from jaxroute import threshold
 from jaxroute.trace import atomic_write_text
 
 ROUTER_SCHEMA = 1

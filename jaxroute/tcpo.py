@@ -50,6 +50,7 @@ class TCPOConfig:
     coverage_event: str = "verifier"  # "verifier" (Sec. 4.2) | "outcome" (eq. 5) | "given"
     strict_coverage: bool = True  # R_π counts only if every sampled action is Γ's (eq. 6)
     standardize_cost_advantage: bool = True
+    constraint_smoothing: float = 0.0  # EMA factor for D̂_IS across iterations (0 = per batch)
     kappa_init: float = 0.5
     eta0: float = 0.1  # κ step size (seed: 0.1)
     xi: float | None = 0.1  # η_k = η₀(k+1)^{-(1/2+ξ)}; None for a constant step
@@ -75,6 +76,8 @@ class TCPOConfig:
         if self.coverage_event not in ("verifier", "outcome", "given"):
             raise ValueError(f"coverage_event: 'verifier', 'outcome' or 'given', got "
                              f"{self.coverage_event!r}")
+        if not 0.0 <= self.constraint_smoothing < 1.0:
+            raise ValueError(f"constraint_smoothing must be in [0, 1), got {self.constraint_smoothing}")
         if self.target not in ("softmask", "policy"):
             raise ValueError(f"target: 'softmask' or 'policy', got {self.target!r}")
         if self.cg_iters < 1 or self.critic_steps < 0 or self.backtrack_iters < 1:
@@ -109,6 +112,7 @@ class TrainState:
     critic_params: dict  # two critics stacked on a leading axis: [0] cost-to-go, [1] correctness
     critic_opt_state: optax.OptState
     kappa: jax.Array  # () float32
+    miscoverage_avg: jax.Array  # () float32, running D̂_IS used for the constraint value c
     step: jax.Array  # () int32, iterations done
     normalizer: nets_lib.Normalizer
 
@@ -127,6 +131,7 @@ def init_state(
         critic_params=critics,
         critic_opt_state=opt.init(critics),
         kappa=jnp.asarray(config.kappa_init, jnp.float32),
+        miscoverage_avg=jnp.asarray(-1.0, jnp.float32),  # < 0: no estimate yet
         step=jnp.asarray(0, jnp.int32),
         normalizer=normalizer or nets_lib.Normalizer.identity(networks.num_features),
     )
@@ -254,7 +259,13 @@ def make_update(networks: nets_lib.RouterNetworks, config: TCPOConfig):
 
         g = jax.grad(objective)(flat_k)
         b = jax.grad(constraint)(flat_k)
-        c = miscoverage_is(flat_k) - config.alpha
+        d_hat = miscoverage_is(flat_k)
+        # A batch of 5 episodes gives a very noisy D̂; CPO's case selection (feasible or
+        # recovery) on it would flip at random. Smooth it across iterations (0 = no smoothing).
+        d_avg = jnp.where(state.miscoverage_avg < 0, d_hat,
+                          config.constraint_smoothing * state.miscoverage_avg
+                          + (1.0 - config.constraint_smoothing) * d_hat)
+        c = d_avg - config.alpha
 
         # Fisher of mean KL(S̃_k ‖ S̃_θ) in Gauss–Newton form: per-decision K×K Hessians in logit
         # space, weighted like the mean.
@@ -308,6 +319,7 @@ def make_update(networks: nets_lib.RouterNetworks, config: TCPOConfig):
             critic_params=critics,
             critic_opt_state=opt_state,
             kappa=kappa,
+            miscoverage_avg=d_avg,
             step=state.step + 1,
         )
         escalated = jnp.any(mask & (batch.action > batch.model), axis=-1)
@@ -315,7 +327,7 @@ def make_update(networks: nets_lib.RouterNetworks, config: TCPOConfig):
             kappa=kappa,
             eta=eta,
             miscoverage=err,
-            miscoverage_is=c + config.alpha,
+            miscoverage_is=d_hat,
             constraint_c=c,
             cpo_case=dual.case,
             cpo_lambda=dual.lam,

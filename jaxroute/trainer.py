@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxroute import calibration, env, networks as nets_lib, tcpo
+from jaxroute import calibration, env, tcpo, threshold
+from jaxroute import networks as nets_lib
 from jaxroute.trace import PackedTrees
 
 
@@ -92,8 +93,8 @@ def escalation_scores(networks, state: tcpo.TrainState, sub: PackedTrees) -> jax
     """`[N, S, T]` max_{a > k} π(a|node): Γ escalates at a node iff this is ≥ κ."""
     logp = env.node_log_probs(
         lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m), sub)
-    model = sub.seg_model[..., None]
-    higher = jnp.arange(logp.shape[-1]) > model[..., None]
+    model = jnp.broadcast_to(sub.seg_model[..., None], logp.shape[:-1])
+    higher = threshold.valid_actions(model + 1, logp.shape[-1])
     return jnp.max(jnp.where(higher, jnp.exp(logp), 0.0), axis=-1)
 
 

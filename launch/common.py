@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from absl import flags
+from absl import flags, logging
 
 from jaxroute import synthetic, trace
 
@@ -35,3 +35,8 @@ def load_trees() -> tuple[trace.Manifest, trace.PackedTrees, str]:
 
 def cost_model() -> str:
     return _COST.value
+
+
+def quiet() -> None:
+    """Keep orbax's per-save INFO lines out of the progress output."""
+    logging.set_verbosity(logging.WARNING)

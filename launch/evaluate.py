@@ -52,6 +52,7 @@ def run(workdir: Path, out: Path | None = None) -> dict:
 
 def main(argv):
     del argv
+    common.quiet()
     run(Path(_WORKDIR.value), Path(_OUT.value) if _OUT.value else None)
 
 

@@ -75,6 +75,7 @@ def run(config: trainer.TrainConfig, workdir: Path) -> trainer.TrainResult:
 
 def main(argv):
     del argv
+    common.quiet()
     run(build_config(), Path(_WORKDIR.value))
 
 

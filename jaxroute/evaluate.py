@@ -161,10 +161,13 @@ def sweep(name: str, actions_fn: Callable[[float], np.ndarray], grid, trees, dev
                                                 for r, g in zip(curve_test, grid, strict=True)]}
 
 
-def evaluate_all(trees: PackedTrees, networks, state, kappa: float, alpha: float,
+def evaluate_all(trees: PackedTrees, log_prob_fn: Callable, kappa: float, alpha: float,
                  confidence_feature: int | None, step_feature: int | None,
                  seed: int = 0) -> dict[str, Any]:
     """The router and every replayable baseline on the test split.
+
+    `log_prob_fn(features [..., D], model [...]) -> log π [..., K]` is the router's policy (e.g.
+    `policy_fn(networks, state)` or `Router.log_probs`).
 
     Returns {"rows": [{"method", "external", ...summary}], "curves": {method: [points]}}.
     """
@@ -186,8 +189,6 @@ def evaluate_all(trees: PackedTrees, networks, state, kappa: float, alpha: float
 
     # The router: Γ at the deployed κ, plus its own κ curve.
     all_sub = env.gather(dev, jnp.arange(trees.num_problems))
-    log_prob_fn = lambda o, m: networks.log_probs(  # noqa: E731
-        state.policy_params, state.normalizer, o, m)
 
     def router_actions(kap):
         return np.asarray(env.greedy_actions(log_prob_fn, all_sub, jnp.float32(kap)))
@@ -195,7 +196,12 @@ def evaluate_all(trees: PackedTrees, networks, state, kappa: float, alpha: float
     routed = router_actions(kappa)
     add("TCPO router (ours)", summarize(walk_outcome(trees, dev, pt, rt, routed[pt]), seed),
         "no", {"threshold": float(kappa)})
-    kgrid = sorted(set(np.linspace(0, 1, 41).round(4).tolist()) | {float(kappa)})
+    # The router's own curve: κ at quantiles of its escalation scores (its probabilities often
+    # sit near 0 or 1, where an even grid in [0, 1] would see nothing).
+    scores = np.asarray(env.escalation_scores(log_prob_fn, all_sub))[pt]
+    valid = np.arange(scores.shape[-1])[None, None] < trees.seg_len[pt][..., None]
+    qs = np.quantile(scores[valid], np.linspace(0, 1, 21)) if valid.any() else np.zeros(1)
+    kgrid = sorted({0.0, float(kappa), *map(float, qs), float(np.nextafter(qs.max(), 2))})
     curves["TCPO router (ours)"] = [
         dict(summarize(walk_outcome(trees, dev, pt, rt, router_actions(g)[pt]), seed), threshold=g)
         for g in kgrid]
@@ -222,3 +228,8 @@ def evaluate_all(trees: PackedTrees, networks, state, kappa: float, alpha: float
     for name, summary in oracle_summary(trees, pt, rt, alpha).items():
         add(name, summary, "oracle")
     return {"rows": rows, "curves": curves}
+
+
+def policy_fn(networks, state) -> Callable:
+    """`log_prob_fn` of a trained state."""
+    return lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m)

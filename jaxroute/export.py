@@ -67,6 +67,10 @@ class Router:
                             jnp.float32(self.kappa), jnp.asarray(features, jnp.float32),
                             jnp.asarray(model, jnp.int32))
 
+    def log_probs(self, features, model) -> jax.Array:
+        """log π(·|o) `[..., K]` (traceable; used by the offline evaluation)."""
+        return self.networks.log_probs(self.policy_params, self.normalizer, features, model)
+
     def probs(self, features, model) -> jax.Array:
         """π(·|o) `[..., K]`."""
         return self._probs(self.policy_params, self.normalizer.mean, self.normalizer.std,

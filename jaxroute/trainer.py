@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxroute import calibration, env, tcpo, threshold
+from jaxroute import calibration, env, tcpo
 from jaxroute import networks as nets_lib
 from jaxroute.trace import PackedTrees
 
@@ -89,15 +89,6 @@ def fit_normalizer(trees: PackedTrees) -> nets_lib.Normalizer:
     return nets_lib.Normalizer.fit(jnp.asarray(trees.features), jnp.asarray(mask))
 
 
-def escalation_scores(networks, state: tcpo.TrainState, sub: PackedTrees) -> jax.Array:
-    """`[N, S, T]` max_{a > k} π(a|node): Γ escalates at a node iff this is ≥ κ."""
-    logp = env.node_log_probs(
-        lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m), sub)
-    model = jnp.broadcast_to(sub.seg_model[..., None], logp.shape[:-1])
-    higher = threshold.valid_actions(model + 1, logp.shape[-1])
-    return jnp.max(jnp.where(higher, jnp.exp(logp), 0.0), axis=-1)
-
-
 def calibrate(networks, state: tcpo.TrainState, trees: PackedTrees, problem_idx: np.ndarray,
               alpha: float, grid_size: int = 1001) -> tuple[float, bool, np.ndarray, np.ndarray]:
     """Final κ on held-out problems by conformal risk control (`calibration.conformal_threshold`).
@@ -112,7 +103,8 @@ def calibrate(networks, state: tcpo.TrainState, trees: PackedTrees, problem_idx:
     problems, roots = env.instances(trees, problem_idx)
     h = env.horizon(trees)
     sub = env.gather(dev, jnp.asarray(problems))
-    scores = np.asarray(escalation_scores(networks, state, sub))
+    scores = np.asarray(env.escalation_scores(
+        lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m), sub))
     valid = np.asarray(np.arange(scores.shape[-1])[None, None] < np.asarray(sub.seg_len)[..., None])
     cand = np.unique(scores[valid])
     grid = np.unique(np.concatenate([[0.0], np.quantile(cand, np.linspace(0, 1, grid_size)),

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
 
-from jaxroute import evaluate, export, tcpo
+from jaxroute import evaluate, export
 from launch import common, report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training folder holding router/.")
@@ -35,11 +34,8 @@ def run(workdir: Path, out: Path | None = None) -> dict:
     names = list(manifest.feature_names)
     conf = names.index(_CONF.value) if _CONF.value in names else None
     step = names.index(_STEP.value) if _STEP.value in names else None
-    state = tcpo.TrainState(policy_params=router.policy_params, critic_params=None,
-                            critic_opt_state=None, kappa=np.float32(router.kappa), step=0,
-                            normalizer=router.normalizer)
-    result = evaluate.evaluate_all(trees, router.networks, state, router.kappa,
-                                   router.meta["alpha"], conf, step, _SEED.value)
+    result = evaluate.evaluate_all(trees, router.log_probs, router.kappa, router.meta["alpha"],
+                                   conf, step, _SEED.value)
     title = f"{'SYNTHETIC ' if manifest.synthetic else ''}test split — {source}"
     out = out or workdir / "report"
     report.write_report(out, result, UNITS[common.cost_model()], title,

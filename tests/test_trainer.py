@@ -36,7 +36,7 @@ def test_three_models_train_and_evaluate(tmp_path):
                               calibration_grid=50)
     res = trainer.train(packed, cfg)
     assert np.all(np.isfinite(res.history["objective_new"]))
-    out = evaluate.evaluate_all(packed, res.networks, res.state, res.kappa, 0.1, 0, 1)
+    out = evaluate.evaluate_all(packed, evaluate.policy_fn(res.networks, res.state), res.kappa, 0.1, 0, 1)
     names = [r["method"] for r in out["rows"]]
     assert names[:3] == ["model 0 only", "model 1 only", "model 2 only"]
     router = out["rows"][3]
@@ -70,7 +70,7 @@ def test_learnability_on_an_informative_synthetic_tree():
                               batch_size=16, iterations=500, seed=0)
     res = trainer.train(packed, cfg)
     assert res.calibration_feasible
-    out = evaluate.evaluate_all(packed, res.networks, res.state, res.kappa, alpha, 0, 1)
+    out = evaluate.evaluate_all(packed, evaluate.policy_fn(res.networks, res.state), res.kappa, alpha, 0, 1)
     router = next(r for r in out["rows"] if r["method"] == "TCPO router (ours)")
     assert router["coverage_ci"][1] >= 1 - alpha
     threshold_cost = evaluate.cost_at_accuracy(out["curves"]["confidence threshold"],

@@ -4,7 +4,23 @@ The training core is pure JAX and does no I/O beyond checkpoint and trace files;
 in the `generation` package, launch scripts in `launch`.
 """
 
-from jaxroute import calibration, cg, cpo, fisher, networks, tcpo, threshold, vtrace
+from jaxroute import (
+    baselines,
+    calibration,
+    cg,
+    cpo,
+    env,
+    evaluate,
+    export,
+    fisher,
+    networks,
+    synthetic,
+    tcpo,
+    threshold,
+    trace,
+    trainer,
+    vtrace,
+)
 from jaxroute.calibration import conformal_threshold, kappa_update
 from jaxroute.cg import conjugate_gradient
 from jaxroute.cpo import cpo_direction, cpo_dual, line_search
@@ -15,6 +31,13 @@ from jaxroute.vtrace import vtrace as vtrace_targets
 
 __all__ = [
     "Normalizer",
+    "baselines",
+    "env",
+    "evaluate",
+    "export",
+    "synthetic",
+    "trace",
+    "trainer",
     "Rollout",
     "TCPOConfig",
     "TrainState",

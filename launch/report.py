@@ -14,6 +14,10 @@ def _fmt(x: float, digits: int) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _fmt_g(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+
+
 def markdown_table(rows: list[dict[str, Any]], cost_unit: str, title: str) -> str:
     """Rows in the layout of the paper's Table 1 (plus coverage and escalation columns)."""
     lines = [f"### {title}", "",
@@ -26,7 +30,7 @@ def markdown_table(rows: list[dict[str, Any]], cost_unit: str, title: str) -> st
             f"| {r['method']} | {r['external']} | {_fmt(r['accuracy'], 1)} | {_fmt(r['cost'], 3)} "
             f"| {_fmt(r['acc_per_cost'], 2)} | {r['coverage']:.3f} [{lo:.3f}, {hi:.3f}] "
             f"| {_fmt(r['escalation_rate'], 2)} | {_fmt(r['mean_escalation_step'], 2)} "
-            f"| {_fmt(r.get('threshold', float('nan')), 3)} |")
+            f"| {_fmt_g(r.get('threshold', float('nan')))} |")
     return "\n".join(lines) + "\n"
 
 

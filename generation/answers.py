@@ -15,7 +15,7 @@ import multiprocessing
 import re
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     CORRECT = "correct"
     INCORRECT = "incorrect"
     UNPARSED = "unparsed"  # no \boxed{} answer, or math-verify could not parse it
@@ -75,15 +75,18 @@ class AnswerChecker:
         a check that exceeds it gets Verdict.TIMEOUT and the pool is rebuilt).
     """
 
-    def __init__(self, workers: int = 2, timeout: int = 5):
-        self.workers, self.timeout = workers, timeout
+    def __init__(self, workers: int = 2, timeout: int = 5, recycle_after: int = 5000):
+        self.workers, self.timeout, self.recycle_after = workers, timeout, recycle_after
+        self._tasks = 0
         self._pool: cf.ProcessPoolExecutor | None = None
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
+            # Not max_tasks_per_child: on CPython 3.11 recycling workers while futures are
+            # pending can deadlock the pool. We rebuild it ourselves between batches instead.
             self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
-                max_tasks_per_child=200)
+                self.workers, mp_context=multiprocessing.get_context("spawn"))
+            self._tasks = 0
         return self._pool
 
     def close(self) -> None:
@@ -115,7 +118,8 @@ class AnswerChecker:
                 out[i], hung = Verdict.TIMEOUT, True
             except cf.process.BrokenProcessPool:
                 out[i], hung = Verdict.TIMEOUT, True
-        if hung:  # a worker is stuck in sympy: replace the pool
+        self._tasks = getattr(self, "_tasks", 0) + len(futures)
+        if hung or self._tasks > self.recycle_after:  # stuck in sympy, or memory growth
             self.close()
         return out  # type: ignore[return-value]
 

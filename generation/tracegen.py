@@ -1,0 +1,343 @@
+"""Trace-tree generation: model-0 trajectories, an escalation branch at every step, solo runs,
+verifier labels — written in the `jaxroute.trace` format, resumably.
+
+Semantics follow `jaxroute.trace`: the branch at step t hands the prefix y_{<t} to the larger
+model (it regenerates step t onwards). A branch to the largest model is one call that writes the
+rest of the solution (a leaf); a branch to an intermediate model (K ≥ 3) is generated step by
+step with branches of its own. The branch at step 0 of root 0 is the large model from scratch,
+so it doubles as the large-only run (R_M).
+
+Work is batched across all problems of a chunk that wait for the same model ("wavefront"), and
+finished problems are appended to `trees.jsonl` (whole lines + fsync); a restart skips them, so a
+crash loses at most the chunk in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from generation import costs, features
+from generation.answers import AnswerChecker, Verdict
+from generation.backend import Backend, StepRequest, StepResult, prefix_text
+from generation.datasets import Problem
+from jaxroute import trace
+
+
+@dataclasses.dataclass(frozen=True)
+class GenConfig:
+    roots: int = 1  # sampled model-0 trajectories per problem
+    max_steps: int = 40  # guard: steps per segment
+    max_tokens_per_step: int = 1024
+    max_tokens_per_solution: int = 4096  # guard: total generated tokens of a segment
+    chunk: int = 16  # problems generated together (and appended together)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class _Segment:
+    problem: Problem
+    model: int
+    prefix: list[str]  # accepted steps before this segment
+    prefix_ids: list[int] | None
+    start: int
+    path: str
+    idx: int = 0  # position in the generator's segment list
+    results: list[StepResult] = dataclasses.field(default_factory=list)
+    status: str = "ok"
+    done: bool = False
+
+
+def _key(*parts) -> str:
+    return "/".join(str(p) for p in parts)
+
+
+def _seed(key: str, base: int) -> int:
+    return (int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) + base) % (2**31)
+
+
+def _cost(r: StepResult, params: float) -> dict:
+    return {"flops": costs.step_flops(r.completion_tokens, params),
+            "input_tokens": int(r.prompt_tokens), "cached_input_tokens": int(r.cached_tokens),
+            "output_tokens": int(r.completion_tokens)}
+
+
+class TraceGenerator:
+    """Generates trace trees for problems with `backends` ordered small → large.
+
+    Args:
+      backends: K ≥ 2 backends.
+      checker: answer checker (math-verify in worker processes).
+      verifier: optional `(question, prefix_steps, step) -> bool | None` step verifier.
+      config: guards and sampling.
+      prices: per-backend `costs.Price` for the manifest (USD accounting at pack time).
+    """
+
+    def __init__(self, backends: Sequence[Backend], checker: AnswerChecker,
+                 verifier: Callable[[list[tuple[str, list[str], str]]], list[bool | None]] | None,
+                 config: GenConfig = GenConfig(), prices: Sequence[costs.Price] | None = None):
+        if len(backends) < 2:
+            raise ValueError("trace generation needs at least two models")
+        self.backends, self.checker, self.verifier, self.cfg = list(backends), checker, verifier, config
+        self.prices = list(prices) if prices else [costs.Price(0, 0, 0)] * len(backends)
+
+    def manifest(self, provenance: dict) -> trace.Manifest:
+        return trace.Manifest(
+            models=tuple(trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input,
+                                         p.output) for b, p in zip(self.backends, self.prices,
+                                                                   strict=True)),
+            feature_names=features.FEATURE_NAMES, provenance=provenance)
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def _expand(self, segments: list[_Segment]) -> None:
+        """Generate every segment step by step, batching per model across segments."""
+        cfg = self.cfg
+        while True:
+            live = [s for s in segments if not s.done]
+            if not live:
+                return
+            for k in sorted({s.model for s in live}):
+                group = [s for s in live if s.model == k]
+                reqs = []
+                for s in group:
+                    steps = s.prefix + [r.text for r in s.results]
+                    ids = None
+                    if s.prefix_ids is not None:
+                        ids = tuple(s.prefix_ids + [i for r in s.results for i in r.token_ids])
+                    key = _key(s.problem.problem_id, s.path, len(s.results))
+                    reqs.append(StepRequest(key, s.problem.question, tuple(steps), ids,
+                                            _seed(key, cfg.seed)))
+                outs = self.backends[k].generate(reqs, max_tokens=cfg.max_tokens_per_step)
+                for s, r in zip(group, outs, strict=True):
+                    if r.error is not None:
+                        s.status, s.done = f"error: {r.error}", True
+                        continue
+                    if not r.text.strip() and not r.is_final:
+                        s.status, s.done = "empty_step", True
+                        continue
+                    s.results.append(r)
+                    total = sum(x.completion_tokens for x in s.results)
+                    if r.is_final:
+                        s.done = True
+                    elif len(s.results) >= cfg.max_steps:
+                        s.status, s.done = "max_steps", True
+                    elif total >= cfg.max_tokens_per_solution:
+                        s.status, s.done = "max_tokens", True
+
+    def _leaves(self, jobs: list[tuple[Problem, list[str], str]]) -> list[StepResult]:
+        """The largest model writes the rest of each solution (one call each, batched)."""
+        reqs = [StepRequest(_key(p.problem_id, path, "leaf"), p.question, tuple(prefix), None,
+                            _seed(_key(p.problem_id, path), self.cfg.seed))
+                for p, prefix, path in jobs]
+        return self.backends[-1].generate(reqs, whole=True,
+                                          max_tokens=self.cfg.max_tokens_per_solution)
+
+    def generate(self, problems: Sequence[Problem], splits: dict[str, str]) -> list[dict]:
+        """Trace-tree records for `problems` (see `jaxroute.trace` for the format)."""
+        k_models = len(self.backends)
+        roots = [_Segment(p, 0, [], [], 0, f"r{j}", idx=i * self.cfg.roots + j)
+                 for i, p in enumerate(problems) for j in range(self.cfg.roots)]
+        all_segments: list[_Segment] = list(roots)
+        frontier = list(roots)
+        children: dict[int, dict[tuple[int, int], _Segment]] = {}
+        leaf_jobs: list[tuple[int, int, int]] = []  # (segment index, step, model)
+        while frontier:
+            self._expand(frontier)
+            nxt = []
+            for seg in frontier:
+                si = seg.idx
+                for t in range(len(seg.results)):
+                    prefix = seg.prefix + [r.text for r in seg.results[:t]]
+                    for kp in range(seg.model + 1, k_models):
+                        if kp == k_models - 1:
+                            leaf_jobs.append((si, t, kp))
+                        else:
+                            child = _Segment(seg.problem, kp, prefix, None, seg.start + t,
+                                             f"{seg.path}.{t}>{kp}", idx=len(all_segments))
+                            children.setdefault(si, {})[(t, kp)] = child
+                            all_segments.append(child)
+                            nxt.append(child)
+            frontier = nxt
+        jobs = []
+        for si, t, _ in leaf_jobs:
+            seg = all_segments[si]
+            jobs.append((seg.problem, seg.prefix + [r.text for r in seg.results[:t]],
+                         f"{seg.path}.{t}>{k_models - 1}"))
+        leaf_results = self._leaves(jobs) if jobs else []
+        # Solo runs of intermediate models (model 0: root 0; largest: root 0's branch at step 0).
+        mid_solo = {}
+        for k in range(1, k_models - 1):
+            reqs = [StepRequest(_key(p.problem_id, f"solo{k}"), p.question, (), None,
+                                _seed(_key(p.problem_id, f"solo{k}"), self.cfg.seed))
+                    for p in problems]
+            for p, r in zip(problems, self.backends[k].generate(
+                    reqs, whole=True, max_tokens=self.cfg.max_tokens_per_solution), strict=True):
+                mid_solo[(p.problem_id, k)] = r
+        # Answer checking, all at once: segments, leaves, intermediate-model solo runs.
+        seg_items = [(prefix_text(seg.prefix + [r.text for r in seg.results]), seg.problem.gold,
+                      seg.problem.dataset) for seg in all_segments]
+        leaf_items = [(prefix_text(prefix) + r.text, p.gold, p.dataset)
+                      for (p, prefix, _), r in zip(jobs, leaf_results, strict=True)]
+        mid_items = [(mid_solo[(p.problem_id, k)].text, p.gold, p.dataset)
+                     for p in problems for k in range(1, k_models - 1)]
+        verdicts = self.checker.check_many(seg_items + leaf_items + mid_items)
+        n_seg, n_leaf = len(seg_items), len(leaf_items)
+        seg_ok = [v == Verdict.CORRECT for v in verdicts[:n_seg]]
+        leaf_ok = [v == Verdict.CORRECT for v in verdicts[n_seg:n_seg + n_leaf]]
+        mid_ok = verdicts[n_seg + n_leaf:]
+        # Step verifier labels for every generated step.
+        ver_items, ver_index = [], []
+        if self.verifier is not None:
+            for si, seg in enumerate(all_segments):
+                for t, r in enumerate(seg.results):
+                    ver_items.append((seg.problem.question,
+                                      seg.prefix + [x.text for x in seg.results[:t]], r.text))
+                    ver_index.append((si, t))
+        labels = dict(zip(ver_index, self.verifier(ver_items), strict=True)) if ver_items else {}
+        leaf_map = {(si, t): (r, ok) for (si, t, _), r, ok in
+                    zip(leaf_jobs, leaf_results, leaf_ok, strict=True)}
+
+        def segment_record(si: int) -> dict:
+            seg = all_segments[si]
+            backend = self.backends[seg.model]
+            state = features.MathSpanState()
+            for s in seg.prefix:
+                state.feed(s)
+            steps = []
+            for t, r in enumerate(seg.results):
+                mask, state = features.math_mask(r.tokens, state)
+                score = (features.s_os if r.confidence_kind == "max_logit" else features.s_api)
+                conf = score(np.asarray(r.confidence), mask)
+                branches = {}
+                for kp in range(seg.model + 1, k_models):
+                    if kp == k_models - 1:
+                        lr, ok = leaf_map[(si, t)]
+                        branches[str(kp)] = {"model": kp, "correct": ok,
+                                             "cost": _cost(lr, self.backends[kp].params),
+                                             **({"status": f"error: {lr.error}"} if lr.error
+                                                else {})}
+                    else:
+                        branches[str(kp)] = segment_record(children[si][(t, kp)].idx)
+                steps.append({
+                    "features": features.step_features(conf.value, seg.start + t,
+                                                       r.completion_tokens, r.is_final,
+                                                       seg.problem.difficulty),
+                    "cost": _cost(r, backend.params),
+                    "verifier_ok": labels.get((si, t)),
+                    "branches": branches,
+                    "math_tokens": conf.math_tokens,
+                })
+            return {"model": seg.model, "correct": bool(seg_ok[si]), "status": seg.status,
+                    "steps": steps}
+
+        records = []
+        for i, p in enumerate(problems):
+            root_ids = [i * self.cfg.roots + j for j in range(self.cfg.roots)]
+            root_recs = [segment_record(si) for si in root_ids]
+            r0 = all_segments[root_ids[0]]
+            solo = [{"correct": bool(seg_ok[root_ids[0]]),
+                     "cost": _sum([_cost(r, self.backends[0].params) for r in r0.results])}]
+            for k in range(1, k_models - 1):
+                r = mid_solo[(p.problem_id, k)]
+                solo.append({"correct": mid_ok[i * (k_models - 2) + k - 1] == Verdict.CORRECT,
+                             "cost": _cost(r, self.backends[k].params)})
+            if r0.results:
+                lr, ok = leaf_map[(root_ids[0], 0)]
+                solo.append({"correct": ok, "cost": _cost(lr, self.backends[-1].params)})
+            else:  # the root failed before its first step: run the large model on its own
+                lr = self._leaves([(p, [], "solo")])[0]
+                ok = self.checker.check(lr.text, p.gold, p.dataset) == Verdict.CORRECT
+                solo.append({"correct": ok, "cost": _cost(lr, self.backends[-1].params)})
+            records.append({"problem_id": p.problem_id, "dataset": p.dataset,
+                            "difficulty": p.difficulty, "split": splits[p.problem_id],
+                            "solo": solo, "roots": root_recs})
+        return records
+
+
+def _sum(cs: list[dict]) -> dict:
+    total = {"flops": 0.0, "input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0}
+    for c in cs:
+        for k in total:
+            total[k] += c[k]
+    return total
+
+
+# -- resumable driver, shards, merge -------------------------------------------------------------
+
+
+def shard_of(problem_id: str, num_shards: int) -> int:
+    return int(hashlib.sha256(problem_id.encode()).hexdigest()[:8], 16) % num_shards
+
+
+def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str], out: Path,
+        provenance: dict, num_shards: int = 1, shard_index: int = 0,
+        spend: Callable[[list[dict]], dict[str, float]] | None = None) -> Path:
+    """Generate into `out` (a trace-set folder), skipping problems already written there."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = gen.manifest(provenance)
+    mpath = out / trace.MANIFEST
+    if mpath.exists():
+        old = trace.read_manifest(out)
+        if [m.name for m in old.models] != [m.name for m in manifest.models] or \
+                old.feature_names != manifest.feature_names:
+            raise ValueError(f"{mpath}: existing trace set was made with other models or "
+                             "features; use a new --out folder")
+    else:
+        trace.atomic_write_text(mpath, json.dumps(manifest.to_json(), indent=2) + "\n")
+    tpath = out / trace.TREES
+    tpath.touch()
+    dropped = trace.repair_tail(tpath)
+    done = set()
+    if tpath.exists():
+        done = {rec["problem_id"] for _, rec in trace.read_records(tpath)}
+    todo = [p for p in problems if shard_of(p.problem_id, num_shards) == shard_index
+            and p.problem_id not in done]
+    bar = tqdm(total=len(todo) + 0, desc=f"generate (shard {shard_index}/{num_shards})",
+               unit="problem")
+    if dropped:
+        bar.write(f"dropped a torn last line ({dropped} bytes) left by an interrupted run")
+    totals: dict[str, float] = {}
+    for i in range(0, len(todo), gen.cfg.chunk):
+        chunk = todo[i:i + gen.cfg.chunk]
+        records = gen.generate(chunk, splits)
+        for r in records:
+            trace.validate_problem(r, manifest, where=f"{tpath}: generated")
+        trace.append_records(tpath, records)
+        if spend is not None:
+            for k, v in spend(records).items():
+                totals[k] = totals.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v:.4g}" for k, v in totals.items()})
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def merge(parts: Sequence[Path], out: Path) -> Path:
+    """Merge shard folders (same manifest) into one trace set; duplicate ids are an error."""
+    parts = [Path(p) for p in parts]
+    manifests = [trace.read_manifest(p) for p in parts]
+    first = manifests[0]
+    for p, m in zip(parts, manifests, strict=True):
+        if m.to_json()["models"] != first.to_json()["models"] or \
+                m.feature_names != first.feature_names:
+            raise ValueError(f"{p}: manifest differs from {parts[0]}")
+    records, seen = [], set()
+    for p in parts:
+        for n, rec in trace.read_records(p / trace.TREES):
+            if rec["problem_id"] in seen:
+                raise ValueError(f"{p / trace.TREES}: line {n}: duplicate problem_id "
+                                 f"{rec['problem_id']!r}")
+            seen.add(rec["problem_id"])
+            records.append(rec)
+    trace.write_trace_set(out, first, records)
+    return Path(out)

@@ -42,7 +42,7 @@ def test_generated_trees_follow_the_format_and_semantics(checker):
         trace.validate_problem(r, manifest, f"record {i}")
     packed = trace.pack(manifest, recs)
     wrong_roots = 0
-    for i, r in enumerate(recs):
+    for r in recs:
         for root in r["roots"]:
             assert len(root["steps"]) == 3
             # The erroneous step shows low confidence and a rejected verifier label.

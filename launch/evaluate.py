@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from absl import app, flags
+from tqdm import tqdm
 
-from jaxroute import evaluate, export
+from jaxroute import evaluate, export, tcpo, trainer
 from launch import common, report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training folder holding router/.")
@@ -22,6 +23,8 @@ _CONF = flags.DEFINE_string("confidence_feature", "confidence",
                             "Feature used by the threshold and STEER baselines.")
 _STEP = flags.DEFINE_string("step_feature", "step_index", "Step-index feature (STEER buckets).")
 _SEED = flags.DEFINE_integer("eval_seed", 0, "Seed for bootstrap CIs and random escalation.")
+_ALPHAS = flags.DEFINE_list("sweep_alphas", [], "Also train a router per α (paper defaults "
+                            "otherwise) and add the α-Pareto curve, e.g. 0.01,0.02,0.05,0.1,0.2.")
 flags.mark_flags_as_required(["workdir"])
 
 UNITS = {"flops": "FLOPs ×1e12", "usd_cents": "US cents"}
@@ -36,6 +39,9 @@ def run(workdir: Path, out: Path | None = None) -> dict:
     step = names.index(_STEP.value) if _STEP.value in names else None
     result = evaluate.evaluate_all(trees, router.log_probs, router.kappa, router.meta["alpha"],
                                    conf, step, _SEED.value)
+    if _ALPHAS.value:
+        result["curves"]["TCPO router, α sweep"] = alpha_sweep(
+            trees, [float(a) for a in _ALPHAS.value], tuple(router.meta["hidden"]), conf, step)
     title = f"{'SYNTHETIC ' if manifest.synthetic else ''}test split — {source}"
     out = out or workdir / "report"
     report.write_report(out, result, UNITS[common.cost_model()], title,
@@ -44,6 +50,19 @@ def run(workdir: Path, out: Path | None = None) -> dict:
     print(report.markdown_table(result["rows"], UNITS[common.cost_model()], title))
     print(f"report written to {out}")
     return result
+
+
+def alpha_sweep(trees, alphas, hidden, conf, step) -> list[dict]:
+    """One trained-and-calibrated router per α; its test row, tagged with α."""
+    points = []
+    for a in tqdm(alphas, desc="α sweep"):
+        cfg = trainer.TrainConfig(tcpo=tcpo.TCPOConfig(alpha=a), hidden=hidden)
+        res = trainer.train(trees, cfg)
+        out = evaluate.evaluate_all(trees, evaluate.policy_fn(res.networks, res.state), res.kappa,
+                                    a, None, None, _SEED.value)
+        row = next(r for r in out["rows"] if r["method"] == "TCPO router (ours)")
+        points.append(dict(row, alpha=a))
+    return points
 
 
 def main(argv):

@@ -1,0 +1,108 @@
+"""A real HTTP server on loopback that speaks the OpenAI wire protocol (chat and completions),
+with scripted faults. For tests only: it answers "What is A+B?" step by step."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def _answer(prompt_text: str, question: str, stop: bool) -> str:
+    a, b = map(int, re.findall(r"\d+", question)[:2])
+    done = prompt_text.count("Step ")
+    if done < 2:
+        step = f"Step {done + 1}: look at {a} and {b}."
+        return step + ("\n\nmore text after the stop" if stop else "")
+    return f"So {a}+{b} = {a + b}, \\boxed{{{a + b}}}"
+
+
+class FakeOpenAI(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.faults: list[str] = []  # consumed one per request: "429", "500", "400", "timeout", "malformed"
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.delay = 2.0  # seconds for a "timeout" fault
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _send(self, code: int, body: bytes, ctype="application/json"):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        srv: FakeOpenAI = self.server  # type: ignore[assignment]
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with srv.lock:
+            srv.requests.append(body)
+            fault = srv.faults.pop(0) if srv.faults else None
+        if fault == "timeout":
+            time.sleep(srv.delay)
+        if fault in ("429", "500", "400"):
+            err = {"error": {"message": f"injected {fault}", "type": "test", "code": fault}}
+            return self._send(int(fault), json.dumps(err).encode())
+        if fault == "malformed":
+            return self._send(200, b'{"id": "x", "choices": [{"index": 0')
+        chat = self.path.endswith("/chat/completions")
+        if chat and body["messages"][-1]["content"].startswith("Task: Determine"):
+            last = body["messages"][-1]["content"].split("Last step:\n")[1]
+            text = "incorrect" if "wrong" in last else "Correct."
+        elif chat:
+            user = body["messages"][-1]["content"]
+            question = user.split("\n")[1]
+            text = _answer(user, question, "stop" in body)
+        else:
+            prompt = body["prompt"]
+            question = prompt.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+            text = _answer(prompt.split("assistant\n")[-1], question, "stop" in body)
+        if "stop" in body:
+            text = text.split("\n\n")[0]
+        toks = text.split(" ")
+        lps = [-0.05 if not any(c.isdigit() for c in t) else -0.7 for t in toks]
+        usage = {"prompt_tokens": 50 + len(str(body)) // 20, "completion_tokens": len(toks),
+                 "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 16}}
+        finish = "stop"
+        if chat:
+            content = [{"token": t, "bytes": None, "logprob": lp,
+                        "top_logprobs": [{"token": t, "bytes": None, "logprob": lp},
+                                         {"token": "x", "bytes": None, "logprob": -3.0}]}
+                       for t, lp in zip(toks, lps, strict=True)]
+            resp = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": finish,
+                                 "message": {"role": "assistant", "content": text},
+                                 "logprobs": {"content": content}}], "usage": usage}
+        else:
+            resp = {"id": "cmpl-1", "object": "text_completion", "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": finish, "text": text,
+                                 "logprobs": {"tokens": toks, "token_logprobs": lps,
+                                              "top_logprobs": [{t: lp, "x": -3.0} for t, lp in
+                                                               zip(toks, lps, strict=True)],
+                                              "text_offset": [0] * len(toks)}}],
+                    "usage": usage}
+        self._send(200, json.dumps(resp).encode())

@@ -1,8 +1,8 @@
 """The vLLM backend through faithful fakes of vLLM's objects (no GPU here)."""
 
+import fake_vllm
 import pytest
 
-import fake_vllm
 from generation.backend import StepRequest
 from generation.vllm_backend import VLLMBackend
 

@@ -63,9 +63,12 @@ def _seed(key: str, base: int) -> int:
 
 
 def _cost(r: StepResult, params: float) -> dict:
+    """Generation FLOPs (2N per generated token, the paper's cost) plus token counts; prefill
+    FLOPs of the uncached prompt are a separate column, not part of "flops"."""
     return {"flops": costs.step_flops(r.completion_tokens, params),
             "input_tokens": int(r.prompt_tokens), "cached_input_tokens": int(r.cached_tokens),
-            "output_tokens": int(r.completion_tokens)}
+            "output_tokens": int(r.completion_tokens),
+            "prefill_flops": costs.prefill_flops(r.prompt_tokens, r.cached_tokens, params)}
 
 
 class TraceGenerator:
@@ -262,7 +265,8 @@ class TraceGenerator:
 
 
 def _sum(cs: list[dict]) -> dict:
-    total = {"flops": 0.0, "input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0}
+    total = {"flops": 0.0, "input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0,
+             "prefill_flops": 0.0}
     for c in cs:
         for k in total:
             total[k] += c[k]

@@ -54,8 +54,6 @@ def main(argv):
     for t in range(3):
         r = small.generate([StepRequest(f"smoke/{t}", QUESTION, tuple(steps), tuple(ids), t)])[0]
         results.append(r)
-        out = small.llm  # last outputs are not kept; re-derive what we need from r
-        del out
         roundtrip += int(ts.decode(r.token_ids) == r.text + "\n\n")
         if t > 0:
             prefix = len(small.prompt_ids(QUESTION)) + len(ids)

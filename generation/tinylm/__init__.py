@@ -1,0 +1,1 @@
+"""The embedded default: a procedural arithmetic task and two tiny JAX language models for it."""

@@ -2,7 +2,9 @@
 style ("\\n\\n"-separated steps, final `\\boxed{}`), seeded, with difficulty levels.
 
 Difficulty level d (1–5) = number of operations. Each step of a solution applies one operation:
-"8 + 5 = 13". Numbers stay in [0, 999]; multiplication uses a one-digit factor.
+"8 + 5 = 13". Start values and addends are below 50; multiplication (by 2 or 3) only below 61.
+Questions are terse ("Ada has 27 coins. Gets 8. Gives 22. How many?") to keep the character-level
+sequences short enough for CPU training.
 """
 
 from __future__ import annotations
@@ -26,29 +28,29 @@ class TaskProblem:
 
 def _make(rng: np.random.Generator, level: int, index: int, split: str) -> TaskProblem:
     name, item = NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))]
-    value = int(rng.integers(2, 60))
+    value = int(rng.integers(2, 50))
     sentences = [f"{name} has {value} {item}."]
     steps = []
     for _ in range(level):
         op = rng.choice(["+", "-", "*"], p=[0.45, 0.35, 0.2])
-        if op == "*" and value * 9 > 999:
+        if op == "*" and value > 60:
             op = "-"
         if op == "+":
-            k = int(rng.integers(2, 60))
-            sentences.append(f"Then {name} gets {k} more.")
+            k = int(rng.integers(2, 50))
+            sentences.append(f"Gets {k}.")
             new = value + k
         elif op == "-":
             k = int(rng.integers(1, max(2, value)))
-            sentences.append(f"Then {name} gives away {k}.")
+            sentences.append(f"Gives {k}.")
             new = value - k
         else:
-            k = int(rng.integers(2, 10))
-            sentences.append(f"Then the {item} are multiplied by {k}.")
+            k = int(rng.integers(2, 4))
+            sentences.append(f"Times {k}.")
             new = value * k
         steps.append(f"{value} {op} {k} = {new}")
         value = new
-    steps[-1] = steps[-1] + f", so the answer is \\boxed{{{value}}}"
-    question = " ".join(sentences) + f" How many {item} does {name} have?"
+    steps[-1] = steps[-1] + f" \\boxed{{{value}}}"
+    question = " ".join(sentences) + " How many?"
     pid = f"arith-{split}-{index:05d}"
     return TaskProblem(Problem(pid, question, str(value), "arith", float(level)), tuple(steps))
 

@@ -1,0 +1,41 @@
+"""Train the embedded default's two tiny LMs on the procedural arithmetic task and save them
+(weights + config + sha256) under generation/tinylm/weights/.
+
+    python -m launch.train_tinylm
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from absl import app, flags
+
+from generation.tinylm import train
+from generation.tinylm.model import LMConfig, Tokenizer
+
+_OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parents[1] / "generation" /
+                                      "tinylm" / "weights"), "Output folder.")
+_SMALL_STEPS = flags.DEFINE_integer("small_steps", 800, "Training steps of the small model.")
+_LARGE_STEPS = flags.DEFINE_integer("large_steps", 1500, "Training steps of the large model.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+
+# Sizes chosen so the large model is clearly better and the small one often slips on a digit.
+SMALL = dict(layers=2, d_model=48, heads=4, max_len=192)
+LARGE = dict(layers=3, d_model=96, heads=4, max_len=192)
+
+
+def main(argv):
+    del argv
+    vocab = Tokenizer().vocab_size
+    for name, spec, steps in (("small", SMALL, _SMALL_STEPS.value),
+                              ("large", LARGE, _LARGE_STEPS.value)):
+        cfg = LMConfig(vocab=vocab, **spec)
+        print(f"training {name}: {cfg.num_params():,} parameters, {steps} steps")
+        params, secs = train.train_lm(cfg, steps, seed=_SEED.value)
+        train.save(Path(_OUT.value), name, cfg, params,
+                   {"steps": steps, "train_seconds": round(secs, 1), "seed": _SEED.value})
+        print(f"{name}: {secs:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,89 @@
+"""Tiny LM: task, rule verifier, KV-cache decoding, the backend's sampling and raw logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from generation.backend import StepRequest
+from generation.tinylm import task, train
+from generation.tinylm.backend import TinyLMBackend
+from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
+
+
+def test_task_is_seeded_and_solutions_check_out():
+    a, b = task.generate(50, 1, "test"), task.generate(50, 1, "test")
+    assert a == b and a != task.generate(50, 1, "train")
+    for p in a:
+        assert len(p.solution_steps) == int(p.problem.difficulty)
+        assert all(task.check_step(s) for s in p.solution_steps)
+        assert p.solution_steps[-1].endswith(f"\\boxed{{{p.problem.gold}}}")
+    assert task.check_step("3 + 4 = 8") is False and task.check_step("no maths") is None
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    tok = Tokenizer()
+    cfg = LMConfig(vocab=tok.vocab_size, layers=2, d_model=32, heads=4, max_len=96)
+    model = TinyLM(cfg)
+    x = jnp.array([tok.prompt("Ada has 3 coins. Gets 4. How many?") + tok.encode("3 + 4 = 7")])
+    params = model.init(jax.random.PRNGKey(0), x)
+    full = model.apply(params, x)
+    k = 12
+    last, caches = model.apply(params, x[:, :k], jnp.array([k]), method=TinyLM.prefill)
+    np.testing.assert_allclose(last, full[:, k - 1], atol=1e-4)
+    for t in range(k, x.shape[1]):
+        logits, caches = model.apply(params, x[:, t], caches, jnp.array([t]), method=TinyLM.decode)
+        np.testing.assert_allclose(logits, full[:, t], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def random_backend():
+    tok = Tokenizer()
+    cfg = LMConfig(vocab=tok.vocab_size, layers=1, d_model=32, heads=4, max_len=128)
+    params = TinyLM(cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))
+    return TinyLMBackend("random", cfg, params, temperature=1.0)
+
+
+def test_backend_reports_true_raw_logits_and_is_seeded(random_backend):
+    be = random_backend
+    reqs = [StepRequest(f"k{i}", "Ada has 3 coins. How many?", (), (), seed=i) for i in range(3)]
+    a = be.generate(reqs, max_tokens=20)
+    b = be.generate(reqs, max_tokens=20)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert a[0].token_ids != a[1].token_ids
+    r = a[0]
+    prompt = be.tok.prompt(reqs[0].question)
+    full = be.model.apply(be.weights, jnp.array([prompt + r.token_ids]))
+    expect = np.asarray(full[0, len(prompt) - 1:len(prompt) - 1 + len(r.token_ids)]).max(-1)
+    np.testing.assert_allclose(r.confidence, expect, atol=1e-4)
+    assert r.confidence_kind == "max_logit" and r.completion_tokens == len(r.token_ids)
+    assert be.params == sum(x.size for x in jax.tree.leaves(be.weights))
+
+
+def test_backend_stops_on_the_delimiter(random_backend):
+    be = random_backend
+    nl = be.tok.stoi["\n"]
+    # Force "\n" to be the only likely token: bias the head towards it.
+    w = jax.tree.map(lambda x: x, be.weights)
+    w["params"]["head"]["bias"] = w["params"]["head"]["bias"].at[nl].set(50.0)
+    forced = TinyLMBackend("forced", be.cfg, w)
+    r = forced.generate([StepRequest("k", "How many?", (), (), 0)], max_tokens=40)[0]
+    assert r.token_ids == [nl, nl] and r.text == "" and r.finish_reason == "stop"
+    whole = forced.generate([StepRequest("k", "How many?", (), (), 0)], whole=True,
+                            max_tokens=40)[0]
+    assert len(whole.token_ids) > 2  # no delimiter stop in whole mode
+
+
+def test_weights_checksum(tmp_path):
+    tok = Tokenizer()
+    cfg = LMConfig(vocab=tok.vocab_size, layers=1, d_model=16, heads=2, max_len=32)
+    params = TinyLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    train.save(tmp_path, "m", cfg, params, {"steps": 0})
+    cfg2, params2, _ = train.load(tmp_path, "m")
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params, params2)
+    data = bytearray((tmp_path / "m.npz").read_bytes())
+    data[-10] ^= 0xFF
+    (tmp_path / "m.npz").write_bytes(bytes(data))
+    with pytest.raises(train.ChecksumError, match="sha256"):
+        train.load(tmp_path, "m")

@@ -87,3 +87,31 @@ def test_weights_checksum(tmp_path):
     (tmp_path / "m.npz").write_bytes(bytes(data))
     with pytest.raises(train.ChecksumError, match="sha256"):
         train.load(tmp_path, "m")
+
+
+def test_openai_backend_against_the_tiny_model_server(random_backend):
+    """The OpenAI backend (chat and completions) through a real HTTP server for tiny models."""
+    from generation.openai_backend import OpenAIBackend
+    from generation.tinylm.server import TinyLMServer, parse_chat, parse_completion_prompt
+
+    with TinyLMServer({"tiny": random_backend}) as srv:
+        for mode in ("chat", "completions"):
+            be = OpenAIBackend("tiny", base_url=srv.base_url, api_key="x", mode=mode,
+                               backoff_base=0.01)
+            req = StepRequest("k", "Ada has 3 coins. How many?", ("3 + 1 = 4",), None, seed=5)
+            r = be.generate([req], max_tokens=16)[0]
+            assert r.error is None and r.completion_tokens > 0
+            assert len(r.tokens) == len(r.confidence) and all(0 < c <= 1 for c in r.confidence)
+            # The server answered from the same weights: same tokens as the backend itself.
+            direct = random_backend.generate([req], max_tokens=16)[0]
+            assert r.text == direct.text
+        raw = OpenAIBackend("tiny", base_url=srv.base_url, api_key="x", mode="completions",
+                            confidence="max_logit")
+        bad = raw.generate([StepRequest("k", "What?", (), None, 1)], max_tokens=8)[0]
+        assert bad.error is None
+    q, steps = parse_completion_prompt("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+                                       "a\n\nb\n\n")
+    assert (q, steps) == ("Q?", ("a", "b"))
+    from generation.openai_backend import chat_messages
+    msgs = chat_messages(StepRequest("k", "Q?", ("a", "b"), None), whole=False)
+    assert parse_chat(msgs) == ("Q?", ("a", "b"))

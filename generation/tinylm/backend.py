@@ -21,6 +21,7 @@ from generation.tinylm import train
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
+TOPK = 5
 
 
 class TinyLMBackend:
@@ -40,19 +41,29 @@ class TinyLMBackend:
                                                method=TinyLM.prefill)
         out_tok = jnp.zeros((b, max_new), jnp.int32)
         out_z = jnp.zeros((b, max_new), jnp.float32)
+        out_lp = jnp.zeros((b, max_new, 2), jnp.float32)  # sampled token: (log-prob, raw logit)
+        out_top = jnp.zeros((b, max_new, TOPK), jnp.int32)
+        out_toplp = jnp.zeros((b, max_new, TOPK, 2), jnp.float32)  # top-k: (log-prob, raw logit)
 
         def cond(c):
             i, _, _, _, done, *_ = c
             return (i < max_new) & ~jnp.all(done)
 
         def body(c):
-            i, logits, caches, pos, done, n, prev, out_tok, out_z, keys = c
+            i, logits, caches, pos, done, n, prev, outs, keys = c
+            out_tok, out_z, out_lp, out_top, out_toplp = outs
             keys, sub = jax.vmap(jax.random.split, out_axes=1)(keys)
             t = jax.vmap(jax.random.categorical)(sub, logits / self.temperature).astype(jnp.int32)
             zmax = jnp.max(logits, axis=-1)
             live = ~done
+            logp = jax.nn.log_softmax(logits, -1)
+            top_lp, top_i = jax.lax.top_k(logp, TOPK)
+            both = jnp.stack([logp, logits], -1)  # [B, V, 2]
             out_tok = out_tok.at[:, i].set(jnp.where(live, t, 0))
             out_z = out_z.at[:, i].set(jnp.where(live, zmax, 0.0))
+            out_lp = out_lp.at[:, i].set(jnp.take_along_axis(both, t[:, None, None], 1)[:, 0])
+            out_top = out_top.at[:, i].set(top_i)
+            out_toplp = out_toplp.at[:, i].set(jnp.take_along_axis(both, top_i[..., None], 1))
             n = n + live
             stop = (t == eos) | ((t == nl) & (prev == nl) & (not whole))
             stop = stop | (pos + 1 >= self.cfg.max_len - 1)
@@ -60,13 +71,13 @@ class TinyLMBackend:
             logits, caches = self.model.apply(weights, jnp.where(live, t, 0), caches, pos,
                                               method=TinyLM.decode)
             pos = jnp.where(live, pos + 1, pos)
-            return (i + 1, logits, caches, pos, new_done, n, jnp.where(live, t, prev), out_tok,
-                    out_z, keys)
+            outs = (out_tok, out_z, out_lp, out_top, out_toplp)
+            return (i + 1, logits, caches, pos, new_done, n, jnp.where(live, t, prev), outs, keys)
 
         init = (0, last_logits, caches, lengths, jnp.zeros(b, bool), jnp.zeros(b, jnp.int32),
-                jnp.full(b, -1, jnp.int32), out_tok, out_z, keys)
-        _, _, _, _, done, n, _, out_tok, out_z, _ = jax.lax.while_loop(cond, body, init)
-        return out_tok, out_z, n, done
+                jnp.full(b, -1, jnp.int32), (out_tok, out_z, out_lp, out_top, out_toplp), keys)
+        _, _, _, _, done, n, _, outs, _ = jax.lax.while_loop(cond, body, init)
+        return outs, n, done
 
     def generate(self, requests: Sequence[StepRequest], *, whole: bool = False,
                  max_tokens: int = 256) -> list[StepResult]:
@@ -96,9 +107,11 @@ class TinyLMBackend:
                          + [jax.random.PRNGKey(0)] * (rows - len(requests)))
         max_new = int(min(max_tokens, self.cfg.max_len - 1 - lengths.max()))
         max_new = max(8, int(-(-max_new // 32) * 32))
-        toks, zs, n, done = jax.device_get(self._loop(
+        (toks, zs, lps, tops, toplps), n, done = jax.device_get(self._loop(
             self.weights, jnp.asarray(arr), jnp.asarray(lens), keys, max_new=max_new,
             whole=whole))
+        self.last_logprobs = [(lps[i, :n[i]], tops[i, :n[i]], toplps[i, :n[i]])
+                              for i in range(len(requests))]
         out = []
         for i in range(len(requests)):
             ids = [int(t) for t in toks[i, :n[i]]]

@@ -43,7 +43,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TREES = "trees.jsonl"
 SPLITS = ("train", "cal", "test")
-COST_MODELS = ("flops", "usd_cents")
+COST_MODELS = ("flops", "mflops", "usd_cents")
 
 
 class TraceFormatError(ValueError):
@@ -346,9 +346,12 @@ class PackedTrees(NamedTuple):
 
 
 def cost_of(c: dict, model: ModelInfo, cost_model: str) -> float:
-    """One scalar cost: FLOPs in units of 1e12, or US cents from token counts and prices."""
+    """One scalar cost: FLOPs in units of 1e12 ("flops") or 1e6 ("mflops"), or US cents from
+    token counts and prices ("usd_cents")."""
     if cost_model == "flops":
         return c["flops"] / 1e12
+    if cost_model == "mflops":  # for the embedded tiny models, whose steps cost ~1e6 FLOPs
+        return c["flops"] / 1e6
     if cost_model == "usd_cents":
         fresh = c["input_tokens"] - c["cached_input_tokens"]
         usd = (fresh * model.price_input + c["cached_input_tokens"] * model.price_cached_input

@@ -18,6 +18,7 @@ _OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parents[1] / "gen
 _SMALL_STEPS = flags.DEFINE_integer("small_steps", 800, "Training steps of the small model.")
 _LARGE_STEPS = flags.DEFINE_integer("large_steps", 1500, "Training steps of the large model.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+_WHICH = flags.DEFINE_list("models", ["small", "large"], "Which models to (re)train.")
 
 # Sizes chosen so the large model is clearly better and the small one often slips on a digit.
 SMALL = dict(layers=2, d_model=48, heads=4, max_len=192)
@@ -29,6 +30,8 @@ def main(argv):
     vocab = Tokenizer().vocab_size
     for name, spec, steps in (("small", SMALL, _SMALL_STEPS.value),
                               ("large", LARGE, _LARGE_STEPS.value)):
+        if name not in _WHICH.value:
+            continue
         cfg = LMConfig(vocab=vocab, **spec)
         print(f"training {name}: {cfg.num_params():,} parameters, {steps} steps")
         params, secs = train.train_lm(cfg, steps, seed=_SEED.value)

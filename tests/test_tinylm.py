@@ -115,3 +115,14 @@ def test_openai_backend_against_the_tiny_model_server(random_backend):
     from generation.openai_backend import chat_messages
     msgs = chat_messages(StepRequest("k", "Q?", ("a", "b"), None), whole=False)
     assert parse_chat(msgs) == ("Q?", ("a", "b"))
+
+
+def test_auroc_equals_pairwise_definition():
+    from launch.benchmark_tinylm import auroc
+
+    rng = np.random.default_rng(0)
+    s = rng.integers(0, 5, 60).astype(float)  # many ties
+    y = rng.random(60) < 0.4
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a in s[y] for b in s[~y]]
+    assert auroc(s, y) == pytest.approx(np.mean(pairs))
+    assert np.isnan(auroc(s, np.zeros(60, bool)))

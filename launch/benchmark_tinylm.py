@@ -1,0 +1,109 @@
+"""Measurements of the embedded default (issue: tiny LMs), in one run on this machine:
+
+- small-only and large-only accuracy on the built-in test split (one-shot solutions);
+- how well S_os predicts a wrong step: AUROC of −S_os against the rule verifier's labels on the
+  small model's stepwise trajectories;
+- wall time of stepwise generation (one call per step, "\\n\\n" stop) against one-shot generation
+  of solutions for the same problems with the same model (ratio; target ≤ 1.2×).
+
+    python -m launch.benchmark_tinylm [--problems=250]
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from absl import app, flags
+
+from generation import features
+from generation.answers import extract_boxed
+from generation.backend import StepRequest
+from generation.tinylm import backend as tiny
+from generation.tinylm import task
+
+_N = flags.DEFINE_integer("problems", 250, "Test problems.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann–Whitney)."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    ranks = np.empty(len(order))
+    allv = np.concatenate([pos, neg])[order]
+    i = 0
+    while i < len(allv):  # average ranks over ties
+        j = i
+        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def stepwise(be, problems, seed, max_steps=8):
+    steps = [[] for _ in problems]
+    results = [[] for _ in problems]
+    live = list(range(len(problems)))
+    for t in range(max_steps):
+        if not live:
+            break
+        reqs = [StepRequest(f"{i}/{t}", problems[i].question, tuple(steps[i]),
+                            tuple(x for r in results[i] for x in r.token_ids), seed + i * 100 + t)
+                for i in live]
+        outs = be.generate(reqs, max_tokens=64)
+        nxt = []
+        for i, r in zip(live, outs, strict=True):
+            steps[i].append(r.text)
+            results[i].append(r)
+            if not r.is_final:
+                nxt.append(i)
+        live = nxt
+    return steps, results
+
+
+def main(argv):
+    del argv
+    test = [p.problem for p in task.generate(_N.value, _SEED.value, "test")]
+    small, large = tiny.load("small"), tiny.load("large")
+    reqs = [StepRequest(p.problem_id, p.question, (), None, _SEED.value + i)
+            for i, p in enumerate(test)]
+    for be in (small, large):
+        be.generate(reqs[:8], whole=True, max_tokens=160)  # compile
+        outs = be.generate(reqs, whole=True, max_tokens=160)
+        acc = np.mean([extract_boxed(o.text) == p.gold for o, p in zip(outs, test, strict=True)])
+        print(f"{be.name}: one-shot accuracy {100 * acc:.1f}% ({be.params:,.0f} parameters)")
+
+    stepwise(small, test[:8], _SEED.value)  # compile the step shapes
+    t0 = time.perf_counter()
+    steps, results = stepwise(small, test, _SEED.value)
+    t_step = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    small.generate(reqs, whole=True, max_tokens=160)
+    t_one = time.perf_counter() - t0
+    acc = np.mean([extract_boxed(s[-1] if s else "") == p.gold
+                   for s, p in zip(steps, test, strict=True)])
+    print(f"small stepwise accuracy {100 * acc:.1f}%")
+    print(f"stepwise generation {t_step:.2f} s vs one-shot {t_one:.2f} s → "
+          f"{t_step / t_one:.2f}× (target ≤ 1.2×)")
+
+    scores, labels = [], []
+    for rs in results:
+        state = features.MathSpanState()
+        for r in rs:
+            ok = task.check_step(r.text)
+            mask, state = features.math_mask(r.tokens, state)
+            if ok is None or not r.tokens:
+                continue
+            scores.append(-features.s_os(np.asarray(r.confidence), mask).value)
+            labels.append(not ok)
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    print(f"S_os as a wrong-step detector: AUROC {auroc(scores, labels):.3f} over {len(labels)} "
+          f"steps ({labels.mean():.1%} wrong) (target ≥ 0.65)")
+
+
+if __name__ == "__main__":
+    app.run(main)

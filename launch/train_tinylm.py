@@ -15,7 +15,7 @@ from generation.tinylm.model import LMConfig, Tokenizer
 
 _OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parents[1] / "generation" /
                                       "tinylm" / "weights"), "Output folder.")
-_SMALL_STEPS = flags.DEFINE_integer("small_steps", 800, "Training steps of the small model.")
+_SMALL_STEPS = flags.DEFINE_integer("small_steps", 2500, "Training steps of the small model.")
 _LARGE_STEPS = flags.DEFINE_integer("large_steps", 1500, "Training steps of the large model.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _WHICH = flags.DEFINE_list("models", ["small", "large"], "Which models to (re)train.")

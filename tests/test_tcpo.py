@@ -9,25 +9,11 @@ import numpy as np
 import pytest
 
 from jaxroute import networks, tcpo, threshold
+from launch.benchmark_core import synthetic_rollout
 
 
 def random_rollout(seed, b=5, t=8, d=4, k=2):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, t + 1, b)
-    mask = np.arange(t)[None] < lengths[:, None]
-    model = np.zeros((b, t), np.int32)
-    action = rng.integers(0, k, (b, t)).astype(np.int32)
-    return tcpo.Rollout(
-        obs=jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
-        model=jnp.asarray(model),
-        action=jnp.asarray(action),
-        log_behaviour=jnp.full((b, t), np.log(1.0 / k), jnp.float32),
-        cost=jnp.asarray(rng.uniform(0, 2, (b, t)), jnp.float32),
-        verifier_ok=jnp.asarray(rng.random((b, t)) < 0.8),
-        mask=jnp.asarray(mask),
-        correct=jnp.asarray(rng.random(b) < 0.6),
-        large_wrong=jnp.asarray(rng.random(b) < 0.2),
-    )
+    return synthetic_rollout(seed, b, t, d, k)
 
 
 @pytest.fixture(scope="module")

@@ -89,22 +89,22 @@ class Confidence:
     no_math: bool
 
 
+def _over_math(values, mask: np.ndarray, reduce) -> Confidence:
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        raise ValueError("empty step: no tokens to score")
+    use = mask if mask.any() else np.ones_like(mask)  # no math token: use every token
+    return Confidence(float(reduce(values[use])), int(mask.sum()), not mask.any())
+
+
 def s_os(max_logits: np.ndarray, mask: np.ndarray) -> Confidence:
     """Mean of the per-token max raw logit over math tokens (all tokens if there are none)."""
-    max_logits = np.asarray(max_logits, np.float64)
-    if max_logits.size == 0:
-        raise ValueError("empty step: no tokens to score")
-    use = mask if mask.any() else np.ones_like(mask)
-    return Confidence(float(max_logits[use].mean()), int(mask.sum()), not mask.any())
+    return _over_math(max_logits, mask, np.mean)
 
 
 def s_api(top1_probs: np.ndarray, mask: np.ndarray) -> Confidence:
     """Minimum top-1 probability over math tokens (all tokens if there are none)."""
-    top1_probs = np.asarray(top1_probs, np.float64)
-    if top1_probs.size == 0:
-        raise ValueError("empty step: no tokens to score")
-    use = mask if mask.any() else np.ones_like(mask)
-    return Confidence(float(top1_probs[use].min()), int(mask.sum()), not mask.any())
+    return _over_math(top1_probs, mask, np.min)
 
 
 def step_features(confidence: float, step_index: int, step_length: int, is_final: bool,

@@ -3,7 +3,7 @@
 Each baseline is a rule that picks an action per tree node (`[N, S, T]` int), which `env.walk`
 then follows — the same machinery as the trained router, so every method is scored identically:
 
-- small-only / random escalation / confidence threshold;
+- random escalation / confidence threshold (small-only and large-only are the recorded solo runs);
 - STEER (Lee et al. 2026): a two-component 1-D Gaussian mixture over the small model's confidence
   score per step index (EM, steps ≥ `max_bucket` pooled); escalate, sticky, at the first step whose
   posterior probability of the high-confidence component falls below τ;
@@ -33,10 +33,6 @@ def escalate_where(trees: PackedTrees, flag: np.ndarray) -> np.ndarray:
     """Node actions: the largest model where `flag` `[P, S, T]` is set, else continue."""
     model = np.broadcast_to(trees.seg_model[..., None], flag.shape)
     return np.where(flag, trees.num_models - 1, model).astype(np.int32)
-
-
-def small_only(trees: PackedTrees) -> np.ndarray:
-    return escalate_where(trees, np.zeros(trees.step_cost.shape, bool))
 
 
 def random_escalation(trees: PackedTrees, prob: float, seed: int) -> np.ndarray:

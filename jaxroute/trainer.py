@@ -9,7 +9,6 @@ one (same numbers as an uninterrupted run, since the chunk function is determini
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -220,7 +219,3 @@ def _save_history(path: Path, history: list[dict[str, np.ndarray]]) -> None:
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **merged)
     tmp.replace(path)
-
-
-def config_to_json(config: TrainConfig) -> str:
-    return json.dumps(dataclasses.asdict(config), indent=2, default=str)

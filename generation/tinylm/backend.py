@@ -110,6 +110,8 @@ class TinyLMBackend:
         (toks, zs, lps, tops, toplps), n, done = jax.device_get(self._loop(
             self.weights, jnp.asarray(arr), jnp.asarray(lens), keys, max_new=max_new,
             whole=whole))
+        # Per-token log-probs / raw logits of the last call, for the HTTP server's logprobs
+        # fields (the server serialises calls under a lock).
         self.last_logprobs = [(lps[i, :n[i]], tops[i, :n[i]], toplps[i, :n[i]])
                               for i in range(len(requests))]
         out = []

@@ -23,6 +23,9 @@ _WHICH = flags.DEFINE_list("models", ["small", "large"], "Which models to (re)tr
 # Sizes chosen so the large model is clearly better and the small one often slips on a digit.
 SMALL = dict(layers=2, d_model=48, heads=4, max_len=192)
 LARGE = dict(layers=3, d_model=96, heads=4, max_len=192)
+# z-loss on the small model pins log Z ≈ 0, so its raw max logit (S_os) reads as a confidence;
+# the large model's logits are never routed on (it is the last model), so it is trained without.
+Z_LOSS = {"small": 0.1, "large": 0.0}
 
 
 def main(argv):
@@ -34,9 +37,10 @@ def main(argv):
             continue
         cfg = LMConfig(vocab=vocab, **spec)
         print(f"training {name}: {cfg.num_params():,} parameters, {steps} steps")
-        params, secs = train.train_lm(cfg, steps, seed=_SEED.value)
+        params, secs = train.train_lm(cfg, steps, seed=_SEED.value, z_loss=Z_LOSS[name])
         train.save(Path(_OUT.value), name, cfg, params,
-                   {"steps": steps, "train_seconds": round(secs, 1), "seed": _SEED.value})
+                   {"steps": steps, "train_seconds": round(secs, 1), "seed": _SEED.value,
+                    "z_loss": Z_LOSS[name]})
         print(f"{name}: {secs:.0f} s")
 
 

@@ -74,6 +74,47 @@ def test_backend_stops_on_the_delimiter(random_backend):
     assert len(whole.token_ids) > 2  # no delimiter stop in whole mode
 
 
+def _chain(be, question, seed, steps=3, max_tokens=12):
+    """Generate `steps` steps one call at a time, continuing by token ids."""
+    ids, out = (), []
+    for t in range(steps):
+        r = be.generate([StepRequest("k", question, (), ids, seed + t)], max_tokens=max_tokens)[0]
+        out.append(r)
+        ids = ids + tuple(r.token_ids)
+    return out
+
+
+def test_prefix_cache_continues_exactly_where_prefill_would(random_backend):
+    cfg, w = random_backend.cfg, random_backend.weights
+    cached = TinyLMBackend("c", cfg, w, temperature=1.0)
+    fresh = TinyLMBackend("f", cfg, w, temperature=1.0, prefix_cache_entries=0)
+    a, b = _chain(cached, "Ada has 3 coins. How many?", 7), _chain(fresh, "Ada has 3 coins. How many?", 7)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x.confidence, y.confidence, atol=1e-4)
+    assert [r.cached_tokens for r in a] == [0, a[1].prompt_tokens, a[2].prompt_tokens]
+    assert all(r.cached_tokens == 0 for r in b)
+    assert cached.stats["prefix_hits"] == 2 and fresh.stats["prefix_hits"] == 0
+    assert all(len(r.token_ids) <= 12 for r in a + b)  # max_tokens is exact, not bucketed
+
+
+def test_batching_and_compaction_do_not_change_a_request(random_backend):
+    """40 requests in one call (the loop compacts its stragglers) == each request alone."""
+    w = jax.tree.map(lambda x: x, random_backend.weights)
+    nl = random_backend.tok.stoi["\n"]
+    # "\n" likely enough that steps end at random lengths (so rows finish at different times).
+    w["params"]["head"]["bias"] = w["params"]["head"]["bias"].at[nl].set(4.0)
+    be = TinyLMBackend("b", random_backend.cfg, w, temperature=1.0, prefix_cache_entries=0)
+    reqs = [StepRequest(f"k{i}", f"Bo has {i} pens. How many?", (), (), seed=i) for i in range(40)]
+    together = be.generate(reqs, max_tokens=40)
+    assert be.stats["decode_loops"] > 1  # compaction happened
+    for r, t in zip(reqs, together, strict=True):
+        alone = be.generate([r], max_tokens=40)[0]
+        assert alone.token_ids == t.token_ids
+        np.testing.assert_allclose(alone.confidence, t.confidence, atol=1e-4)
+    assert len({len(t.token_ids) for t in together}) > 1
+
+
 def test_weights_checksum(tmp_path):
     tok = Tokenizer()
     cfg = LMConfig(vocab=tok.vocab_size, layers=1, d_model=16, heads=2, max_len=32)

@@ -1,16 +1,28 @@
 """The tiny LMs behind the generation layer's `Backend` interface.
 
-Batched sampling with a KV cache (one jitted `lax.while_loop` per call), temperature, stop on
-"\\n\\n" (the delimiter's tokens stay in `token_ids`, as with vLLM), true pre-softmax logits per
-token (`confidence_kind="max_logit"`, so S_os is the real thing), FLOPs from the real parameter
-count (2N per generated token).
+Batched sampling with a KV cache, temperature, stop on "\\n\\n" (the delimiter's tokens stay in
+`token_ids`, as with vLLM), true pre-softmax logits per token (`confidence_kind="max_logit"`,
+so S_os is the real thing), FLOPs from the real parameter count (2N per generated token).
+
+Two things keep stepwise generation close to one-shot generation in wall time:
+
+- **Prefix cache** (vLLM's automatic prefix caching, in small): when a row finishes, its decode
+  state (K/V up to its last token and the next-token logits) is kept under its full token
+  sequence. A later request whose prompt + `token_ids` is exactly such a sequence — the next step
+  of the same model — starts from that state instead of re-prefilling (`cached_tokens` = the
+  prompt length, as vLLM reports it). LRU, `prefix_cache_entries` sequences.
+- **Compaction** (continuous batching, in small): the jitted decode loop returns to the host when
+  at most a quarter of its rows are still live; the stragglers continue in a smaller batch, so
+  a call does not pay full-batch decode steps for its few longest rows.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,111 +36,234 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 TOPK = 5
 
 
+@jax.jit
+def _take(tree, rows):
+    """Rows `rows` of every array in `tree` (one dispatch, not one per leaf)."""
+    return jax.tree.map(lambda x: x[rows], tree)
+
+
+@jax.jit
+def _keys(seeds):
+    return jax.vmap(jax.random.PRNGKey)(seeds)
+
+
+def _bucket(n: int, step: int) -> int:
+    return int(-(-max(n, 1) // step) * step)
+
+
+def _rows(n: int) -> int:
+    """Batch rows: a power of two ≥ 8, so the jitted loop compiles for a handful of shapes."""
+    return max(8, 1 << (max(n, 1) - 1).bit_length())
+
+
+class DecodeState(NamedTuple):
+    """Per-row sampling state `[R, …]`, enough to resume decoding anywhere."""
+
+    logits: jax.Array  # [R, V] next-token raw logits
+    caches: tuple  # per layer (k, v), each [R, H, L_max, Dh]
+    pos: jax.Array  # [R] position the next token is written to
+    prev: jax.Array  # [R] previously sampled token in this call (-1 at a call's start)
+    budget: jax.Array  # [R] new tokens this row may still generate
+    keys: jax.Array  # [R, 2] PRNG keys
+    done: jax.Array  # [R] bool
+
+
 class TinyLMBackend:
-    def __init__(self, name: str, cfg: LMConfig, weights, *, temperature: float = 0.7):
+    def __init__(self, name: str, cfg: LMConfig, weights, *, temperature: float = 0.7,
+                 prefix_cache_entries: int = 1024):
         self.name, self.cfg, self.weights = name, cfg, weights
         self.model = TinyLM(cfg)
         self.tok = Tokenizer()
         self.temperature = temperature
         # N for FLOPs: the real parameter count of these weights.
         self.params = float(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(weights)))
-        self._loop = jax.jit(self._sample, static_argnames=("max_new", "whole"))
+        self._prefill = jax.jit(functools.partial(self.model.apply, method=TinyLM.prefill))
+        self._loop = jax.jit(self._decode, static_argnames=("max_new", "whole", "min_live"))
+        self._cache: collections.OrderedDict[tuple[int, ...], tuple] = collections.OrderedDict()
+        self.prefix_cache_entries = prefix_cache_entries
+        self.stats = collections.Counter()  # prefix-cache hits/misses, decode-loop launches
 
-    def _sample(self, weights, prompts, lengths, keys, *, max_new: int, whole: bool):
-        b = prompts.shape[0]
+    # -- the jitted decode loop ------------------------------------------------------------------
+
+    def _decode(self, weights, s: DecodeState, *, max_new: int, whole: bool, min_live: int):
+        """Sample until every row is done, `max_new` tokens, or ≤ `min_live` rows are live.
+
+        Returns the per-token outputs `[R, max_new, …]`, tokens generated per row `[R]`, and the
+        state to resume from.
+        """
+        b = s.pos.shape[0]
         nl, eos = self.tok.stoi["\n"], self.tok.eos
-        last_logits, caches = self.model.apply(weights, prompts, lengths,
-                                               method=TinyLM.prefill)
-        out_tok = jnp.zeros((b, max_new), jnp.int32)
-        out_z = jnp.zeros((b, max_new), jnp.float32)
-        out_lp = jnp.zeros((b, max_new, 2), jnp.float32)  # sampled token: (log-prob, raw logit)
-        out_top = jnp.zeros((b, max_new, TOPK), jnp.int32)
-        out_toplp = jnp.zeros((b, max_new, TOPK, 2), jnp.float32)  # top-k: (log-prob, raw logit)
+        outs = (jnp.zeros((b, max_new), jnp.int32),  # sampled token
+                jnp.zeros((b, max_new), jnp.float32),  # max raw logit (S_os)
+                jnp.zeros((b, max_new, 2), jnp.float32),  # sampled token: (log-prob, raw logit)
+                jnp.zeros((b, max_new, TOPK), jnp.int32),  # top-k token ids
+                jnp.zeros((b, max_new, TOPK, 2), jnp.float32))  # top-k: (log-prob, raw logit)
 
         def cond(c):
-            i, _, _, _, done, *_ = c
-            return (i < max_new) & ~jnp.all(done)
+            i, s, _, _ = c
+            n_live = jnp.sum(~s.done)
+            return (i < max_new) & (n_live > 0) & ((i == 0) | (n_live > min_live))
 
         def body(c):
-            i, logits, caches, pos, done, n, prev, outs, keys = c
+            i, s, n, outs = c
             out_tok, out_z, out_lp, out_top, out_toplp = outs
-            keys, sub = jax.vmap(jax.random.split, out_axes=1)(keys)
+            keys, sub = jax.vmap(jax.random.split, out_axes=1)(s.keys)
+            logits = s.logits
             t = jax.vmap(jax.random.categorical)(sub, logits / self.temperature).astype(jnp.int32)
-            zmax = jnp.max(logits, axis=-1)
-            live = ~done
+            live = ~s.done
             logp = jax.nn.log_softmax(logits, -1)
             top_lp, top_i = jax.lax.top_k(logp, TOPK)
-            both = jnp.stack([logp, logits], -1)  # [B, V, 2]
+            both = jnp.stack([logp, logits], -1)  # [R, V, 2]
             out_tok = out_tok.at[:, i].set(jnp.where(live, t, 0))
-            out_z = out_z.at[:, i].set(jnp.where(live, zmax, 0.0))
+            out_z = out_z.at[:, i].set(jnp.where(live, jnp.max(logits, -1), 0.0))
             out_lp = out_lp.at[:, i].set(jnp.take_along_axis(both, t[:, None, None], 1)[:, 0])
             out_top = out_top.at[:, i].set(top_i)
             out_toplp = out_toplp.at[:, i].set(jnp.take_along_axis(both, top_i[..., None], 1))
             n = n + live
-            stop = (t == eos) | ((t == nl) & (prev == nl) & (not whole))
-            stop = stop | (pos + 1 >= self.cfg.max_len - 1)
-            new_done = done | (live & stop)
-            logits, caches = self.model.apply(weights, jnp.where(live, t, 0), caches, pos,
+            stop = (t == eos) | ((t == nl) & (s.prev == nl) & (not whole))
+            stop = stop | (s.pos + 1 >= self.cfg.max_len - 1) | (s.budget <= 1)
+            # The stopping token is still fed, so a finished row's cache holds its whole text.
+            logits, caches = self.model.apply(weights, jnp.where(live, t, 0), s.caches, s.pos,
                                               method=TinyLM.decode)
-            pos = jnp.where(live, pos + 1, pos)
-            outs = (out_tok, out_z, out_lp, out_top, out_toplp)
-            return (i + 1, logits, caches, pos, new_done, n, jnp.where(live, t, prev), outs, keys)
+            s = DecodeState(jnp.where(live[:, None], logits, s.logits),
+                            tuple(caches),  # a done row rewrites its own frozen pos: harmless
+                            jnp.where(live, s.pos + 1, s.pos), jnp.where(live, t, s.prev),
+                            s.budget - live, keys, s.done | (live & stop))
+            return i + 1, s, n, (out_tok, out_z, out_lp, out_top, out_toplp)
 
-        init = (0, last_logits, caches, lengths, jnp.zeros(b, bool), jnp.zeros(b, jnp.int32),
-                jnp.full(b, -1, jnp.int32), (out_tok, out_z, out_lp, out_top, out_toplp), keys)
-        _, _, _, _, done, n, _, outs, _ = jax.lax.while_loop(cond, body, init)
-        return outs, n, done
+        _, s, n, outs = jax.lax.while_loop(cond, body, (0, s, jnp.zeros(b, jnp.int32), outs))
+        return outs, n, s
+
+    # -- host side -------------------------------------------------------------------------------
+
+    def _prompt_ids(self, r: StepRequest) -> list[int]:
+        ids = self.tok.prompt(r.question)
+        if r.token_ids is not None:
+            return ids + list(r.token_ids)
+        if r.steps:
+            return ids + self.tok.encode(prefix_text(r.steps))
+        return ids
+
+    def _initial_state(self, prompts, rows: int, budget: int, keys) -> tuple[DecodeState, list]:
+        """State for `rows` rows (the first len(prompts) real) from the prefix cache or prefill."""
+        hit = [self._cache.get(tuple(p)) for p in prompts]
+        miss = [i for i, h in enumerate(hit) if h is None]
+        self.stats.update(prefix_hits=len(prompts) - len(miss), prefix_misses=len(miss))
+        layers, heads = self.cfg.layers, self.cfg.heads
+        dh, big = self.cfg.d_model // heads, self.cfg.max_len
+        if len(miss) == len(prompts):
+            logits, caches = self._prefill_rows(prompts, rows)
+        else:
+            logits = np.zeros((rows, self.cfg.vocab), np.float32)
+            caches = [(np.zeros((rows, heads, big, dh), np.float32),
+                       np.zeros((rows, heads, big, dh), np.float32)) for _ in range(layers)]
+            for i, h in enumerate(hit):
+                if h is not None:
+                    self._cache.move_to_end(tuple(prompts[i]))
+                    logits[i] = h[0]
+                    for (k, v), (hk, hv) in zip(caches, h[1], strict=True):
+                        k[i, :, :hk.shape[1]], v[i, :, :hv.shape[1]] = hk, hv
+            if miss:
+                pl, pc = jax.device_get(self._prefill_rows([prompts[i] for i in miss],
+                                                           _rows(len(miss))))
+                logits[miss] = pl[:len(miss)]
+                for (k, v), (pk, pv) in zip(caches, pc, strict=True):
+                    k[miss], v[miss] = pk[:len(miss)], pv[:len(miss)]
+        pos = np.ones(rows, np.int32)
+        pos[:len(prompts)] = [len(p) for p in prompts]
+        done = np.arange(rows) >= len(prompts)
+        state = DecodeState(jnp.asarray(logits), tuple((jnp.asarray(k), jnp.asarray(v))
+                                                       for k, v in caches),
+                            jnp.asarray(pos), jnp.full(rows, -1, jnp.int32),
+                            jnp.full(rows, budget, jnp.int32), keys, jnp.asarray(done))
+        return state, [h is not None for h in hit]
+
+    def _prefill_rows(self, prompts, rows: int):
+        width = _bucket(max(len(p) for p in prompts), 32)
+        arr = np.zeros((rows, width), np.int32)
+        for i, p in enumerate(prompts):
+            arr[i, :len(p)] = p
+        lens = np.ones(rows, np.int32)
+        lens[:len(prompts)] = [len(p) for p in prompts]
+        logits, caches = self._prefill(self.weights, jnp.asarray(arr), jnp.asarray(lens))
+        return logits, tuple(caches)
+
+    def _remember(self, seq: tuple[int, ...], logits, caches, pos: int) -> None:
+        if self.prefix_cache_entries <= 0:
+            return
+        self._cache[seq] = (logits, tuple((k[:, :pos], v[:, :pos]) for k, v in caches))
+        self._cache.move_to_end(seq)
+        while len(self._cache) > self.prefix_cache_entries:
+            self._cache.popitem(last=False)
 
     def generate(self, requests: Sequence[StepRequest], *, whole: bool = False,
                  max_tokens: int = 256) -> list[StepResult]:
         if not requests:
             return []
-        prompts = []
-        for r in requests:
-            ids = self.tok.prompt(r.question)
-            if r.token_ids is not None:
-                ids = ids + list(r.token_ids)
-            elif r.steps:
-                ids = ids + self.tok.encode(prefix_text(r.steps))
-            prompts.append(ids)
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        if lengths.max() >= self.cfg.max_len - 1:
-            raise ValueError(f"prompt of {lengths.max()} tokens exceeds the tiny model's "
+        prompts = [self._prompt_ids(r) for r in requests]
+        longest = max(len(p) for p in prompts)
+        if longest >= self.cfg.max_len - 1:
+            raise ValueError(f"prompt of {longest} tokens exceeds the tiny model's "
                              f"context ({self.cfg.max_len})")
-        # Bucket shapes so the jitted loop compiles a handful of times, not once per call.
-        width = int(-(-lengths.max() // 32) * 32)
-        rows = int(-(-len(prompts) // 8) * 8)
-        arr = np.zeros((rows, width), np.int32)
-        for i, p in enumerate(prompts):
-            arr[i, :len(p)] = p
-        lens = np.ones(rows, np.int32)
-        lens[:len(prompts)] = lengths
-        keys = jnp.stack([jax.random.PRNGKey(r.seed) for r in requests]
-                         + [jax.random.PRNGKey(0)] * (rows - len(requests)))
-        max_new = int(min(max_tokens, self.cfg.max_len - 1 - lengths.max()))
-        max_new = max(8, int(-(-max_new // 32) * 32))
-        (toks, zs, lps, tops, toplps), n, done = jax.device_get(self._loop(
-            self.weights, jnp.asarray(arr), jnp.asarray(lens), keys, max_new=max_new,
-            whole=whole))
-        # Per-token log-probs / raw logits of the last call, for the HTTP server's logprobs
-        # fields (the server serialises calls under a lock).
-        self.last_logprobs = [(lps[i, :n[i]], tops[i, :n[i]], toplps[i, :n[i]])
-                              for i in range(len(requests))]
+        budget = max(1, int(min(max_tokens, self.cfg.max_len - 1 - longest)))
+        max_new = _bucket(max_tokens, 32)  # output buffer; `budget` is the real limit
+        seeds = np.zeros(_rows(len(requests)), np.uint32)
+        seeds[:len(requests)] = [r.seed % 2**32 for r in requests]
+        keys = _keys(jnp.asarray(seeds))
+        state, hits = self._initial_state(prompts, _rows(len(requests)), budget, keys)
+        rows = np.arange(len(requests))  # request index of each state row (-1: padding)
+        rows = np.concatenate([rows, np.full(keys.shape[0] - len(rows), -1)])
+        gen = [[] for _ in requests]  # per request: list of per-token output tuples
+        finished = np.zeros(len(requests), bool)
+        while True:
+            r_count = state.pos.shape[0]
+            min_live = r_count // 4 if r_count >= 32 else 0
+            self.stats.update(decode_loops=1)
+            outs, n, state = self._loop(self.weights, state, max_new=max_new, whole=whole,
+                                        min_live=min_live)
+            outs, n, done = jax.device_get((outs, n, state.done))
+            for j, i in enumerate(rows):
+                if i >= 0 and n[j]:
+                    gen[i].append(tuple(o[j, :n[j]] for o in outs))
+            newly = [j for j, i in enumerate(rows) if i >= 0 and done[j] and not finished[i]]
+            if newly and self.prefix_cache_entries > 0:
+                sel = newly + [newly[0]] * (_rows(len(newly)) - len(newly))  # few shapes
+                lg, cs, ps = jax.device_get(_take((state.logits, state.caches, state.pos),
+                                                  jnp.asarray(sel)))
+                for a, j in enumerate(newly):
+                    i = rows[j]
+                    seq = tuple(prompts[i]) + tuple(int(t) for part in gen[i] for t in part[0])
+                    self._remember(seq, lg[a], [(k[a], v[a]) for k, v in cs], int(ps[a]))
+            for j in newly:
+                finished[rows[j]] = True
+            if finished.all():
+                break
+            # Stragglers continue in a smaller batch (their decode state moves along).
+            keep = [j for j, i in enumerate(rows) if i >= 0 and not finished[i]]
+            pad = _rows(len(keep)) - len(keep)
+            state = _take(state, jnp.asarray(keep + [keep[0]] * pad))
+            state = state._replace(done=state.done | (jnp.arange(len(keep) + pad) >= len(keep)))
+            rows = np.concatenate([rows[keep], np.full(pad, -1)])
+
         out = []
+        self.last_logprobs = []  # per request (log-prob/raw logit, top ids, top log-prob/logit)
         for i in range(len(requests)):
-            ids = [int(t) for t in toks[i, :n[i]]]
+            parts = gen[i]
+            cat = [np.concatenate([p[m] for p in parts]) if parts else np.zeros(0)
+                   for m in range(5)]
+            ids = [int(t) for t in cat[0]]
+            self.last_logprobs.append((cat[2], cat[3], cat[4]))
             eos = bool(ids) and ids[-1] == self.tok.eos
             text = self.tok.decode(ids)
-            finish = "stop" if done[i] and len(ids) <= max_new and (eos or text.endswith("\n\n")
-                                                                    or whole) else "length"
+            finish = "stop" if eos or (not whole and text.endswith("\n\n")) else "length"
             text = text.rstrip("\n") if not whole else text.strip("\n")
             step_text = text.split("\n\n")[0] if not whole else text
             out.append(StepResult(
                 text=step_text, token_ids=ids,
                 tokens=[self.tok.itos[t] if t >= 4 else "" for t in ids],
-                confidence=[float(z) for z in zs[i, :n[i]]], confidence_kind="max_logit",
-                prompt_tokens=int(lengths[i]), cached_tokens=0, completion_tokens=len(ids),
-                finish_reason=finish,
+                confidence=[float(z) for z in cat[1]], confidence_kind="max_logit",
+                prompt_tokens=len(prompts[i]), cached_tokens=len(prompts[i]) if hits[i] else 0,
+                completion_tokens=len(ids), finish_reason=finish,
                 is_final=whole or is_final_step(step_text, finish, eos)))
         return out
 

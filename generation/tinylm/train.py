@@ -33,10 +33,19 @@ def encode_batch(tok: Tokenizer, problems: list[task.TaskProblem], max_len: int)
 
 
 def train_lm(cfg: LMConfig, steps: int, batch: int = 64, lr: float = 3e-3, seed: int = 0,
-             log_every: int = 100, log=print):
+             z_loss: float = 0.0, init=None, log_every: int = 100, log=print):
+    """Next-token training; returns (params, seconds).
+
+    `z_loss` adds `z_loss · mean(log Z)²` (log Z = logsumexp of the raw logits, PaLM's z-loss).
+    Softmax is shift-invariant, so without it the level of the raw logits is arbitrary per
+    position; pinning log Z ≈ 0 makes the raw max logit ≈ log of the top probability, which is
+    what S_os (mean max raw logit) needs to be a confidence signal. `init`: start from these
+    parameters instead of a fresh initialisation.
+    """
     tok = Tokenizer()
     model = TinyLM(cfg)
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))
+    params = init if init is not None else model.init(jax.random.PRNGKey(seed),
+                                                      jnp.zeros((1, 8), jnp.int32))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.05)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
     opt_state = opt.init(params)
@@ -46,6 +55,7 @@ def train_lm(cfg: LMConfig, steps: int, batch: int = 64, lr: float = 3e-3, seed:
         def loss_fn(p):
             logits = model.apply(p, toks[:, :-1])
             ll = optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:])
+            ll = ll + z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1))
             return jnp.sum(ll * mask[:, :-1]) / jnp.sum(mask[:, :-1])
 
         loss, grads = jax.value_and_grad(loss_fn)(params)

@@ -33,6 +33,16 @@ def prefill_flops(prompt_tokens: int, cached_tokens: int, params: float) -> floa
     return 2.0 * params * max(prompt_tokens - cached_tokens, 0)
 
 
+def generation_cost(r, params: float) -> dict:
+    """A generated piece's cost record (trace format): generation FLOPs (2N per generated token,
+    the paper's cost) and token counts; prefill FLOPs of the uncached prompt are a separate
+    column, not part of "flops". `r` is a `generation.backend.StepResult`."""
+    return {"flops": step_flops(r.completion_tokens, params),
+            "input_tokens": int(r.prompt_tokens), "cached_input_tokens": int(r.cached_tokens),
+            "output_tokens": int(r.completion_tokens),
+            "prefill_flops": prefill_flops(r.prompt_tokens, r.cached_tokens, params)}
+
+
 def usd(prompt_tokens: int, cached_tokens: int, completion_tokens: int, price: Price) -> float:
     """(P − C)·p_in + C·p_cached + O·p_out, per 1M tokens."""
     cached = min(cached_tokens or 0, prompt_tokens)

@@ -255,11 +255,11 @@ class OpenAIBackend:
                  max_tokens: int = 1024) -> list[StepResult]:
         return asyncio.run(self.agenerate(requests, whole=whole, max_tokens=max_tokens))
 
-    async def _one_raw(self, client, sem, body: dict) -> str | None:
+    async def _one_raw(self, client, sem, body: dict) -> dict | None:
         key = self.cache_key(body)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats["cache_hits"] += 1
-            return hit["choices"][0]["message"]["content"]
+            return hit
         async with sem:
             try:
                 import openai
@@ -269,10 +269,11 @@ class OpenAIBackend:
                     try:
                         raw = await client.chat.completions.with_raw_response.create(**body)
                         resp = json.loads(raw.text)
-                        content = resp["choices"][0]["message"]["content"]
+                        resp["choices"][0]["message"]  # noqa: B018 — validate the shape
                         break
                     except (openai.RateLimitError, openai.APIConnectionError,
-                            openai.InternalServerError, ValueError, KeyError, IndexError):
+                            openai.InternalServerError, ValueError, KeyError, IndexError,
+                            TypeError):
                         resp = None
                         await asyncio.sleep(min(self.backoff_max, self.backoff_base * 2**attempt))
                 if resp is None:
@@ -281,24 +282,32 @@ class OpenAIBackend:
                 return None
         if self.cache is not None:
             self.cache.put(key, resp)
-        return content
+        return resp
 
-    def chat_texts(self, messages: Sequence[list[dict]], *, max_tokens: int = 8,
-                   temperature: float = 0.0) -> list[str | None]:
-        """Plain chat completions (no log-probabilities), cached; None where a request failed."""
+    def chat_raw(self, messages: Sequence[list[dict]], *, max_tokens: int = 8,
+                 temperature: float = 0.0, extra: dict | None = None) -> list[dict | None]:
+        """Chat completions as response bodies (choices, usage, …), cached and retried; None
+        where a request failed. `extra`: more request fields (e.g. logprobs, top_logprobs)."""
 
         async def run():
             sem = asyncio.Semaphore(self.concurrency)
             client = self._client()
             try:
                 bodies = [{"model": self.name, "messages": m, "temperature": temperature,
-                           "max_completion_tokens": max_tokens} for m in messages]
+                           "max_completion_tokens": max_tokens, **(extra or {})}
+                          for m in messages]
                 return list(await asyncio.gather(*(self._one_raw(client, sem, b)
                                                    for b in bodies)))
             finally:
                 await client.close()
 
         return asyncio.run(run())
+
+    def chat_texts(self, messages: Sequence[list[dict]], *, max_tokens: int = 8,
+                   temperature: float = 0.0) -> list[str | None]:
+        """Plain chat completions (no log-probabilities), cached; None where a request failed."""
+        return [r["choices"][0]["message"]["content"] if r is not None else None
+                for r in self.chat_raw(messages, max_tokens=max_tokens, temperature=temperature)]
 
     def usd(self, result: StepResult) -> float:
         return costs.usd(result.prompt_tokens, result.cached_tokens, result.completion_tokens,

@@ -62,13 +62,7 @@ def _seed(key: str, base: int) -> int:
     return (int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) + base) % (2**31)
 
 
-def _cost(r: StepResult, params: float) -> dict:
-    """Generation FLOPs (2N per generated token, the paper's cost) plus token counts; prefill
-    FLOPs of the uncached prompt are a separate column, not part of "flops"."""
-    return {"flops": costs.step_flops(r.completion_tokens, params),
-            "input_tokens": int(r.prompt_tokens), "cached_input_tokens": int(r.cached_tokens),
-            "output_tokens": int(r.completion_tokens),
-            "prefill_flops": costs.prefill_flops(r.prompt_tokens, r.cached_tokens, params)}
+_cost = costs.generation_cost
 
 
 class TraceGenerator:

@@ -44,6 +44,7 @@ MANIFEST = "manifest.json"
 TREES = "trees.jsonl"
 SPLITS = ("train", "cal", "test")
 COST_MODELS = ("flops", "mflops", "usd_cents")
+FLOP_UNITS = {"flops": 1e12, "mflops": 1e6}  # FLOPs per unit of each FLOPs cost model
 
 
 class TraceFormatError(ValueError):
@@ -348,10 +349,8 @@ class PackedTrees(NamedTuple):
 def cost_of(c: dict, model: ModelInfo, cost_model: str) -> float:
     """One scalar cost: FLOPs in units of 1e12 ("flops") or 1e6 ("mflops"), or US cents from
     token counts and prices ("usd_cents")."""
-    if cost_model == "flops":
-        return c["flops"] / 1e12
-    if cost_model == "mflops":  # for the embedded tiny models, whose steps cost ~1e6 FLOPs
-        return c["flops"] / 1e6
+    if cost_model in FLOP_UNITS:  # "mflops": the embedded tiny models' steps cost ~1e6 FLOPs
+        return c["flops"] / FLOP_UNITS[cost_model]
     if cost_model == "usd_cents":
         fresh = c["input_tokens"] - c["cached_input_tokens"]
         usd = (fresh * model.price_input + c["cached_input_tokens"] * model.price_cached_input

@@ -27,7 +27,7 @@ _ALPHAS = flags.DEFINE_list("sweep_alphas", [], "Also train a router per α (pap
                             "otherwise) and add the α-Pareto curve, e.g. 0.01,0.02,0.05,0.1,0.2.")
 flags.mark_flags_as_required(["workdir"])
 
-UNITS = {"flops": "FLOPs ×1e12", "mflops": "FLOPs ×1e6", "usd_cents": "US cents"}
+UNITS = report.UNITS
 
 
 def run(workdir: Path, out: Path | None = None) -> dict:

@@ -21,7 +21,6 @@ from pathlib import Path
 from absl import app, flags
 
 from generation import answers, costs, datasets, tracegen
-from generation.openai_backend import OpenAIBackend
 from generation.verifier import StepVerifier
 from jaxroute import trace
 from launch import common
@@ -53,20 +52,10 @@ flags.mark_flags_as_required(["out"])
 
 
 def make_backend(spec: str, i: int, cache: Path):
-    kind, _, rest = spec.partition(":")
     params = float(_PARAMS.value[i]) if i < len(_PARAMS.value) else None
-    if kind == "vllm":
-        from generation.vllm_backend import VLLMBackend
-
-        mem = float(_GPU_MEM.value[min(i, len(_GPU_MEM.value) - 1)])
-        return VLLMBackend(rest, params=params, tensor_parallel_size=_TP.value,
-                           gpu_memory_utilization=mem, seed=_SEED.value)
-    if kind in ("openai", "openai-completions"):
-        model, _, base = rest.partition("@")
-        return OpenAIBackend(model, base_url=base or None, params=params or 0.0,
-                             mode="chat" if kind == "openai" else "completions",
-                             cache_path=cache, seed=_SEED.value)
-    raise flags.ValidationError(f"unknown backend spec {spec!r}")
+    mem = float(_GPU_MEM.value[min(i, len(_GPU_MEM.value) - 1)])
+    return common.make_backend(spec, params=params, cache=cache, seed=_SEED.value,
+                               tensor_parallel_size=_TP.value, gpu_memory_utilization=mem)
 
 
 def main(argv):

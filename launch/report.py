@@ -18,17 +18,26 @@ def _fmt_g(x: float) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
 
+UNITS = {"flops": "FLOPs ×1e12", "mflops": "FLOPs ×1e6", "usd_cents": "US cents"}
+
+
+def cost_unit(cost_model: str) -> str:
+    return UNITS[cost_model]
+
+
 def markdown_table(rows: list[dict[str, Any]], cost_unit: str, title: str) -> str:
-    """Rows in the layout of the paper's Table 1 (plus coverage and escalation columns)."""
+    """Rows in the layout of the paper's Table 1 (plus coverage and escalation columns, and the
+    per-step baselines' own scoring compute — PRM / judge — as a separate column)."""
     lines = [f"### {title}", "",
-             f"| Method | Ext. models | Acc ↑ | Cost ({cost_unit}) ↓ | A/C ↑ | Coverage [95% CI] "
-             "| Esc. rate | Mean esc. step | Threshold |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| Method | Ext. models | Acc ↑ | Cost ({cost_unit}) ↓ | A/C ↑ | Scorer cost "
+             "| Coverage [95% CI] | Esc. rate | Mean esc. step | Threshold |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["coverage_ci"]
         lines.append(
             f"| {r['method']} | {r['external']} | {_fmt(r['accuracy'], 1)} | {_fmt(r['cost'], 3)} "
-            f"| {_fmt(r['acc_per_cost'], 2)} | {r['coverage']:.3f} [{lo:.3f}, {hi:.3f}] "
+            f"| {_fmt(r['acc_per_cost'], 2)} | {_fmt(r.get('scorer_cost'), 3)} "
+            f"| {r['coverage']:.3f} [{lo:.3f}, {hi:.3f}] "
             f"| {_fmt(r['escalation_rate'], 2)} | {_fmt(r['mean_escalation_step'], 2)} "
             f"| {_fmt_g(r.get('threshold', float('nan')))} |")
     return "\n".join(lines) + "\n"

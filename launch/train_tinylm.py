@@ -1,7 +1,9 @@
-"""Train the embedded default's two tiny LMs on the procedural arithmetic task and save them
-(weights + config + sha256) under generation/tinylm/weights/.
+"""Train the embedded default's two tiny LMs on the procedural arithmetic task, and the stand-in
+process reward model for RSD, and save them (weights + config + sha256) under
+generation/tinylm/weights/.
 
-    python -m launch.train_tinylm
+    python -m launch.train_tinylm                      # small, large, then the PRM
+    python -m launch.train_tinylm --models=prm         # only the PRM (from the saved small LM)
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ _OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parents[1] / "gen
 _SMALL_STEPS = flags.DEFINE_integer("small_steps", 2500, "Training steps of the small model.")
 _LARGE_STEPS = flags.DEFINE_integer("large_steps", 1500, "Training steps of the large model.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
-_WHICH = flags.DEFINE_list("models", ["small", "large"], "Which models to (re)train.")
+_WHICH = flags.DEFINE_list("models", ["small", "large", "prm"], "Which models to (re)train.")
+_PRM_PROBLEMS = flags.DEFINE_integer("prm_problems", 1500, "Problems the small model solves to "
+                                     "make the PRM's labelled steps.")
+_PRM_STEPS = flags.DEFINE_integer("prm_steps", 600, "Training steps of the PRM.")
 
 # Sizes chosen so the large model is clearly better and the small one often slips on a digit.
 SMALL = dict(layers=2, d_model=48, heads=4, max_len=192)
@@ -42,6 +47,20 @@ def main(argv):
                    {"steps": steps, "train_seconds": round(secs, 1), "seed": _SEED.value,
                     "z_loss": Z_LOSS[name]})
         print(f"{name}: {secs:.0f} s")
+    if "prm" in _WHICH.value:
+        from generation.tinylm import backend as tiny
+        from generation.tinylm import scorers
+
+        small = tiny.TinyLMBackend("small", *train.load(Path(_OUT.value), "small")[:2])
+        data = scorers.prm_data(small, _PRM_PROBLEMS.value, _SEED.value)
+        wrong = sum(1 for _, y in data if y == 0) / max(len(data), 1)
+        print(f"training prm: {len(data)} labelled steps of the small model ({wrong:.0%} wrong)")
+        params, secs = scorers.train_prm(small.cfg, small.weights, data, _PRM_STEPS.value,
+                                         seed=_SEED.value)
+        train.save(Path(_OUT.value), "prm", small.cfg, params,
+                   {"steps": _PRM_STEPS.value, "train_seconds": round(secs, 1),
+                    "seed": _SEED.value, "labelled_steps": len(data), "init": "small"})
+        print(f"prm: {secs:.0f} s")
 
 
 if __name__ == "__main__":

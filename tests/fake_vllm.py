@@ -42,6 +42,19 @@ class RequestOutput:
     num_cached_tokens: int | None = None
 
 
+@dataclasses.dataclass
+class PoolingOutput:
+    data: object  # torch.Tensor in vLLM; anything with .tolist() here
+
+
+class PoolingRequestOutput:
+    def __init__(self, request_id: str, outputs: PoolingOutput, prompt_token_ids: list[int],
+                 num_cached_tokens: int, finished: bool):
+        self.request_id, self.outputs = request_id, outputs
+        self.prompt_token_ids, self.num_cached_tokens = prompt_token_ids, num_cached_tokens
+        self.finished = finished
+
+
 class SamplingParams:
     FIELDS = {"n", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
               "include_stop_str_in_output", "max_tokens", "logprobs", "prompt_logprobs"}
@@ -50,7 +63,7 @@ class SamplingParams:
         unknown = set(kw) - self.FIELDS
         if unknown:
             raise TypeError(f"SamplingParams got unexpected fields {unknown}")
-        self.__dict__.update(kw)
+        self.__dict__.update(dict.fromkeys(self.FIELDS), **kw)  # unset fields default to None
 
 
 class TokensPrompt(TypedDict):
@@ -75,7 +88,7 @@ class LLM:
     instances: list[LLM] = []
     ENGINE_ARGS = {"model", "logprobs_mode", "max_logprobs", "enable_prefix_caching",
                    "gpu_memory_utilization", "tensor_parallel_size", "dtype", "seed",
-                   "generation_config", "max_model_len"}
+                   "generation_config", "max_model_len", "runner", "trust_remote_code"}
 
     def __init__(self, **kw):
         unknown = set(kw) - self.ENGINE_ARGS
@@ -116,6 +129,21 @@ class LLM:
             outs.append(RequestOutput(str(i), None, ids, None, [CompletionOutput(
                 0, out_text, gen_ids, None, lps, finish, stop_reason)], True,
                 num_cached_tokens=cached))
+        return outs
+
+
+    def reward(self, prompts, use_tqdm=True):
+        """A fake Qwen2.5-Math-PRM (STEP pooling): one [P(bad), P(good)] row per <extra_0> tag;
+        a step containing "wrong" is bad."""
+        import numpy as np
+
+        assert self.kw.get("runner") == "pooling", "reward() needs LLM(runner='pooling')"
+        outs = []
+        for i, p in enumerate(prompts):
+            steps = p.split("<|im_start|>assistant\n")[1].split("<extra_0>")[:-1]
+            rows = [[0.9, 0.1] if "wrong" in s else [0.2, 0.8] for s in steps]
+            outs.append(PoolingRequestOutput(str(i), PoolingOutput(np.array(rows)),
+                                             Tokenizer().encode(p), 0, True))
         return outs
 
 

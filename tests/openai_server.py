@@ -68,6 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "malformed":
             return self._send(200, b'{"id": "x", "choices": [{"index": 0')
         chat = self.path.endswith("/chat/completions")
+        if chat and body["messages"][-1]["content"].startswith("Look only at the last step"):
+            return self._judge(body)
         if chat and body["messages"][-1]["content"].startswith("Task: Determine"):
             last = body["messages"][-1]["content"].split("Last step:\n")[1]
             text = "incorrect" if "wrong" in last else "Correct."
@@ -105,4 +107,25 @@ class _Handler(BaseHTTPRequestHandler):
                                                                zip(toks, lps, strict=True)],
                                               "text_offset": [0] * len(toks)}}],
                     "usage": usage}
+        self._send(200, json.dumps(resp).encode())
+
+    def _judge(self, body):
+        """A judge: one digit, top_logprobs over digits peaked at 2 (a step with "wrong") or 8."""
+        import math
+
+        last = body["messages"][-2]["content"].split("\n\n")[-1]
+        peak = 2 if "wrong" in last else 8
+        logits = {str(d): -abs(d - peak) for d in range(10)}
+        z = math.log(sum(math.exp(v) for v in logits.values()))
+        top = sorted(({"token": t, "bytes": None, "logprob": v - z} for t, v in logits.items()),
+                     key=lambda x: -x["logprob"])[:body.get("top_logprobs", 0)]
+        content = [{"token": str(peak), "bytes": None, "logprob": top[0]["logprob"],
+                    "top_logprobs": top}] if body.get("logprobs") else None
+        resp = {"id": "chatcmpl-j", "object": "chat.completion", "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "length",
+                             "message": {"role": "assistant", "content": str(peak)},
+                             "logprobs": {"content": content}}],
+                "usage": {"prompt_tokens": 40, "completion_tokens": 1, "total_tokens": 41,
+                          "prompt_tokens_details": {"cached_tokens": 0}}}
         self._send(200, json.dumps(resp).encode())

@@ -108,14 +108,18 @@ class TinyLM(nn.Module):
         self.ln = nn.LayerNorm()
         self.head = nn.Dense(self.cfg.vocab)
 
-    def __call__(self, tokens):
-        """Training forward: logits `[B, L, V]` (raw, pre-softmax)."""
+    def hidden(self, tokens):
+        """Final (layer-normed) hidden states `[B, L, D]`: the backbone a reward head reads."""
         l = tokens.shape[1]
         x = self.tok(tokens) + self.pos(jnp.arange(l))[None]
         mask = jnp.tril(jnp.ones((l, l), bool))[None, None]
         for blk in self.blocks:
             x, _ = blk(x, mask)
-        return self.head(self.ln(x))
+        return self.ln(x)
+
+    def __call__(self, tokens):
+        """Training forward: logits `[B, L, V]` (raw, pre-softmax)."""
+        return self.head(self.hidden(tokens))
 
     def prefill(self, tokens, lengths):
         """Logits at each row's last prompt token `[B, V]` and K/V caches padded to max_len."""

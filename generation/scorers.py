@@ -1,0 +1,168 @@
+"""Step scorers for the per-step baselines (`generation.online.ScoreRule`).
+
+- `VLLMRewardModel` — RSD's process reward model through vLLM's pooling runner
+  (`LLM(model=…, runner="pooling")`, `LLM.reward`). Native support: Qwen2.5-Math-PRM
+  (`Qwen2ForProcessRewardModel`, steps separated by the `<extra_0>` tag; vLLM returns the
+  softmaxed 2-class output at each tag, and P(good) of the last tag is the reward). The paper's
+  Skywork-o1 PRM needs a vLLM plugin (`--prompt_format=skywork`, reward = sigmoid of the value at
+  the last step's delimiter).
+- `OpenAIJudge` — SpecReason's judge through any OpenAI-compatible chat model: one generated
+  token, the top-10 log-probabilities, score = expected value of the digit tokens 0–9 after
+  renormalisation (SpecReason's "average" mode; 0 when no digit is among them), reported /9.
+
+Both return scores in [0, 1] and the compute they spent (FLOPs = 2N per token processed; tokens;
+USD where priced) — a separate column, never part of the generation cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from generation import costs
+from generation.backend import SYSTEM_PROMPT
+
+JUDGE_INSTRUCTION = (
+    "Look only at the last step of the solution above. Is it factually correct and does it "
+    "follow logically from the problem and the earlier steps? Ignore style and whether it is "
+    "useful. Answer with a single digit from 0 (certainly wrong) to 9 (certainly correct).")
+
+
+def judge_messages(question: str, steps: Sequence[str]) -> list[dict]:
+    """The judge's chat: the solver's own prompt, the steps so far as its answer, then the
+    question about the last step (SpecReason's layout; our wording)."""
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "\n\n".join(steps)},
+            {"role": "user", "content": JUDGE_INSTRUCTION}]
+
+
+def expected_digit(top_logprobs: Sequence[dict]) -> float:
+    """E[digit] over the digit tokens among `[{"token", "logprob"}, …]`, renormalised; 0 if none
+    (SpecReason counts a non-digit answer as 0)."""
+    num = den = 0.0
+    for t in top_logprobs:
+        tok = str(t.get("token", "")).strip()
+        if len(tok) == 1 and tok.isdigit():
+            p = math.exp(float(t["logprob"]))
+            num, den = num + int(tok) * p, den + p
+    return num / den if den > 0 else 0.0
+
+
+@dataclasses.dataclass
+class OpenAIJudge:
+    """SpecReason's judge through an `OpenAIBackend` (any OpenAI-compatible chat endpoint)."""
+
+    backend: object  # generation.openai_backend.OpenAIBackend (its client, retries and cache)
+    params: float = 0.0  # N of the judge model for FLOPs (0: unknown, e.g. a closed API model)
+    top_logprobs: int = 10
+    name: str = "SpecReason judge"
+
+    def score(self, items):
+        msgs = [judge_messages(q, steps) for q, steps in items]
+        resps = self.backend.chat_raw(msgs, max_tokens=1, temperature=0.0,
+                                      extra={"logprobs": True,
+                                             "top_logprobs": self.top_logprobs})
+        scores, spent = [], []
+        for r in resps:
+            if r is None:  # a failed request: treat as "no confidence" (the step is redone)
+                scores.append(0.0)
+                spent.append({"flops": 0.0, "input_tokens": 0, "output_tokens": 0, "usd": 0.0,
+                              "failures": 1})
+                continue
+            content = (r["choices"][0].get("logprobs") or {}).get("content") or []
+            top = content[0].get("top_logprobs", []) if content else []
+            scores.append(expected_digit(top) / 9.0)
+            u = r.get("usage") or {}
+            p_in, p_out = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
+            cached = int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+            spent.append({"flops": 2.0 * self.params * (p_in + p_out), "input_tokens": p_in,
+                          "output_tokens": p_out,
+                          "usd": costs.usd(p_in, cached, p_out, self.backend.price)})
+        return scores, spent
+
+
+@dataclasses.dataclass
+class VLLMRewardModel:
+    """A process reward model served in-process by vLLM's pooling runner.
+
+    `prompt_format="qwen"`: Qwen2.5-Math-PRM's chat layout with `<extra_0>` after every step;
+    `"skywork"`: RSD's Skywork layout (BOS + question + "\\n", steps joined by "\\n\\n"),
+    which needs the Skywork vLLM plugin.
+    """
+
+    model: str
+    params: float = 7.6e9
+    prompt_format: str = "qwen"
+    llm: object = None  # an injected `vllm.LLM` (tests pass a fake); built lazily otherwise
+    tensor_parallel_size: int = 1
+    name: str = "PRM"
+
+    def _engine(self):
+        if self.llm is None:
+            from vllm import LLM  # lazy: only on a GPU machine
+
+            self.llm = LLM(model=self.model, runner="pooling", trust_remote_code=True,
+                           tensor_parallel_size=self.tensor_parallel_size,
+                           enable_prefix_caching=True)
+        return self.llm
+
+    def prompt(self, question: str, steps: Sequence[str]) -> str:
+        if self.prompt_format == "qwen":
+            answer = "".join(s + "<extra_0>" for s in steps)
+            return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+                    f"{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>"
+                    "<|endoftext|>")
+        if self.prompt_format == "skywork":
+            return question + "\n" + "".join(s + "\n\n" for s in steps)
+        raise ValueError(f"prompt_format must be 'qwen' or 'skywork', got {self.prompt_format!r}")
+
+    def score(self, items):
+        llm = self._engine()
+        outs = llm.reward([self.prompt(q, steps) for q, steps in items])
+        scores, spent = [], []
+        for out in outs:
+            data = out.outputs.data
+            rows = data.tolist() if hasattr(data, "tolist") else list(data)
+            last = rows[-1] if rows else [0.0]
+            last = last if isinstance(last, list) else [last]
+            # Qwen PRM: [P(bad), P(good)] per step tag; a 1-wide head: a sigmoid value.
+            value = float(last[1]) if len(last) == 2 else 1 / (1 + math.exp(-float(last[0])))
+            scores.append(value)
+            n = len(out.prompt_token_ids)
+            spent.append({"flops": 2.0 * self.params * n, "input_tokens": n, "output_tokens": 0,
+                          "usd": 0.0})
+        return scores, spent
+
+
+@dataclasses.dataclass
+class VLLMJudge:
+    """SpecReason's judge on an in-process `VLLMBackend` (the large model judges with the weights
+    it already holds): the judge chat through the tokenizer's template, one greedy token, top-10
+    "logprobs". With `logprobs_mode="raw_logits"` those are raw logits; renormalising over the
+    digits gives the same probabilities either way (softmax is shift-invariant)."""
+
+    backend: object  # generation.vllm_backend.VLLMBackend
+    top_logprobs: int = 5  # the backend's engine caps this at its max_logprobs (5)
+    name: str = "SpecReason judge"
+
+    def score(self, items):
+        be = self.backend
+        prompts, params = [], []
+        for q, steps in items:
+            ids = be.tokenizer.apply_chat_template(judge_messages(q, steps),
+                                                   add_generation_prompt=True, tokenize=True)
+            prompts.append(be._vllm.inputs.TokensPrompt(prompt_token_ids=list(ids)))
+            params.append(be._vllm.SamplingParams(temperature=0.0, max_tokens=1,
+                                                  logprobs=self.top_logprobs))
+        outs = be.llm.generate(prompts, params, use_tqdm=False)
+        scores, spent = [], []
+        for out in outs:
+            lp = out.outputs[0].logprobs or [{}]
+            top = [{"token": v.decoded_token, "logprob": v.logprob} for v in lp[0].values()]
+            scores.append(expected_digit(top) / 9.0)
+            n = len(out.prompt_token_ids)
+            spent.append({"flops": 2.0 * be.params * (n + 1), "input_tokens": n,
+                          "output_tokens": 1, "usd": 0.0})
+        return scores, spent

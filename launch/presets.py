@@ -1,0 +1,56 @@
+"""The paper's setups as named presets for `launch.generate` and `launch.route`.
+
+    # Table 1 (open models; one GPU with room for both, or --tensor_parallel_size)
+    python -m launch.route --preset=qwen_math --dataset=gsm8k --data_path=… --router=…
+    # Table 2 (Qwen draft through vLLM, gpt-4.1-mini target, gpt-4o-mini step verifier; needs
+    # OPENAI_API_KEY)
+    python -m launch.route --preset=qwen_gpt --dataset=gsm8k --data_path=… --router=…
+    # the embedded default (CPU, no downloads)
+    python -m launch.route --preset=embedded
+
+Every field can be overridden by the flag of the same name. Weights are read from a local path
+when the model field is one (a hub name otherwise, for machines that are online).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    models: tuple[str, ...]  # backend specs, small → large (launch.common.make_backend)
+    params: tuple[float, ...] = ()  # N per model for FLOPs (empty: from config.json / 0 for APIs)
+    prm: str = ""  # RSD's reward model: "tiny" or "vllm:MODEL[:qwen|skywork]"
+    judge: str = ""  # SpecReason's judge: "tiny", "vllm-large" (the large vLLM backend) or
+    #                  "openai:MODEL[@BASE_URL]"
+    verifier: str = ""  # step verifier for trace generation ("rule" on the embedded default)
+    dataset: str = "gsm8k"
+    cost_model: str = "flops"
+    gpu_memory_utilization: tuple[float, ...] = (0.25, 0.45)
+    note: str = ""
+
+
+PRESETS = {
+    "embedded": Preset(
+        models=("tinylm:small", "tinylm:large"), prm="tiny", judge="tiny", verifier="rule",
+        dataset="tiny", cost_model="mflops",
+        note="built-in tiny LMs on the procedural arithmetic task; CPU only"),
+    "qwen_math": Preset(
+        models=("vllm:Qwen/Qwen2.5-Math-1.5B-Instruct", "vllm:Qwen/Qwen2.5-Math-7B-Instruct"),
+        prm="vllm:Qwen/Qwen2.5-Math-PRM-7B:qwen", judge="vllm-large", verifier="",
+        cost_model="flops", gpu_memory_utilization=(0.15, 0.4),
+        note="paper Table 1 (the paper's RSD used Skywork-o1-Open-PRM-Qwen-2.5-1.5B, which "
+             "needs a vLLM plugin: pass --prm=vllm:PATH:skywork where it is installed)"),
+    "qwen_gpt": Preset(
+        models=("vllm:Qwen/Qwen2.5-Math-1.5B-Instruct", "openai:gpt-4.1-mini"),
+        prm="vllm:Qwen/Qwen2.5-Math-PRM-7B:qwen", judge="openai:gpt-4.1-mini",
+        verifier="openai:gpt-4o-mini", cost_model="usd_cents", gpu_memory_utilization=(0.3,),
+        note="paper Table 2 (API target, USD; needs OPENAI_API_KEY)"),
+}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,222 @@
+"""Online routing engine, rules, per-step baselines and their scorers (scripted backends)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from fakes import ScriptedBackend
+
+from generation import answers, costs, online, scorers
+from generation.datasets import Problem
+from jaxroute import trace
+
+PROBLEMS = [Problem(f"p{i}", f"What is {i + 3}+{2 * i + 1}?", str(3 * i + 4), "gsm8k", 1.0)
+            for i in range(30)]
+
+
+class Recording:
+    """Wraps a backend and keeps every result it produced (independent cost accounting)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.params = inner, inner.name, inner.params
+        self.results, self.whole_calls = [], 0
+
+    def generate(self, requests, *, whole=False, max_tokens=1024):
+        self.whole_calls += whole
+        out = self.inner.generate(requests, whole=whole, max_tokens=max_tokens)
+        self.results.extend(out)
+        return out
+
+
+def _backends():
+    return [Recording(ScriptedBackend("small", 1e9, n_steps=3, wrong_rate=0.3)),
+            Recording(ScriptedBackend("large", 7e9, n_steps=3, wrong_rate=0.0))]
+
+
+class OffScorer:
+    """A perfect step checker: 0 for a step marked "(off)", 1 otherwise."""
+
+    name = "perfect"
+
+    def __init__(self):
+        self.seen = 0
+
+    def score(self, items):
+        self.seen += len(items)
+        return ([0.0 if "(off)" in steps[-1] else 1.0 for _, steps in items],
+                [{"flops": 5.0, "input_tokens": 1, "output_tokens": 0} for _ in items])
+
+
+@pytest.fixture(scope="module")
+def checker():
+    with answers.AnswerChecker(workers=1) as c:
+        yield c
+
+
+def _run(rule, checker, backends=None):
+    backends = backends or _backends()
+    recs = online.run_online(PROBLEMS, backends, rule, checker, online.OnlineConfig(max_steps=10))
+    return recs, backends
+
+
+def _total_flops(recs):
+    return sum(p["cost"]["flops"] for r in recs for p in r["pieces"])
+
+
+def test_fixed_rules_and_cost_accounting(checker):
+    small, bs = _run(online.FixedRule("small", 0), checker)
+    assert _total_flops(small) == pytest.approx(sum(2e9 * r.completion_tokens
+                                                    for r in bs[0].results))
+    assert not bs[1].results and 0 < np.mean([r["correct"] for r in small]) < 1
+    large, bl = _run(online.FixedRule("large", 1), checker)
+    assert all(r["correct"] for r in large) and bl[1].whole_calls == 1 and not bl[0].results
+    assert all(len(r["pieces"]) == 1 for r in large)  # the rest of the solution in one call
+
+
+def test_rsd_with_a_perfect_scorer_fixes_every_wrong_step_and_pays_for_drafts(checker):
+    scorer = OffScorer()
+    recs, bs = _run(online.ScoreRule(scorer, 0.5, 2), checker)
+    assert all(r["correct"] for r in recs)
+    # Every generated token is paid, discarded drafts included (independent count).
+    want = sum(2e9 * r.completion_tokens for r in bs[0].results) + \
+        sum(2 * 7e9 * r.completion_tokens for r in bs[1].results)
+    assert _total_flops(recs) == pytest.approx(want)
+    dropped = [p for r in recs for p in r["pieces"] if not p["kept"]]
+    assert dropped and all("(off)" in p["text"] and p["model"] == 0 for p in dropped)
+    assert len(bs[1].results) == len(dropped) and bs[1].whole_calls == 0  # per step, not sticky
+    assert sum(r["scorer_cost"]["flops"] for r in recs) == 5.0 * scorer.seen
+    # Back to the small model after a replaced step.
+    for r in recs:
+        for a, b in zip(r["pieces"], r["pieces"][1:], strict=False):
+            if a.get("replaces"):
+                assert b["model"] == 0
+
+
+def test_score_rule_threshold_extremes(checker):
+    never, _ = _run(online.ScoreRule(OffScorer(), 0.0, 2), checker)
+    small, _ = _run(online.FixedRule("small", 0), checker)
+    assert [r["correct"] for r in never] == [r["correct"] for r in small]
+    assert _total_flops(never) == pytest.approx(_total_flops(small))
+    always, bs = _run(online.ScoreRule(OffScorer(), 1.5, 2), checker)
+    assert all(r["correct"] for r in always)
+    assert all(p["model"] == 1 for r in always for p in r["pieces"] if p["kept"])
+
+
+@dataclasses.dataclass
+class ThresholdRouter:
+    """Stands in for `export.Router`: escalate when the confidence feature is below 5."""
+
+    def decide(self, feats, models):
+        return np.where(feats[:, 0] < 5.0, 1, models)
+
+
+def test_router_rule_is_sticky_and_the_large_model_writes_the_rest(checker):
+    recs, bs = _run(online.RouterRule(ThresholdRouter()), checker)
+    assert all(r["correct"] for r in recs)
+    for r in recs:
+        models = [p["model"] for p in r["pieces"]]
+        if 1 in models:  # one discarded draft, then the large model's rest-of-solution
+            assert models[-1] == 1 and models.count(1) == 1 and r["pieces"][-1].get("whole")
+            assert not r["pieces"][-2]["kept"] and r["pieces"][-2]["decision"] == 1
+    assert bs[1].whole_calls >= 1
+    feats = [p["features"] for r in recs for p in r["pieces"] if "features" in p]
+    assert all(len(f) == 5 for f in feats)  # FEATURE_NAMES order, confidence first
+
+
+def test_outcome_metrics_and_files(checker, tmp_path):
+    large, _ = _run(online.FixedRule("large", 1), checker)
+    right = {r["problem_id"]: r["correct"] for r in large}
+    recs, _ = _run(online.ScoreRule(OffScorer(), 0.5, 2), checker)
+    models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
+    row = online.summarize_run(recs, right, models, "flops")
+    assert row["accuracy"] == 100.0 and row["coverage"] == 1.0
+    assert row["cost"] == pytest.approx(_total_flops(recs) / 1e12 / len(recs))
+    assert row["scorer_cost"] == pytest.approx(np.mean([r["scorer_cost"]["flops"] for r in recs])
+                                               / 1e12)
+    assert 0 < row["discarded_token_share"] < 1
+    m = trace.Manifest(models=tuple(models), feature_names=("a", "b", "c", "d", "e"))
+    online.write_paths(tmp_path / "run", m, recs)
+    m2, back = online.read_paths(tmp_path / "run")
+    assert back == recs and m2 == m
+    lines = (tmp_path / "run" / online.PATHS).read_text().splitlines()
+    lines[3] = lines[3].replace('"model": 0', '"model": 7', 1)
+    (tmp_path / "run" / online.PATHS).write_text("\n".join(lines) + "\n")
+    with pytest.raises(trace.TraceFormatError, match=r"paths.jsonl:4.pieces\[\d+\]: field 'model'"):
+        online.read_paths(tmp_path / "run")
+
+
+def test_grid_search_selects_on_cal_and_reports_test(checker):
+    models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
+    cal, test = PROBLEMS[:12], PROBLEMS[12:]
+    large, _ = _run(online.FixedRule("large", 1), checker)
+    right = {r["problem_id"]: r["correct"] for r in large}
+
+    def run(ps, rule):
+        return online.run_online(ps, _backends(), rule, checker, online.OnlineConfig())
+
+    res = online.grid_search(lambda d: online.ScoreRule(OffScorer(), d, 2), online.GRID, cal,
+                             test, run, right, models, "flops", 100.0)
+    # Threshold 0 never escalates (small-only accuracy); every threshold in (0, 1] fixes exactly
+    # the wrong steps at the same cost, so the cheapest 100 % point is the first: 0.1.
+    assert res["threshold"] == 0.1 and res["row"]["accuracy"] == 100.0
+    assert [c["threshold"] for c in res["curve"]] == list(online.GRID)
+    assert res["curve"][0]["accuracy"] < 100.0
+
+
+def test_bad_rule_answer_is_refused(checker):
+    class Answers:
+        sticky = False
+
+        def __init__(self, model, start):
+            self.name, self.model, self.start_model = "bad", model, start
+
+        def decide(self, views):
+            return [online.Decision(self.model) for _ in views]
+
+    with pytest.raises(ValueError, match="answered model 5 for a step of model 0"):
+        _run(Answers(5, 0), checker)
+    with pytest.raises(ValueError, match="answered model 0 for a step of model 1"):
+        _run(Answers(0, 1), checker)  # never back to a smaller model
+
+
+def test_expected_digit_and_openai_judge_on_loopback():
+    from openai_server import FakeOpenAI
+
+    from generation.openai_backend import OpenAIBackend
+
+    assert scorers.expected_digit([{"token": "7", "logprob": 0.0}]) == 7.0
+    assert scorers.expected_digit([{"token": "x", "logprob": 0.0}]) == 0.0
+    two = [{"token": "2", "logprob": np.log(0.25)}, {"token": " 6", "logprob": np.log(0.75)},
+           {"token": "no", "logprob": np.log(0.5)}]
+    assert scorers.expected_digit(two) == pytest.approx(0.25 * 2 + 0.75 * 6)
+    with FakeOpenAI() as srv:
+        be = OpenAIBackend("gpt-4.1-mini", base_url=srv.base_url, api_key="x")
+        judge = scorers.OpenAIJudge(be)
+        s, c = judge.score([("What is 1+2?", ("Step 1: fine.",)),
+                            ("What is 1+2?", ("Step 1: fine.", "Step 2: wrong."))])
+        assert s[0] > 0.7 > 0.3 > s[1]
+        assert c[0]["input_tokens"] == 40 and c[0]["usd"] == pytest.approx(
+            costs.usd(40, 0, 1, costs.DEFAULT_PRICES["gpt-4.1-mini"]))
+        body = srv.requests[-1]
+        assert body["max_completion_tokens"] == 1 and body["top_logprobs"] == 10
+        assert body["messages"][-1]["content"] == scorers.JUDGE_INSTRUCTION
+
+
+def test_vllm_reward_model_and_judge_through_fakes():
+    import fake_vllm
+
+    from generation.vllm_backend import VLLMBackend
+
+    llm = fake_vllm.LLM(model="Qwen/Qwen2.5-Math-PRM-7B", runner="pooling",
+                        trust_remote_code=True)
+    prm = scorers.VLLMRewardModel("Qwen/Qwen2.5-Math-PRM-7B", params=7e9, llm=llm)
+    s, c = prm.score([("Q?", ("a", "b")), ("Q?", ("a", "this is wrong"))])
+    assert s == [pytest.approx(0.8), pytest.approx(0.1)]
+    assert c[0]["flops"] == 2 * 7e9 * len(prm.prompt("Q?", ("a", "b")))
+    assert prm.prompt("Q", ("x", "y")).count("<extra_0>") == 2
+    be = VLLMBackend("m", params=1e9, vllm_module=fake_vllm.module())
+    judge = scorers.VLLMJudge(be)
+    s, c = judge.score([("What is 2+3?", ("Step 1: think.",))])
+    assert 0.0 <= s[0] <= 1.0 and c[0]["output_tokens"] == 1
+    sp = be.llm.calls[-1][1][0]
+    assert sp.max_tokens == 1 and sp.temperature == 0.0 and sp.logprobs == 5

@@ -41,6 +41,15 @@ class TrainConfig:
             raise ValueError("iterations ≥ 0, batch_size ≥ 1 and chunk ≥ 1 are required")
 
 
+def config_from_dict(d: dict) -> TrainConfig:
+    """Inverse of `dataclasses.asdict(TrainConfig)` (e.g. a run's train_config.json)."""
+    try:
+        return TrainConfig(**{**d, "tcpo": tcpo.TCPOConfig(**d["tcpo"]),
+                              "hidden": tuple(int(h) for h in d["hidden"])})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a TrainConfig: {e}") from None
+
+
 @dataclasses.dataclass
 class TrainResult:
     state: tcpo.TrainState

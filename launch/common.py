@@ -61,6 +61,24 @@ def make_backend(spec: str, *, params: float | None = None, cache: Path | None =
                                 "openai-completions:…, tinylm:small|large)")
 
 
+def export_result(path: Path, result, manifest: trace.Manifest, config, extra: dict) -> Path:
+    """Export a trained router with everything serving needs to check it: feature spec, models
+    (names, parameter counts, prices), α, κ (deployed and online), network shape, provenance."""
+    import dataclasses
+
+    from jaxroute import export
+
+    return export.export_router(
+        path, result.networks, result.state.policy_params, result.state.normalizer, result.kappa,
+        feature_names=manifest.feature_names, model_names=[m.name for m in manifest.models],
+        alpha=config.tcpo.alpha, hidden=config.hidden,
+        extra={"kappa_online": result.kappa_online,
+               "calibration_feasible": result.calibration_feasible,
+               "models": [dataclasses.asdict(m) for m in manifest.models],
+               "trace_provenance": manifest.provenance, "synthetic": manifest.synthetic,
+               "train_config": dataclasses.asdict(config), **extra})
+
+
 def cost_model() -> str:
     return _COST.value
 

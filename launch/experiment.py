@@ -6,8 +6,11 @@
    (stepwise, real logits; the rule-based step verifier stands in for the LLM verifier);
 2. trains the TCPO router (paper defaults) and calibrates κ on the calibration split;
 3. evaluates it against small-only, large-only, random escalation, the confidence threshold,
-   STEER and the oracle on the test split;
-4. exports the router and writes report/ (table.md, table.json, accuracy_cost.png, config.json).
+   STEER and the oracle on the test split (replayed on the trace trees);
+4. runs the per-step baselines that cannot be replayed — RSD (the stand-in tiny PRM) and
+   SpecReason (the stand-in tiny judge), thresholds on the 0.1 grid chosen on the cal split —
+   and the exported router live (`generation.online`);
+5. writes report/ (table.md, table.json, accuracy_cost.png, config.json).
 Every stage is resumable: re-running continues where it stopped.
 """
 
@@ -17,7 +20,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags
+from tqdm import tqdm
 
 from generation import answers, costs, tracegen
 from generation.tinylm import backend as tiny
@@ -34,11 +39,53 @@ _BATCH = flags.DEFINE_integer("batch_size", 5, "Episodes per iteration.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for problems, sampling and training.")
 _SMALL = flags.DEFINE_string("small", "small", "Built-in model for the small role.")
 _LARGE = flags.DEFINE_string("large", "large", "Built-in model for the large role.")
+_ONLINE = flags.DEFINE_bool("online", True, "Run the online stage (router live, RSD, SpecReason).")
 
 
 def rule_verifier(items):
     """The task's rule verifier: every equation in the step holds (None: no equation)."""
     return [task.check_step(step) for _, _, step in items]
+
+
+def online_rows(result, manifest, records, backends, problems, splits, work: Path) -> None:
+    """Add the online rows (router live, RSD, SpecReason) and their curves to `result`."""
+    from generation import online
+    from generation.tinylm import scorers
+
+    # R_M from the trace trees (the large model's own solution), the same as the offline rows.
+    large_right = {r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in records}
+    cal = [p for p in problems if splits[p.problem_id] == "cal"]
+    test = [p for p in problems if splits[p.problem_id] == "test"]
+    large_acc_cal = 100.0 * np.mean([large_right[p.problem_id] for p in cal])
+    cfg = online.OnlineConfig(max_steps=8, max_tokens_per_step=64, max_tokens_per_solution=160,
+                              seed=_SEED.value)
+    k = len(backends)
+    with answers.AnswerChecker(workers=2) as checker:
+        def run(ps, rule):
+            bar = tqdm(total=len(ps), desc=f"      {rule.name}", unit="problem", leave=False)
+            recs = online.run_online(ps, backends, rule, checker, cfg,
+                                     lambda n: bar.update(n - bar.n))
+            bar.close()
+            return recs
+
+        def summarize(recs):
+            return online.summarize_run(recs, large_right, manifest.models, "mflops", _SEED.value)
+
+        router = export.load_router(work / "router", feature_names=manifest.feature_names,
+                                    model_names=[m.name for m in manifest.models])
+        recs = run(test, online.RouterRule(router, name="TCPO router (ours, online)"))
+        online.write_paths(work / "online" / "router", manifest, recs)
+        result["rows"].append({"method": "TCPO router (ours, online)", "external": "no",
+                               **summarize(recs), "threshold": router.kappa})
+        for name, scorer in (("RSD", scorers.load_prm()),
+                             ("SpecReason", scorers.TinyJudge(backends[-1]))):
+            res = online.grid_search(lambda t, s=scorer, n=name: online.ScoreRule(s, t, k, name=n),
+                                     online.GRID, cal, test, run, large_right, manifest.models,
+                                     "mflops", large_acc_cal, _SEED.value)
+            online.write_paths(work / "online" / name.lower(), manifest, res["records"])
+            result["rows"].append({"method": f"{name} (online, {scorer.name})", "external": "yes",
+                                   **res["row"], "threshold": res["threshold"]})
+            result["curves"][name] = res["curve"]
 
 
 def main(argv):
@@ -81,15 +128,22 @@ def main(argv):
     t2 = time.perf_counter()
     print(f"      κ online {res.kappa_online:.4g}, deployed {res.kappa:.4g}; {t2 - t1:.0f} s")
 
-    print("[3/4] evaluating against baselines on the test split")
+    print("[3/5] evaluating against baselines on the test split")
     result = evaluate.evaluate_all(trees, evaluate.policy_fn(res.networks, res.state), res.kappa,
                                    _ALPHA.value, 0, 1, _SEED.value)
-    print("[4/4] report")
+    t3 = time.perf_counter()
+    if _ONLINE.value:
+        print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
+        online_rows(result, manifest, recs, backends, problems, splits, work)
+    t4 = time.perf_counter()
+    print(f"      {t4 - t3:.0f} s")
+    print("[5/5] report")
     title = f"Embedded default (tiny LMs, arithmetic task) — test split, α = {_ALPHA.value}"
     config = {"problems": sizes, "alpha": _ALPHA.value, "iterations": _ITERS.value,
               "batch_size": _BATCH.value, "seed": _SEED.value,
               "models": {b.name: b.params for b in backends},
               "seconds": {"traces": round(t1 - t0, 1), "train": round(t2 - t1, 1),
+                          "online": round(t4 - t3, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
     report.write_report(work / "report", result, "FLOPs ×1e6", title, config)
     print(report.markdown_table(result["rows"], "FLOPs ×1e6", title))

@@ -23,11 +23,13 @@ from absl import app, flags
 from generation import answers, costs, datasets, tracegen
 from generation.verifier import StepVerifier
 from jaxroute import trace
-from launch import common
+from launch import common, presets
 
 _DATASET = flags.DEFINE_enum("dataset", "gsm8k", ["gsm8k", "math500", "omnimath"], "Dataset.")
 _DATA = flags.DEFINE_string("data_path", None, "Local JSONL file or folder (else hub name).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Use only the first N problems.")
+_PRESET = flags.DEFINE_string("preset", None, "A paper setup (launch.presets: qwen_math, "
+                               "qwen_gpt) filling --models, --verifier and --params.")
 _MODELS = flags.DEFINE_list(
     "models", None, "Backends small → large: vllm:PATH, openai:MODEL[@BASE_URL], "
     "or openai-completions:MODEL@BASE_URL.")
@@ -66,6 +68,19 @@ def main(argv):
         tracegen.merge([Path(p) for p in _MERGE.value], out)
         print(f"merged {len(_MERGE.value)} shards into {out}")
         return
+    if _PRESET.value:
+        pre = presets.get(_PRESET.value)
+        if pre.dataset == "tiny":
+            raise flags.ValidationError("the embedded preset's traces come from "
+                                        "`python -m launch.experiment`")
+        if not _MODELS.value:
+            _MODELS.value = list(pre.models)
+        if not _VERIFIER.value and pre.verifier:
+            _VERIFIER.value = pre.verifier
+        if not _PARAMS.value and pre.params:
+            _PARAMS.value = [str(p) for p in pre.params]
+        if not flags.FLAGS["gpu_memory_utilization"].present:
+            _GPU_MEM.value = [str(m) for m in pre.gpu_memory_utilization]
     if not _MODELS.value or len(_MODELS.value) < 2:
         raise flags.ValidationError("--models needs at least two backends, small → large")
     problems = datasets.load(_DATASET.value, _DATA.value, _LIMIT.value)

@@ -43,7 +43,6 @@ _DATA = flags.DEFINE_string("data_path", None, "Local dataset file or folder.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Use only the first N problems of the dataset.")
 _N = flags.DEFINE_list("problems", ["150", "250"], "tiny: problems in cal, test.")
 _OUT = flags.DEFINE_string("out", "runs/route", "Output folder.")
-_COST = flags.DEFINE_string("cost_model", None, "flops | mflops | usd_cents (preset default).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Guard: steps per solution.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Guard: generated tokens per solution.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and split seed.")
@@ -89,7 +88,8 @@ def main(argv):
     pre = presets.get(_PRESET.value)
     models = _MODELS.value or list(pre.models)
     params = [float(p) for p in (_PARAMS.value or pre.params)]
-    cost_model = _COST.value or pre.cost_model
+    # --cost_model (launch.common) when given, else the preset's unit.
+    cost_model = common.cost_model() if flags.FLAGS["cost_model"].present else pre.cost_model
     dataset = _DATASET.value or pre.dataset
     out = Path(_OUT.value)
     out.mkdir(parents=True, exist_ok=True)

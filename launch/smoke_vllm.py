@@ -13,6 +13,9 @@ Checks, printing PASS/FAIL per line (exit 1 on any FAIL):
 3. prefix caching: on step t+1, num_cached_tokens ≥ len(prefix) − 16.
 4. two engines (0.25 + 0.6 of memory) start on one GPU.
 5. the backend generates three steps of a GSM8K-style problem end to end.
+6. SpecReason's judge on the large engine returns a score in [0, 1] (`VLLMJudge`).
+7. with --prm: the process reward model loads under the pooling runner and scores a correct
+   step above a wrong one (`VLLMRewardModel`, Qwen2.5-Math-PRM layout).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from absl import app, flags
 _SMALL = flags.DEFINE_string("small", None, "Small model folder.")
 _LARGE = flags.DEFINE_string("large", None, "Large model folder.")
 _HF = flags.DEFINE_bool("hf", False, "Also compare with Hugging Face logits (needs torch).")
+_PRM = flags.DEFINE_string("prm", None, "Process reward model folder (e.g. Qwen2.5-Math-PRM-7B).")
 flags.mark_flags_as_required(["small", "large"])
 
 QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
@@ -93,6 +97,17 @@ def main(argv):
         err = max(abs(a - b) for a, b in zip(hf, ours, strict=True))
         check("vLLM raw max logit ≈ HF logits.max(-1)", err < 0.5, f"(max |Δ| {err:.3f})")
     check("three steps generated", len(results) >= 1 and all(r.error is None for r in results))
+    from generation import scorers
+
+    js, jc = scorers.VLLMJudge(large).score([(QUESTION, tuple(steps))])
+    check("judge score in [0, 1]", 0.0 <= js[0] <= 1.0, f"(score {js[0]:.3f}, {jc[0]})")
+    if _PRM.value:
+        del small, large  # free the GPU for the reward model
+        prm = scorers.VLLMRewardModel(_PRM.value)
+        good = "In May she sold 48 / 2 = 24 clips."
+        bad = "In May she sold 48 / 2 = 42 clips."
+        ps, _ = prm.score([(QUESTION, (good,)), (QUESTION, (bad,))])
+        check("PRM: correct step above wrong step", ps[0] > ps[1], f"({ps[0]:.3f} vs {ps[1]:.3f})")
     print(f"{len(fails)} failed" if fails else "all passed")
     sys.exit(1 if fails else 0)
 

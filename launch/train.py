@@ -15,7 +15,7 @@ from pathlib import Path
 from absl import app, flags
 from tqdm import tqdm
 
-from jaxroute import export, tcpo, trainer
+from jaxroute import tcpo, trainer
 from jaxroute.trace import atomic_write_text
 from launch import common
 
@@ -58,15 +58,8 @@ def run(config: trainer.TrainConfig, workdir: Path) -> trainer.TrainResult:
 
     result = trainer.train(trees, config, workdir, progress)
     bar.close()
-    export.export_router(
-        workdir / "router", result.networks, result.state.policy_params, result.state.normalizer,
-        result.kappa, feature_names=manifest.feature_names,
-        model_names=[m.name for m in manifest.models], alpha=config.tcpo.alpha,
-        hidden=config.hidden,
-        extra={"kappa_online": result.kappa_online,
-               "calibration_feasible": result.calibration_feasible,
-               "cost_model": common.cost_model(), "source": source,
-               "synthetic": manifest.synthetic})
+    common.export_result(workdir / "router", result, manifest, config,
+                         {"cost_model": common.cost_model(), "source": source})
     print(f"κ online {result.kappa_online:.4f}, deployed {result.kappa:.4f} "
           f"(final calibration {'feasible' if result.calibration_feasible else 'INFEASIBLE'}); "
           f"router exported to {workdir / 'router'}")

@@ -167,3 +167,49 @@ def test_auroc_equals_pairwise_definition():
     pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a in s[y] for b in s[~y]]
     assert auroc(s, y) == pytest.approx(np.mean(pairs))
     assert np.isnan(auroc(s, np.zeros(60, bool)))
+
+
+def test_tiny_judge_is_the_large_models_lowest_maths_token_probability(random_backend):
+    from generation import features
+    from generation.tinylm.scorers import TinyJudge
+
+    be = random_backend
+    judge = TinyJudge(be)
+    items = [("Ada has 3 coins. How many?", ("3 + 1 = 4", "So 4 coins.")),
+             ("Bo has 5 pens.", ("5 - 2 = 3",))]
+    scores, spent = judge.score(items)
+    for (q, steps), s, c in zip(items, scores, spent, strict=True):
+        head = be.tok.prompt(q) + be.tok.encode("".join(x + "\n\n" for x in steps[:-1]))
+        body = be.tok.encode(steps[-1])
+        logits = np.asarray(be.model.apply(be.weights, jnp.array([head + body])))[0]
+        p = np.exp(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+        probs = np.array([p[len(head) - 1 + j, t] for j, t in enumerate(body)])
+        mask, _ = features.math_mask([be.tok.itos[t] for t in body])
+        assert s == pytest.approx(probs[mask].min(), rel=1e-4)
+        assert c["flops"] == 2 * be.params * (len(head) + len(body) + 1)
+
+
+def test_prm_learns_a_step_label_and_prm_data_uses_the_rule_verifier(random_backend):
+    from generation.tinylm import scorers
+
+    be = random_backend
+    data = scorers.prm_data(be, 6, seed=0, max_steps=2)
+    for ids, y in data:  # labels are the rule verifier's verdict on the last step
+        text = be.tok.decode(ids[ids.index(be.tok.asst) + 1:]).rstrip("\n").split("\n\n")[-1]
+        assert y == float(task.check_step(text))
+    # A learnable label: "the last step's result is even".
+    rng = np.random.default_rng(0)
+    toy = []
+    for _ in range(400):
+        a, b = rng.integers(1, 50, 2)
+        step = f"{a} + {b} = {a + b}"
+        toy.append((scorers._encode(be.tok, "Q?", (step,)), float((a + b) % 2 == 0)))
+    params, _ = scorers.train_prm(be.cfg, be.weights, toy[:300], steps=150, batch=32, lr=3e-3,
+                                  log=None)
+    prm = scorers.TinyPRM(be.cfg, params)
+    held = toy[300:]
+    items = [("Q?", (be.tok.decode(ids[ids.index(be.tok.asst) + 1:]).rstrip("\n"),))
+             for ids, _ in held]
+    scores, spent = prm.score(items)
+    acc = np.mean([(s > 0.5) == bool(y) for s, (_, y) in zip(scores, held, strict=True)])
+    assert acc > 0.8 and all(c["flops"] > 0 for c in spent)

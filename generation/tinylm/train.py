@@ -92,6 +92,9 @@ class ChecksumError(ValueError):
 
 def load(path: Path, name: str):
     """(LMConfig, params) after checking the weights' sha256 and the tokenizer alphabet."""
+    if not (path / f"{name}.json").exists():
+        raise FileNotFoundError(f"{path / (name + '.json')}: no tiny model {name!r} here (train it "
+                                f"with `python -m launch.train_tinylm --models={name}`)")
     meta = json.loads((path / f"{name}.json").read_text())
     weights = path / f"{name}.npz"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()

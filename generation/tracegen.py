@@ -85,11 +85,14 @@ class TraceGenerator:
         self.prices = list(prices) if prices else [costs.Price(0, 0, 0)] * len(backends)
 
     def manifest(self, provenance: dict) -> trace.Manifest:
+        # Weights versions (where a backend knows them) make stale trace sets detectable.
+        versions = [getattr(b, "version", None) for b in self.backends]
         return trace.Manifest(
             models=tuple(trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input,
                                          p.output) for b, p in zip(self.backends, self.prices,
                                                                    strict=True)),
-            feature_names=features.FEATURE_NAMES, provenance=provenance)
+            feature_names=features.FEATURE_NAMES,
+            provenance={**provenance, "model_versions": versions})
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -287,8 +290,9 @@ def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str]
     if mpath.exists():
         old = trace.read_manifest(out)
         if [m.name for m in old.models] != [m.name for m in manifest.models] or \
-                old.feature_names != manifest.feature_names:
-            raise ValueError(f"{mpath}: existing trace set was made with other models or "
+                old.feature_names != manifest.feature_names or \
+                old.provenance.get("model_versions") != manifest.provenance["model_versions"]:
+            raise ValueError(f"{mpath}: existing trace set was made with other models, weights or "
                              "features; use a new --out folder")
     else:
         trace.atomic_write_text(mpath, json.dumps(manifest.to_json(), indent=2) + "\n")

@@ -227,7 +227,18 @@ def evaluate_all(trees: PackedTrees, log_prob_fn: Callable, kappa: float, alpha:
         curves[name] = res["curve"]
     for name, summary in oracle_summary(trees, pt, rt, alpha).items():
         add(name, summary, "oracle")
-    return {"rows": rows, "curves": curves}
+    return {"rows": rows, "curves": curves, "matched": matched_costs(rows, curves)}
+
+
+def matched_costs(rows: list[dict], curves: dict[str, list[dict]],
+                  reference: str = "TCPO router (ours)") -> dict[str, Any]:
+    """Each curve's cost at the reference row's accuracy (lower hull; nan when out of reach)."""
+    ref = next((r for r in rows if r["method"] == reference), None)
+    if ref is None:
+        return {}
+    return {"reference": reference, "accuracy": ref["accuracy"], "cost": ref["cost"],
+            "costs": {name: cost_at_accuracy(c, ref["accuracy"]) for name, c in curves.items()
+                      if name != reference}}
 
 
 def policy_fn(networks, state) -> Callable:

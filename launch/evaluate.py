@@ -47,7 +47,8 @@ def run(workdir: Path, out: Path | None = None) -> dict:
     report.write_report(out, result, UNITS[common.cost_model()], title,
                         {"router": router.meta, "source": source,
                          "cost_model": common.cost_model()})
-    print(report.markdown_table(result["rows"], UNITS[common.cost_model()], title))
+    print(report.markdown_table(result["rows"], UNITS[common.cost_model()], title)
+          + report.matched_line(result, UNITS[common.cost_model()]))
     print(f"report written to {out}")
     return result
 

@@ -43,10 +43,21 @@ def markdown_table(rows: list[dict[str, Any]], cost_unit: str, title: str) -> st
     return "\n".join(lines) + "\n"
 
 
+def matched_line(result: dict[str, Any], cost_unit: str) -> str:
+    """"At the router's accuracy, X needs …" (costs on each method's lower hull)."""
+    m = result.get("matched") or {}
+    if not m.get("costs"):
+        return ""
+    parts = [f"{name} {_fmt(c, 3)}" for name, c in m["costs"].items()]
+    return (f"\nAt the accuracy of {m['reference']} ({m['accuracy']:.1f} %, cost "
+            f"{m['cost']:.3f} {cost_unit}), the other methods' test curves need: "
+            + ", ".join(parts) + " (lower convex hull; – where out of reach).\n")
+
+
 def write_report(out: Path, result: dict[str, Any], cost_unit: str, title: str,
                  config: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(result["rows"], cost_unit, title)
+    md = markdown_table(result["rows"], cost_unit, title) + matched_line(result, cost_unit)
     atomic_write_text(out / "table.md", md)
     atomic_write_text(out / "table.json", json.dumps(result, indent=2, default=float) + "\n")
     atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")

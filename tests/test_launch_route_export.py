@@ -49,13 +49,13 @@ def test_route_cli_runs_rules_and_per_step_baselines_on_loopback(tmp_path):
     with FakeOpenAI() as srv:
         res = _run(["launch.route", "--dataset=gsm8k", f"--data_path={data}",
                     f"--models=openai:small@{srv.base_url},openai:large@{srv.base_url}",
-                    "--params=1.5e9,7e9", "--prm=tiny", f"--judge=openai:judge@{srv.base_url}",
-                    "--rules=small,large,rsd,specreason", "--threshold=0.5",
+                    "--params=1.5e9,7e9", f"--judge=openai:gpt-4o-mini@{srv.base_url}",
+                    "--rules=small,large,specreason", "--threshold=0.5",
                     "--cost_model=usd_cents", f"--out={out}"],
                    env=dict(os.environ, OPENAI_API_KEY="test"))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads((out / "rows.json").read_text())}
-    assert set(rows) == {"model 0 only", "model 1 only", "RSD", "SpecReason"}
+    assert set(rows) == {"model 0 only", "model 1 only", "SpecReason"}
     assert rows["SpecReason"]["scorer_cost"] > 0 and rows["model 0 only"]["scorer_cost"] == 0
     assert rows["model 1 only"]["coverage"] == 1.0
     manifest, recs = online.read_paths(out / "specreason")

@@ -81,6 +81,7 @@ class TinyLMBackend:
         self._loop = jax.jit(self._decode, static_argnames=("max_new", "whole", "min_live"))
         self._cache: collections.OrderedDict[tuple[int, ...], tuple] = collections.OrderedDict()
         self.prefix_cache_entries = prefix_cache_entries
+        self.version: str | None = None
         self.stats = collections.Counter()  # prefix-cache hits/misses, decode-loop launches
 
     # -- the jitted decode loop ------------------------------------------------------------------
@@ -271,5 +272,7 @@ class TinyLMBackend:
 @functools.lru_cache(maxsize=4)
 def load(which: str, path: str | None = None, temperature: float = 0.7) -> TinyLMBackend:
     """The committed tiny model "small" or "large" (checksum-verified)."""
-    cfg, weights, _ = train.load(Path(path) if path else WEIGHTS, which)
-    return TinyLMBackend(f"tinylm-{which}", cfg, weights, temperature=temperature)
+    cfg, weights, meta = train.load(Path(path) if path else WEIGHTS, which)
+    be = TinyLMBackend(f"tinylm-{which}", cfg, weights, temperature=temperature)
+    be.version = "sha256:" + meta["sha256"][:16]  # recorded in trace manifests and routers
+    return be

@@ -52,7 +52,11 @@ class RewardModel(nn.Module):
 
 def _encode(tok: Tokenizer, question: str, steps: Sequence[str]) -> list[int]:
     """The PRM's input: prompt + steps, each closed by the "\\n\\n" delimiter (RSD's layout)."""
-    return tok.prompt(question) + tok.encode(prefix_text(steps))
+    try:
+        return tok.prompt(question) + tok.encode(prefix_text(steps))
+    except ValueError as e:
+        raise ValueError(f"{e}: the tiny stand-ins read only the procedural task's text (use "
+                         "them with the tinylm backends)") from None
 
 
 def _pad(seqs: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,8 +114,8 @@ class TinyJudge:
         be = self.backend
         seqs, spans = [], []
         for q, steps in items:
-            head = be.tok.prompt(q) + be.tok.encode(prefix_text(steps[:-1]))
-            body = be.tok.encode(steps[-1])
+            head = _encode(be.tok, q, steps[:-1])
+            body = _encode(be.tok, "", (steps[-1],))[2:-2]  # the step alone: no prompt, no "\n\n"
             seqs.append(head + body)
             spans.append((len(head), len(body)))
         arr, _ = _pad(seqs, be.cfg.max_len)

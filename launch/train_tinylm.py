@@ -17,7 +17,7 @@ from generation.tinylm.model import LMConfig, Tokenizer
 
 _OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parents[1] / "generation" /
                                       "tinylm" / "weights"), "Output folder.")
-_SMALL_STEPS = flags.DEFINE_integer("small_steps", 2500, "Training steps of the small model.")
+_SMALL_STEPS = flags.DEFINE_integer("small_steps", 3000, "Training steps of the small model.")
 _LARGE_STEPS = flags.DEFINE_integer("large_steps", 1500, "Training steps of the large model.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _WHICH = flags.DEFINE_list("models", ["small", "large", "prm"], "Which models to (re)train.")
@@ -30,7 +30,7 @@ SMALL = dict(layers=2, d_model=48, heads=4, max_len=192)
 LARGE = dict(layers=3, d_model=96, heads=4, max_len=192)
 # z-loss on the small model pins log Z ≈ 0, so its raw max logit (S_os) reads as a confidence;
 # the large model's logits are never routed on (it is the last model), so it is trained without.
-Z_LOSS = {"small": 0.1, "large": 0.0}
+Z_LOSS = {"small": 0.001, "large": 0.0}
 
 
 def main(argv):

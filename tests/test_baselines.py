@@ -109,3 +109,14 @@ def test_cost_at_accuracy_uses_the_lower_hull():
     assert evaluate.cost_at_accuracy(curve, 92.5) == 6.0
     assert np.isnan(evaluate.cost_at_accuracy(curve, 99.0))
     assert evaluate.cost_at_accuracy(curve, 10.0) == 1.0
+
+
+def test_matched_costs_read_every_curve_at_the_reference_accuracy():
+    rows = [{"method": "TCPO router (ours)", "accuracy": 70.0, "cost": 3.0}]
+    curves = {"TCPO router (ours)": [{"accuracy": 70.0, "cost": 3.0}],
+              "a": [{"accuracy": 60.0, "cost": 1.0}, {"accuracy": 80.0, "cost": 5.0}],
+              "b": [{"accuracy": 50.0, "cost": 1.0}]}
+    m = evaluate.matched_costs(rows, curves)
+    assert m["accuracy"] == 70.0 and set(m["costs"]) == {"a", "b"}
+    assert m["costs"]["a"] == 3.0 and np.isnan(m["costs"]["b"])
+    assert evaluate.matched_costs([], curves) == {}

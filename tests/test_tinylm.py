@@ -115,6 +115,17 @@ def test_batching_and_compaction_do_not_change_a_request(random_backend):
     assert len({len(t.token_ids) for t in together}) > 1
 
 
+def test_a_long_prompt_does_not_shorten_its_batch_mates_budget(random_backend):
+    be = TinyLMBackend("b", random_backend.cfg, random_backend.weights, temperature=1.0,
+                       prefix_cache_entries=0)
+    short = StepRequest("s", "Ada has 3 coins.", (), (), seed=1)
+    long = StepRequest("l", "Bo has 5 pens. " * 6 + "How many?", (), (), seed=2)
+    alone = be.generate([short], whole=True, max_tokens=60)[0]
+    both = be.generate([short, long], whole=True, max_tokens=60)
+    assert both[0].token_ids == alone.token_ids and len(alone.token_ids) > 128 - 1 - 100
+    assert len(both[1].token_ids) <= be.cfg.max_len - 1 - both[1].prompt_tokens
+
+
 def test_weights_checksum(tmp_path):
     tok = Tokenizer()
     cfg = LMConfig(vocab=tok.vocab_size, layers=1, d_model=16, heads=2, max_len=32)

@@ -145,7 +145,8 @@ class TinyLMBackend:
             return ids + self.tok.encode(prefix_text(r.steps))
         return ids
 
-    def _initial_state(self, prompts, rows: int, budget: int, keys) -> tuple[DecodeState, list]:
+    def _initial_state(self, prompts, rows: int, max_tokens: int, keys
+                       ) -> tuple[DecodeState, list]:
         """State for `rows` rows (the first len(prompts) real) from the prefix cache or prefill."""
         hit = [self._cache.get(tuple(p)) for p in prompts]
         miss = [i for i, h in enumerate(hit) if h is None]
@@ -172,11 +173,15 @@ class TinyLMBackend:
                     k[miss], v[miss] = pk[:len(miss)], pv[:len(miss)]
         pos = np.ones(rows, np.int32)
         pos[:len(prompts)] = [len(p) for p in prompts]
+        # Each row's own budget: a short prompt is not cut short by a long one in the batch.
+        budget = np.ones(rows, np.int32)
+        budget[:len(prompts)] = [max(1, min(max_tokens, self.cfg.max_len - 1 - len(p)))
+                                 for p in prompts]
         done = np.arange(rows) >= len(prompts)
         state = DecodeState(jnp.asarray(logits), tuple((jnp.asarray(k), jnp.asarray(v))
                                                        for k, v in caches),
                             jnp.asarray(pos), jnp.full(rows, -1, jnp.int32),
-                            jnp.full(rows, budget, jnp.int32), keys, jnp.asarray(done))
+                            jnp.asarray(budget), keys, jnp.asarray(done))
         return state, [h is not None for h in hit]
 
     def _prefill_rows(self, prompts, rows: int):
@@ -206,12 +211,11 @@ class TinyLMBackend:
         if longest >= self.cfg.max_len - 1:
             raise ValueError(f"prompt of {longest} tokens exceeds the tiny model's "
                              f"context ({self.cfg.max_len})")
-        budget = max(1, int(min(max_tokens, self.cfg.max_len - 1 - longest)))
-        max_new = _bucket(max_tokens, 32)  # output buffer; `budget` is the real limit
+        max_new = _bucket(max_tokens, 32)  # output buffer; per-row budgets are the real limit
         seeds = np.zeros(_rows(len(requests)), np.uint32)
         seeds[:len(requests)] = [r.seed % 2**32 for r in requests]
         keys = _keys(jnp.asarray(seeds))
-        state, hits = self._initial_state(prompts, _rows(len(requests)), budget, keys)
+        state, hits = self._initial_state(prompts, _rows(len(requests)), max_tokens, keys)
         rows = np.arange(len(requests))  # request index of each state row (-1: padding)
         rows = np.concatenate([rows, np.full(keys.shape[0] - len(rows), -1)])
         gen = [[] for _ in requests]  # per request: list of per-token output tuples

@@ -341,8 +341,9 @@ def outcome(records: Sequence[dict], large_right: dict[str, bool],
     index = {p: i for i, p in enumerate(pids)}
     esc = []
     for r in records:
+        # The first piece that model 0 did not keep (a discarded draft, or a larger model's).
         first = [i for i, p in enumerate(r["pieces"]) if not p.get("kept", True)
-                 or p["model"] != r["pieces"][0]["model"]]
+                 or p["model"] != 0]
         esc.append(first[0] if first else -1)
     return Outcome(correct=np.array([r["correct"] for r in records], bool),
                    cost=np.array([record_cost(r, models, cost_model) for r in records]),

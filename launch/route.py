@@ -149,14 +149,14 @@ def main(argv):
             add("TCPO router (ours, online)", recs, dict(summarize(recs), threshold=router.kappa),
                 "no")
 
-        def grid(name, make_rule):
+        def grid(name, make_rule, external="yes"):  # external: uses a model of its own
             if _THRESHOLD.value is not None:
                 recs = run(test, make_rule(_THRESHOLD.value))
-                add(name, recs, dict(summarize(recs), threshold=_THRESHOLD.value), "yes")
+                add(name, recs, dict(summarize(recs), threshold=_THRESHOLD.value), external)
                 return
             res = online.grid_search(make_rule, online.GRID, cal, test, run, large_right, infos,
                                      cost_model, large_acc_cal, _SEED.value)
-            add(name, res["records"], dict(res["row"], threshold=res["threshold"]), "yes")
+            add(name, res["records"], dict(res["row"], threshold=res["threshold"]), external)
             curves[name] = res["curve"]
 
         steer_src = _STEER.value or (DEFAULT_TRACES if tiny and DEFAULT_TRACES.exists() else None)
@@ -168,7 +168,7 @@ def main(argv):
             m, recs = trace.load_trace_set(steer_src)
             trees = trace.pack(m, recs, cost_model)
             steer = baselines.fit_steer(trees.subset(trees.split_indices("train")), 0, 1)
-            grid("STEER", lambda tau: online.SteerRule(steer, tau, k))
+            grid("STEER", lambda tau: online.SteerRule(steer, tau, k), "no")
         prm_spec = _PRM.value if _PRM.value is not None else pre.prm
         if "rsd" in _RULES.value and prm_spec:
             if prm_spec == "tiny":

@@ -134,6 +134,9 @@ def test_outcome_metrics_and_files(checker, tmp_path):
     assert row["scorer_cost"] == pytest.approx(np.mean([r["scorer_cost"]["flops"] for r in recs])
                                                / 1e12)
     assert 0 < row["discarded_token_share"] < 1
+    assert online.summarize_run(large, right, models, "flops")["escalation_rate"] == 1.0
+    assert online.outcome(recs, right, models, "flops").escalation.tolist() == [
+        next((i for i, p in enumerate(r["pieces"]) if not p["kept"]), -1) for r in recs]
     m = trace.Manifest(models=tuple(models), feature_names=("a", "b", "c", "d", "e"))
     online.write_paths(tmp_path / "run", m, recs)
     m2, back = online.read_paths(tmp_path / "run")

@@ -66,11 +66,10 @@ def load_problems(dataset: str, seed: int) -> tuple[list, list]:
 
 
 def make_scorer(spec: str, backends, cache: Path):
-    """A step scorer from a spec (see the flags); None for an empty spec."""
+    """A non-embedded step scorer from a spec (see the flags; "tiny" is resolved by the caller,
+    which knows whether it wants the PRM or the judge); None for an empty spec."""
     if not spec:
         return None
-    if spec == "tiny":
-        raise ValueError("'tiny' is resolved by the caller (PRM or judge)")
     if spec == "vllm-large":
         return scorers.VLLMJudge(backends[-1])
     kind, _, rest = spec.partition(":")

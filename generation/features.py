@@ -107,6 +107,16 @@ def s_api(top1_probs: np.ndarray, mask: np.ndarray) -> Confidence:
     return _over_math(top1_probs, mask, np.min)
 
 
+def step_confidence(tokens: list[str], confidence, kind: str, state: MathSpanState
+                    ) -> tuple[Confidence, MathSpanState]:
+    """S_os (`kind == "max_logit"`) or S_API of a generated step over its maths tokens, and the
+    span state after it (`state` is advanced in place). Shared by trace generation and online
+    routing, so a router sees the same features in both."""
+    mask, state = math_mask(tokens, state)
+    score = s_os if kind == "max_logit" else s_api
+    return score(np.asarray(confidence), mask), state
+
+
 def step_features(confidence: float, step_index: int, step_length: int, is_final: bool,
                   difficulty: float | None) -> list[float]:
     """The router's feature vector, in `FEATURE_NAMES` order (difficulty 0 when unknown)."""

@@ -30,11 +30,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from generation import costs, features
+from generation import costs, features, tracegen
 from generation.answers import AnswerChecker, Verdict
 from generation.backend import Backend, StepRequest, StepResult, prefix_text
 from generation.datasets import Problem
-from jaxroute import trace
+from jaxroute import baselines, trace
 
 PATHS = "paths.jsonl"
 
@@ -111,8 +111,6 @@ class SteerRule:
     start_model: int = 0
 
     def decide(self, views):
-        from jaxroute import baselines
-
         if not views:
             return []
         f = np.stack([v.features for v in views])
@@ -183,26 +181,22 @@ class _Live:
     final_text: str | None = None
 
 
-def _seed(problem_id: str, round_: int, model: int, base: int) -> int:
-    import hashlib
-
-    key = f"{problem_id}/{round_}/{model}".encode()
-    return (int(hashlib.sha256(key).hexdigest()[:8], 16) + base) % (2**31)
-
-
 def _request(s: _Live, model: int, round_: int, seed: int) -> StepRequest:
     # Continue by token ids only when every accepted step came from this very model (no
     # re-tokenisation drift); otherwise by text, as a trace tree's child segment does.
     ids = tuple(s.ids) if all(o == model for o in s.owners) else None
-    return StepRequest(f"{s.problem.problem_id}/{round_}/{model}", s.problem.question,
-                       tuple(s.steps), ids, _seed(s.problem.problem_id, round_, model, seed))
+    key = f"{s.problem.problem_id}/{round_}/{model}"
+    return StepRequest(key, s.problem.question, tuple(s.steps), ids, tracegen.seed_for(key, seed))
 
 
 def _features_of(s: _Live, r: StepResult) -> tuple[np.ndarray, features.MathSpanState]:
+    """A draft's feature vector, computed as trace generation computes it, and the span state
+    after the draft (the problem's own state is left as it is)."""
     span = copy.deepcopy(s.span)
-    mask, span = features.math_mask(r.tokens, span)
-    score = features.s_os if r.confidence_kind == "max_logit" else features.s_api
-    conf = score(np.asarray(r.confidence), mask) if r.tokens else features.Confidence(0.0, 0, True)
+    if r.tokens:
+        conf, span = features.step_confidence(r.tokens, r.confidence, r.confidence_kind, span)
+    else:
+        conf = features.Confidence(0.0, 0, True)
     f = features.step_features(conf.value, len(s.steps), r.completion_tokens, r.is_final,
                                s.problem.difficulty)
     return np.asarray(f, np.float64), span
@@ -234,7 +228,7 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
             for s, r in zip(group, outs, strict=True):
                 drafts[id(s)] = r
         # 2. The rule looks at every draft of a model that may still hand over.
-        views, owners = [], []
+        views, drafted = [], []
         for s in active:
             r = drafts[id(s)]
             if r.error is not None:
@@ -246,13 +240,13 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
                                        whole=True))
                 s.final_text, s.done = prefix_text(s.steps) + r.text, True
                 continue
-            f, _ = _features_of(s, r)
+            f, span = _features_of(s, r)
             views.append(View(s.problem, tuple(s.steps), r, s.model, f))
-            owners.append(s)
+            drafted.append((s, span))
         decisions = rule.decide(views) if views else []
         # 3. Apply: accept, or discard and let the larger model write the step.
         redo: dict[int, list[_Live]] = {}
-        for s, v, d in zip(owners, views, decisions, strict=True):
+        for (s, span), v, d in zip(drafted, views, decisions, strict=True):
             if d.scorer_cost:
                 s.scorer.append(d.scorer_cost)
             keep = d.model == v.model
@@ -263,7 +257,7 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
                 raise ValueError(f"rule {rule.name!r} answered model {d.model} for a step of "
                                  f"model {v.model} (must be in [{v.model}, {last}])")
             if keep:
-                _accept(s, v.draft, v.model, cfg)
+                _accept(s, v.draft, v.model, cfg, span)
             elif rule.sticky:
                 s.model = d.model  # it rewrites this step next round (the rest, if largest)
             else:
@@ -293,8 +287,10 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
             for s, v in zip(live, verdicts, strict=True)]
 
 
-def _accept(s: _Live, r: StepResult, model: int, cfg: OnlineConfig) -> None:
-    _, s.span = _features_of(s, r)
+def _accept(s: _Live, r: StepResult, model: int, cfg: OnlineConfig,
+            span: features.MathSpanState | None = None) -> None:
+    """Append an accepted step; `span`: its span state if the draft's features were computed."""
+    s.span = span if span is not None else _features_of(s, r)[1]
     s.steps.append(r.text)
     s.owners.append(model)
     s.ids.extend(r.token_ids)

@@ -20,7 +20,6 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from generation import costs, features
@@ -58,7 +57,8 @@ def _key(*parts) -> str:
     return "/".join(str(p) for p in parts)
 
 
-def _seed(key: str, base: int) -> int:
+def seed_for(key: str, base: int) -> int:
+    """A request's sampling seed from its stable key (trace generation and online routing)."""
     return (int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) + base) % (2**31)
 
 
@@ -113,7 +113,7 @@ class TraceGenerator:
                         ids = tuple(s.prefix_ids + [i for r in s.results for i in r.token_ids])
                     key = _key(s.problem.problem_id, s.path, len(s.results))
                     reqs.append(StepRequest(key, s.problem.question, tuple(steps), ids,
-                                            _seed(key, cfg.seed)))
+                                            seed_for(key, cfg.seed)))
                 outs = self.backends[k].generate(reqs, max_tokens=cfg.max_tokens_per_step)
                 for s, r in zip(group, outs, strict=True):
                     if r.error is not None:
@@ -134,7 +134,7 @@ class TraceGenerator:
     def _leaves(self, jobs: list[tuple[Problem, list[str], str]]) -> list[StepResult]:
         """The largest model writes the rest of each solution (one call each, batched)."""
         reqs = [StepRequest(_key(p.problem_id, path, "leaf"), p.question, tuple(prefix), None,
-                            _seed(_key(p.problem_id, path), self.cfg.seed))
+                            seed_for(_key(p.problem_id, path), self.cfg.seed))
                 for p, prefix, path in jobs]
         return self.backends[-1].generate(reqs, whole=True,
                                           max_tokens=self.cfg.max_tokens_per_solution)
@@ -175,7 +175,7 @@ class TraceGenerator:
         mid_solo = {}
         for k in range(1, k_models - 1):
             reqs = [StepRequest(_key(p.problem_id, f"solo{k}"), p.question, (), None,
-                                _seed(_key(p.problem_id, f"solo{k}"), self.cfg.seed))
+                                seed_for(_key(p.problem_id, f"solo{k}"), self.cfg.seed))
                     for p in problems]
             for p, r in zip(problems, self.backends[k].generate(
                     reqs, whole=True, max_tokens=self.cfg.max_tokens_per_solution), strict=True):
@@ -212,9 +212,8 @@ class TraceGenerator:
                 state.feed(s)
             steps = []
             for t, r in enumerate(seg.results):
-                mask, state = features.math_mask(r.tokens, state)
-                score = (features.s_os if r.confidence_kind == "max_logit" else features.s_api)
-                conf = score(np.asarray(r.confidence), mask)
+                conf, state = features.step_confidence(r.tokens, r.confidence,
+                                                       r.confidence_kind, state)
                 branches = {}
                 for kp in range(seg.model + 1, k_models):
                     if kp == k_models - 1:

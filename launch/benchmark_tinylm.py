@@ -83,7 +83,7 @@ def main(argv):
     small.generate(reqs, whole=True, max_tokens=160)
     t_step, t_one = [], []
     for _ in range(5):  # medians of 5 alternating runs: single runs vary by ±20 % here
-        small._cache.clear()  # each stepwise run starts cold, like a new batch of problems
+        small.clear_prefix_cache()  # each stepwise run starts cold, like a new batch of problems
         t0 = time.perf_counter()
         steps, results = stepwise(small, test, _SEED.value)
         t_step.append(time.perf_counter() - t0)

@@ -84,6 +84,9 @@ class TinyLMBackend:
         self.version: str | None = None
         self.stats = collections.Counter()  # prefix-cache hits/misses, decode-loop launches
 
+    def clear_prefix_cache(self) -> None:
+        self._cache.clear()
+
     # -- the jitted decode loop ------------------------------------------------------------------
 
     def _decode(self, weights, s: DecodeState, *, max_new: int, whole: bool, min_live: int):

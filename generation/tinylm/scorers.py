@@ -50,13 +50,17 @@ class RewardModel(nn.Module):
         return self.v_head(h[jnp.arange(tokens.shape[0]), lengths - 1])[:, 0]
 
 
-def _encode(tok: Tokenizer, question: str, steps: Sequence[str]) -> list[int]:
-    """The PRM's input: prompt + steps, each closed by the "\\n\\n" delimiter (RSD's layout)."""
+def _ids(tok: Tokenizer, text: str) -> list[int]:
     try:
-        return tok.prompt(question) + tok.encode(prefix_text(steps))
+        return tok.encode(text)
     except ValueError as e:
         raise ValueError(f"{e}: the tiny stand-ins read only the procedural task's text (use "
                          "them with the tinylm backends)") from None
+
+
+def _encode(tok: Tokenizer, question: str, steps: Sequence[str]) -> list[int]:
+    """The PRM's input: prompt + steps, each closed by the "\\n\\n" delimiter (RSD's layout)."""
+    return [tok.bos] + _ids(tok, question) + [tok.asst] + _ids(tok, prefix_text(steps))
 
 
 def _pad(seqs: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +119,7 @@ class TinyJudge:
         seqs, spans = [], []
         for q, steps in items:
             head = _encode(be.tok, q, steps[:-1])
-            body = _encode(be.tok, "", (steps[-1],))[2:-2]  # the step alone: no prompt, no "\n\n"
+            body = _ids(be.tok, steps[-1])
             seqs.append(head + body)
             spans.append((len(head), len(body)))
         arr, _ = _pad(seqs, be.cfg.max_len)

@@ -59,3 +59,30 @@ def is_final_step(text: str, finish_reason: str, eos: bool) -> bool:
 def prefix_text(steps: Sequence[str]) -> str:
     """The assistant text so far, steps joined by the delimiter, with a trailing delimiter."""
     return "".join(s + STEP_DELIMITER for s in steps)
+
+
+def make_backend(spec: str, *, params: float | None = None, cache=None, seed: int = 0,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5) -> Backend:
+    """A backend from a spec: `vllm:PATH_OR_HUB_NAME`, `openai:MODEL[@BASE_URL]`,
+    `openai-completions:MODEL@BASE_URL` or `tinylm:small|large` (the embedded default).
+
+    Clients are imported lazily, so only the kind asked for must be installed."""
+    kind, _, rest = spec.partition(":")
+    if kind == "vllm":
+        from generation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(rest, params=params, tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+    if kind in ("openai", "openai-completions"):
+        from generation.openai_backend import OpenAIBackend
+
+        model, _, base = rest.partition("@")
+        return OpenAIBackend(model, base_url=base or None, params=params or 0.0,
+                             mode="chat" if kind == "openai" else "completions",
+                             cache_path=cache, seed=seed)
+    if kind == "tinylm":
+        from generation.tinylm import backend as tiny
+
+        return tiny.load(rest)
+    raise ValueError(f"unknown backend spec {spec!r} (vllm:…, openai:…, openai-completions:…, "
+                     "tinylm:small|large)")

@@ -117,3 +117,19 @@ def split(problems: Sequence[Problem], fractions: Sequence[float] = (0.5, 0.2, 0
     names[order[:n_train]] = "train"
     names[order[n_train:n_train + n_cal]] = "cal"
     return {p.problem_id: str(names[i]) for i, p in enumerate(problems)}
+
+
+def cal_and_test(name: str, path: str | Path | None = None, limit: int | None = None,
+                 seed: int = 0, tiny_sizes: tuple[int, int] = (150, 250)
+                 ) -> tuple[list[Problem], list[Problem]]:
+    """The calibration and test problems of a dataset (its seeded `split`), or, for `tiny`, of
+    the embedded procedural task (`tiny_sizes` problems each)."""
+    if name == "tiny":
+        from generation.tinylm import task
+
+        return ([p.problem for p in task.generate(tiny_sizes[0], seed, "cal")],
+                [p.problem for p in task.generate(tiny_sizes[1], seed, "test")])
+    problems = load(name, path, limit)
+    which = split(problems, seed=seed)
+    return ([p for p in problems if which[p.problem_id] == "cal"],
+            [p for p in problems if which[p.problem_id] == "test"])

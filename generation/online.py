@@ -1,32 +1,27 @@
 """Online routing: live stepwise generation for a batch of problems with any routing rule.
 
 Every live problem has a current model. Each round, the current models write the next step of
-their problems (one batched call per model); the rule looks at each draft and answers with the
-model that should own that step:
+their problems (one batched call per model); the rule (`generation.rules`) looks at each draft
+and answers with the model that should own that step:
 
 - the same model → the draft is accepted;
 - a larger model k' → the draft is discarded (its tokens are still paid for) and k' writes the
-  step from the same prefix. A *sticky* rule (the TCPO router, STEER: the paper's one-way action
-  space) then stays with k'; when k' is the largest model it writes the rest of the solution in
-  one call, exactly like a leaf of a trace tree, so offline and online costs are comparable. A
-  *per-step* rule (RSD, SpecReason) lets k' write only that step and returns to model 0.
+  step from the same prefix. A *sticky* rule then stays with k'; when k' is the largest model it
+  writes the rest of the solution in one call, exactly like a leaf of a trace tree, so offline
+  and online costs are comparable. A *per-step* rule lets k' write only that step and returns
+  to model 0.
 
 A rule may score drafts with a model of its own (RSD's process reward model, SpecReason's judge);
-that compute is kept in a separate `scorer_cost` column, never in the generation cost.
-
-Records (`paths.jsonl`, one problem per line, next to a trace-format `manifest.json`) keep every
-generated piece — text, model, features, the rule's score and decision, whether it was kept —
-and its cost in the trace format's cost fields.
+that compute is kept in a separate `scorer_cost` column, never in the generation cost. Each
+problem's record (`jaxroute.records`) keeps every generated piece — text, model, features, the
+rule's score and decision, whether it was kept — with its cost in the trace format's fields.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,127 +29,7 @@ from generation import costs, features, tracegen
 from generation.answers import AnswerChecker, Verdict
 from generation.backend import Backend, StepRequest, StepResult, prefix_text
 from generation.datasets import Problem
-from jaxroute import baselines, trace
-
-PATHS = "paths.jsonl"
-
-
-@dataclasses.dataclass(frozen=True)
-class View:
-    """What a rule sees: model `model` has just drafted the next step of `problem`."""
-
-    problem: Problem
-    steps: tuple[str, ...]  # accepted steps before the draft
-    draft: StepResult
-    model: int
-    features: np.ndarray  # [D] in features.FEATURE_NAMES order
-
-
-@dataclasses.dataclass(frozen=True)
-class Decision:
-    model: int  # who owns this step: == view.model accepts the draft
-    score: float | None = None  # the rule's score of the draft (PRM reward, judge score, …)
-    scorer_cost: dict | None = None  # compute spent on scoring it (flops, tokens, usd)
-
-
-class Rule(Protocol):
-    name: str
-    sticky: bool  # after an escalation, stay with the larger model
-    start_model: int
-
-    def decide(self, views: Sequence[View]) -> list[Decision]: ...
-
-
-# -- rules -----------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class FixedRule:
-    """small-only (model 0) or large-only (the largest model): never switches."""
-
-    name: str
-    start_model: int
-    sticky: bool = True
-
-    def decide(self, views):
-        return [Decision(v.model) for v in views]
-
-
-@dataclasses.dataclass
-class RouterRule:
-    """The trained TCPO router (eq. 6) from an exported checkpoint (`jaxroute.export.Router`)."""
-
-    router: Any
-    name: str = "TCPO router (ours)"
-    sticky: bool = True
-    start_model: int = 0
-
-    def decide(self, views):
-        if not views:
-            return []
-        feats = np.stack([v.features for v in views]).astype(np.float32)
-        models = np.array([v.model for v in views], np.int32)
-        targets = np.asarray(self.router.decide(feats, models))
-        return [Decision(int(t)) for t in targets]
-
-
-@dataclasses.dataclass
-class SteerRule:
-    """STEER: escalate to the largest model (sticky) when the per-step GMM posterior of the
-    high-confidence component is below τ (`jaxroute.baselines.Steer`, fitted on train traces)."""
-
-    steer: Any
-    tau: float
-    num_models: int
-    name: str = "STEER"
-    sticky: bool = True
-    start_model: int = 0
-
-    def decide(self, views):
-        if not views:
-            return []
-        f = np.stack([v.features for v in views])
-        b = np.clip(f[:, self.steer.step_feature].astype(int), 0, self.steer.max_bucket)
-        post = baselines.posterior_high(self.steer.mixture, f[:, self.steer.feature], b)
-        return [Decision(self.num_models - 1 if p < self.tau and v.model == 0 else v.model,
-                         float(p)) for v, p in zip(views, post, strict=True)]
-
-
-class StepScorer(Protocol):
-    """Scores the last step of each (question, steps) in [0, 1]; returns (scores, costs)."""
-
-    name: str
-
-    def score(self, items: Sequence[tuple[str, tuple[str, ...]]]
-              ) -> tuple[list[float], list[dict]]: ...
-
-
-@dataclasses.dataclass
-class ScoreRule:
-    """RSD (a process reward model) and SpecReason (a judge): a model-0 draft whose score is below
-    the threshold is regenerated by the largest model, for that step only (not sticky)."""
-
-    scorer: StepScorer
-    threshold: float
-    num_models: int
-    name: str = "RSD"
-    sticky: bool = False
-    start_model: int = 0
-
-    def decide(self, views):
-        todo = [i for i, v in enumerate(views) if v.model == 0]
-        out = [Decision(v.model) for v in views]
-        if not todo:
-            return out
-        scores, cst = self.scorer.score([(views[i].problem.question,
-                                          views[i].steps + (views[i].draft.text,)) for i in todo])
-        for i, s, c in zip(todo, scores, cst, strict=True):
-            target = self.num_models - 1 if s < self.threshold else 0
-            out[i] = Decision(target, float(s), c)
-        return out
-
-
-# -- the engine ------------------------------------------------------------------------------------
+from generation.rules import Rule, View
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,115 +184,3 @@ def _sum_cost(cs: Sequence[dict]) -> dict:
         for k, v in c.items():
             out[k] = out.get(k, 0.0) + float(v)
     return out
-
-
-# -- records → metrics -----------------------------------------------------------------------------
-
-
-def record_cost(rec: dict, models: Sequence[trace.ModelInfo], cost_model: str) -> float:
-    """Generation cost of one problem in `cost_model` units, discarded drafts included."""
-    return float(sum(trace.cost_of(p["cost"], models[p["model"]], cost_model)
-                     for p in rec["pieces"]))
-
-
-def scorer_cost(rec: dict, cost_model: str) -> float:
-    """The rule's own scoring compute in the same units (FLOPs or US cents)."""
-    c = rec.get("scorer_cost") or {}
-    if cost_model == "usd_cents":
-        return 100.0 * float(c.get("usd", 0.0))
-    return float(c.get("flops", 0.0)) / trace.FLOP_UNITS[cost_model]
-
-
-def outcome(records: Sequence[dict], large_right: dict[str, bool],
-            models: Sequence[trace.ModelInfo], cost_model: str):
-    """`jaxroute.evaluate.Outcome` of an online run (R_M from a large-only run)."""
-    from jaxroute.evaluate import Outcome
-
-    pids = sorted({r["problem_id"] for r in records})
-    index = {p: i for i, p in enumerate(pids)}
-    esc = []
-    for r in records:
-        # The first piece that model 0 did not keep (a discarded draft, or a larger model's).
-        first = [i for i, p in enumerate(r["pieces"]) if not p.get("kept", True)
-                 or p["model"] != 0]
-        esc.append(first[0] if first else -1)
-    return Outcome(correct=np.array([r["correct"] for r in records], bool),
-                   cost=np.array([record_cost(r, models, cost_model) for r in records]),
-                   escalation=np.array(esc),
-                   large_right=np.array([large_right[r["problem_id"]] for r in records], bool),
-                   problems=np.array([index[r["problem_id"]] for r in records]))
-
-
-# -- files -----------------------------------------------------------------------------------------
-
-
-def write_paths(folder: Path, manifest: trace.Manifest, records: Sequence[dict]) -> Path:
-    """`manifest.json` + `paths.jsonl` (atomic: a reader never sees a half-written file)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    trace.atomic_write_text(folder / trace.MANIFEST, json.dumps(manifest.to_json(), indent=2)
-                            + "\n")
-    trace.atomic_write_text(folder / PATHS, "".join(json.dumps(r) + "\n" for r in records))
-    return folder
-
-
-def read_paths(folder: Path) -> tuple[trace.Manifest, list[dict]]:
-    folder = Path(folder)
-    manifest = trace.read_manifest(folder)
-    out = []
-    for line, rec in trace.read_records(folder / PATHS):
-        where = f"{folder / PATHS}:{line}"
-        for key, kind in (("problem_id", str), ("correct", bool), ("pieces", list)):
-            if not isinstance(rec.get(key), kind):
-                raise trace.TraceFormatError(f"{where}: field {key!r} must be {kind.__name__}")
-        for j, p in enumerate(rec["pieces"]):
-            if not isinstance(p.get("model"), int) or not 0 <= p["model"] < manifest.num_models:
-                raise trace.TraceFormatError(f"{where}.pieces[{j}]: field 'model' out of range")
-            if not isinstance(p.get("cost"), dict):
-                raise trace.TraceFormatError(f"{where}.pieces[{j}]: field 'cost' missing")
-        out.append(rec)
-    return manifest, out
-
-
-# -- evaluation: the same metrics as the offline table -------------------------------------------
-
-GRID = tuple(round(0.1 * i, 1) for i in range(11))  # the paper's 0.1-step threshold grid
-
-
-def summarize_run(records: Sequence[dict], large_right: dict[str, bool],
-                  models: Sequence[trace.ModelInfo], cost_model: str, seed: int = 0) -> dict:
-    """`jaxroute.evaluate.summarize` of an online run, plus the scorer column and the share of
-    generated tokens that were discarded drafts."""
-    from jaxroute.evaluate import summarize
-
-    row = summarize(outcome(records, large_right, models, cost_model), seed)
-    row["scorer_cost"] = float(np.mean([scorer_cost(r, cost_model) for r in records]))
-    gen = sum(p["cost"]["output_tokens"] for r in records for p in r["pieces"])
-    dropped = sum(p["cost"]["output_tokens"] for r in records for p in r["pieces"]
-                  if not p.get("kept", True))
-    row["discarded_token_share"] = dropped / gen if gen else 0.0
-    return row
-
-
-def grid_search(make_rule: Callable[[float], Rule], grid: Sequence[float],
-                cal: Sequence[Problem], test: Sequence[Problem], run: Callable, large_right,
-                models, cost_model: str, large_acc_cal: float, seed: int = 0) -> dict:
-    """Run a thresholded rule at every grid point on `cal`, keep the point chosen by the offline
-    rule (`jaxroute.evaluate.select_on_cal`), and report it — and the whole curve — on `test`.
-
-    `run(problems, rule) -> records` generates (so callers choose backends, checker, config).
-    """
-    from jaxroute.evaluate import select_on_cal
-
-    curve_cal = [summarize_run(run(cal, make_rule(g)), large_right, models, cost_model, seed)
-                 for g in grid]
-    i = select_on_cal(curve_cal, large_acc_cal)
-    curve_test, chosen = [], None
-    for j, g in enumerate(grid):
-        recs = run(test, make_rule(g))
-        curve_test.append(dict(summarize_run(recs, large_right, models, cost_model, seed),
-                               threshold=float(g)))
-        if j == i:
-            chosen = recs
-    return {"row": dict(curve_test[i]), "curve": curve_test, "records": chosen,
-            "threshold": float(grid[i])}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 
 from generation import costs
@@ -166,3 +167,30 @@ class VLLMJudge:
             spent.append({"flops": 2.0 * be.params * (n + 1), "input_tokens": n,
                           "output_tokens": 1, "usd": 0.0})
         return scores, spent
+
+
+def from_spec(spec: str, backends, *, role: str, cache=None, seed: int = 0):
+    """A step scorer from a spec, or None for an empty spec.
+
+    `tiny` (the embedded stand-ins: the tiny PRM for `role="prm"`, the tiny judge on the large
+    tiny LM for `role="judge"`), `vllm-large` (SpecReason's judge on the large in-process vLLM
+    engine), `vllm:MODEL[:qwen|skywork]` (a process reward model), `openai:MODEL[@BASE_URL]`
+    (a judge on any OpenAI-compatible chat endpoint)."""
+    if not spec:
+        return None
+    if spec == "tiny":
+        from generation.tinylm import scorers as tiny
+
+        return tiny.load_prm() if role == "prm" else tiny.TinyJudge(backends[-1])
+    if spec == "vllm-large":
+        return VLLMJudge(backends[-1])
+    kind, _, rest = spec.partition(":")
+    if kind == "vllm":
+        m = re.fullmatch(r"(.+?)(?::(qwen|skywork))?", rest)
+        return VLLMRewardModel(m.group(1), prompt_format=m.group(2) or "qwen")
+    if kind == "openai":
+        from generation.backend import make_backend
+
+        return OpenAIJudge(make_backend(spec, cache=cache, seed=seed))
+    raise ValueError(f"unknown scorer spec {spec!r} (tiny, vllm-large, vllm:MODEL[:qwen|skywork], "
+                     "openai:MODEL[@BASE_URL])")

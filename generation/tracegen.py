@@ -26,7 +26,7 @@ from generation import costs, features
 from generation.answers import AnswerChecker, Verdict
 from generation.backend import Backend, StepRequest, StepResult, prefix_text
 from generation.datasets import Problem
-from jaxroute import trace
+from jaxroute import durable, trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,25 @@ def seed_for(key: str, base: int) -> int:
 
 
 _cost = costs.generation_cost
+
+
+@dataclasses.dataclass
+class _Tree:
+    """The segments of a chunk's trees and the leaves they need."""
+
+    segments: list[_Segment]
+    children: dict[int, dict[tuple[int, int], _Segment]] = dataclasses.field(default_factory=dict)
+    leaf_jobs: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (seg, t, k)
+    leaf_prefixes: list[tuple[Problem, list[str], str]] = dataclasses.field(
+        default_factory=list)  # (problem, prefix steps, path) of each leaf job
+
+
+@dataclasses.dataclass
+class _Checks:
+    seg_ok: list[bool]  # per segment: its own answer is correct
+    leaf: dict[tuple[int, int], tuple[StepResult, bool]]  # (segment, step) → leaf and verdict
+    mid_ok: list  # verdicts of the intermediate models' solo runs, problem-major
+    labels: dict[tuple[int, int], bool | None]  # verifier label per (segment, step)
 
 
 class TraceGenerator:
@@ -140,124 +159,137 @@ class TraceGenerator:
                                           max_tokens=self.cfg.max_tokens_per_solution)
 
     def generate(self, problems: Sequence[Problem], splits: dict[str, str]) -> list[dict]:
-        """Trace-tree records for `problems` (see `jaxroute.trace` for the format)."""
+        """Trace-tree records for `problems` (see `jaxroute.trace` for the format), in five
+        phases: the segments of every tree, the leaves, the intermediate models' solo runs,
+        answer checks and verifier labels, and the records."""
+        tree = self._segments(problems)
+        leaf_results = self._leaves(tree.leaf_prefixes) if tree.leaf_prefixes else []
+        mid_solo = self._mid_solo(problems)
+        checks = self._checks(problems, tree, leaf_results, mid_solo)
+        return [self._record(i, p, splits[p.problem_id], tree, mid_solo, checks)
+                for i, p in enumerate(problems)]
+
+    def _segments(self, problems: Sequence[Problem]) -> _Tree:
+        """Every segment of every problem's tree (roots, then branches to intermediate models,
+        breadth first), generated step by step, and the leaf jobs they spawn."""
         k_models = len(self.backends)
         roots = [_Segment(p, 0, [], [], 0, f"r{j}", idx=i * self.cfg.roots + j)
                  for i, p in enumerate(problems) for j in range(self.cfg.roots)]
-        all_segments: list[_Segment] = list(roots)
+        tree = _Tree(segments=list(roots))
         frontier = list(roots)
-        children: dict[int, dict[tuple[int, int], _Segment]] = {}
-        leaf_jobs: list[tuple[int, int, int]] = []  # (segment index, step, model)
         while frontier:
             self._expand(frontier)
             nxt = []
             for seg in frontier:
-                si = seg.idx
                 for t in range(len(seg.results)):
                     prefix = seg.prefix + [r.text for r in seg.results[:t]]
                     for kp in range(seg.model + 1, k_models):
                         if kp == k_models - 1:
-                            leaf_jobs.append((si, t, kp))
+                            tree.leaf_jobs.append((seg.idx, t, kp))
+                            tree.leaf_prefixes.append(
+                                (seg.problem, prefix, f"{seg.path}.{t}>{kp}"))
                         else:
                             child = _Segment(seg.problem, kp, prefix, None, seg.start + t,
-                                             f"{seg.path}.{t}>{kp}", idx=len(all_segments))
-                            children.setdefault(si, {})[(t, kp)] = child
-                            all_segments.append(child)
+                                             f"{seg.path}.{t}>{kp}", idx=len(tree.segments))
+                            tree.children.setdefault(seg.idx, {})[(t, kp)] = child
+                            tree.segments.append(child)
                             nxt.append(child)
             frontier = nxt
-        jobs = []
-        for si, t, _ in leaf_jobs:
-            seg = all_segments[si]
-            jobs.append((seg.problem, seg.prefix + [r.text for r in seg.results[:t]],
-                         f"{seg.path}.{t}>{k_models - 1}"))
-        leaf_results = self._leaves(jobs) if jobs else []
-        # Solo runs of intermediate models (model 0: root 0; largest: root 0's branch at step 0).
-        mid_solo = {}
-        for k in range(1, k_models - 1):
+        return tree
+
+    def _mid_solo(self, problems: Sequence[Problem]) -> dict[tuple[str, int], StepResult]:
+        """Intermediate models alone from scratch (model 0's solo run is root 0, the largest
+        model's is root 0's branch at step 0)."""
+        out = {}
+        for k in range(1, len(self.backends) - 1):
             reqs = [StepRequest(_key(p.problem_id, f"solo{k}"), p.question, (), None,
                                 seed_for(_key(p.problem_id, f"solo{k}"), self.cfg.seed))
                     for p in problems]
             for p, r in zip(problems, self.backends[k].generate(
                     reqs, whole=True, max_tokens=self.cfg.max_tokens_per_solution), strict=True):
-                mid_solo[(p.problem_id, k)] = r
-        # Answer checking, all at once: segments, leaves, intermediate-model solo runs.
+                out[(p.problem_id, k)] = r
+        return out
+
+    def _checks(self, problems, tree: _Tree, leaf_results, mid_solo) -> _Checks:
+        """Answer checks of segments, leaves and solo runs, all at once; verifier labels of
+        every generated step."""
+        k_models = len(self.backends)
         seg_items = [(prefix_text(seg.prefix + [r.text for r in seg.results]), seg.problem.gold,
-                      seg.problem.dataset) for seg in all_segments]
+                      seg.problem.dataset) for seg in tree.segments]
         leaf_items = [(prefix_text(prefix) + r.text, p.gold, p.dataset)
-                      for (p, prefix, _), r in zip(jobs, leaf_results, strict=True)]
+                      for (p, prefix, _), r in zip(tree.leaf_prefixes, leaf_results, strict=True)]
         mid_items = [(mid_solo[(p.problem_id, k)].text, p.gold, p.dataset)
                      for p in problems for k in range(1, k_models - 1)]
         verdicts = self.checker.check_many(seg_items + leaf_items + mid_items)
         n_seg, n_leaf = len(seg_items), len(leaf_items)
-        seg_ok = [v == Verdict.CORRECT for v in verdicts[:n_seg]]
-        leaf_ok = [v == Verdict.CORRECT for v in verdicts[n_seg:n_seg + n_leaf]]
-        mid_ok = verdicts[n_seg + n_leaf:]
-        # Step verifier labels for every generated step.
         ver_items, ver_index = [], []
         if self.verifier is not None:
-            for si, seg in enumerate(all_segments):
+            for si, seg in enumerate(tree.segments):
                 for t, r in enumerate(seg.results):
                     ver_items.append((seg.problem.question,
                                       seg.prefix + [x.text for x in seg.results[:t]], r.text))
                     ver_index.append((si, t))
         labels = dict(zip(ver_index, self.verifier(ver_items), strict=True)) if ver_items else {}
-        leaf_map = {(si, t): (r, ok) for (si, t, _), r, ok in
-                    zip(leaf_jobs, leaf_results, leaf_ok, strict=True)}
+        leaf_ok = [v == Verdict.CORRECT for v in verdicts[n_seg:n_seg + n_leaf]]
+        return _Checks(seg_ok=[v == Verdict.CORRECT for v in verdicts[:n_seg]],
+                       leaf={(si, t): (r, ok) for (si, t, _), r, ok in
+                             zip(tree.leaf_jobs, leaf_results, leaf_ok, strict=True)},
+                       mid_ok=verdicts[n_seg + n_leaf:], labels=labels)
 
-        def segment_record(si: int) -> dict:
-            seg = all_segments[si]
-            backend = self.backends[seg.model]
-            state = features.MathSpanState()
-            for s in seg.prefix:
-                state.feed(s)
-            steps = []
-            for t, r in enumerate(seg.results):
-                conf, state = features.step_confidence(r.tokens, r.confidence,
-                                                       r.confidence_kind, state)
-                branches = {}
-                for kp in range(seg.model + 1, k_models):
-                    if kp == k_models - 1:
-                        lr, ok = leaf_map[(si, t)]
-                        branches[str(kp)] = {"model": kp, "correct": ok,
-                                             "cost": _cost(lr, self.backends[kp].params),
-                                             **({"status": f"error: {lr.error}"} if lr.error
-                                                else {})}
-                    else:
-                        branches[str(kp)] = segment_record(children[si][(t, kp)].idx)
-                steps.append({
-                    "features": features.step_features(conf.value, seg.start + t,
-                                                       r.completion_tokens, r.is_final,
-                                                       seg.problem.difficulty),
-                    "cost": _cost(r, backend.params),
-                    "verifier_ok": labels.get((si, t)),
-                    "branches": branches,
-                    "math_tokens": conf.math_tokens,
-                })
-            return {"model": seg.model, "correct": bool(seg_ok[si]), "status": seg.status,
-                    "steps": steps}
+    def _segment_record(self, si: int, tree: _Tree, checks: _Checks) -> dict:
+        k_models = len(self.backends)
+        seg = tree.segments[si]
+        backend = self.backends[seg.model]
+        state = features.MathSpanState()
+        for s in seg.prefix:
+            state.feed(s)
+        steps = []
+        for t, r in enumerate(seg.results):
+            conf, state = features.step_confidence(r.tokens, r.confidence, r.confidence_kind,
+                                                   state)
+            branches = {}
+            for kp in range(seg.model + 1, k_models):
+                if kp == k_models - 1:
+                    lr, ok = checks.leaf[(si, t)]
+                    branches[str(kp)] = {"model": kp, "correct": ok,
+                                         "cost": _cost(lr, self.backends[kp].params),
+                                         **({"status": f"error: {lr.error}"} if lr.error else {})}
+                else:
+                    branches[str(kp)] = self._segment_record(tree.children[si][(t, kp)].idx,
+                                                             tree, checks)
+            steps.append({
+                "features": features.step_features(conf.value, seg.start + t,
+                                                   r.completion_tokens, r.is_final,
+                                                   seg.problem.difficulty),
+                "cost": _cost(r, backend.params),
+                "verifier_ok": checks.labels.get((si, t)),
+                "branches": branches,
+                "math_tokens": conf.math_tokens,
+            })
+        return {"model": seg.model, "correct": bool(checks.seg_ok[si]), "status": seg.status,
+                "steps": steps}
 
-        records = []
-        for i, p in enumerate(problems):
-            root_ids = [i * self.cfg.roots + j for j in range(self.cfg.roots)]
-            root_recs = [segment_record(si) for si in root_ids]
-            r0 = all_segments[root_ids[0]]
-            solo = [{"correct": bool(seg_ok[root_ids[0]]),
-                     "cost": _sum([_cost(r, self.backends[0].params) for r in r0.results])}]
-            for k in range(1, k_models - 1):
-                r = mid_solo[(p.problem_id, k)]
-                solo.append({"correct": mid_ok[i * (k_models - 2) + k - 1] == Verdict.CORRECT,
-                             "cost": _cost(r, self.backends[k].params)})
-            if r0.results:
-                lr, ok = leaf_map[(root_ids[0], 0)]
-                solo.append({"correct": ok, "cost": _cost(lr, self.backends[-1].params)})
-            else:  # the root failed before its first step: run the large model on its own
-                lr = self._leaves([(p, [], "solo")])[0]
-                ok = self.checker.check(lr.text, p.gold, p.dataset) == Verdict.CORRECT
-                solo.append({"correct": ok, "cost": _cost(lr, self.backends[-1].params)})
-            records.append({"problem_id": p.problem_id, "dataset": p.dataset,
-                            "difficulty": p.difficulty, "split": splits[p.problem_id],
-                            "solo": solo, "roots": root_recs})
-        return records
+    def _record(self, i: int, p: Problem, split: str, tree: _Tree, mid_solo,
+                checks: _Checks) -> dict:
+        """Problem i's record: its roots' trees and the solo runs."""
+        k_models = len(self.backends)
+        root_ids = [i * self.cfg.roots + j for j in range(self.cfg.roots)]
+        r0 = tree.segments[root_ids[0]]
+        solo = [{"correct": bool(checks.seg_ok[root_ids[0]]),
+                 "cost": _sum([_cost(r, self.backends[0].params) for r in r0.results])}]
+        for k in range(1, k_models - 1):
+            r = mid_solo[(p.problem_id, k)]
+            solo.append({"correct": checks.mid_ok[i * (k_models - 2) + k - 1] == Verdict.CORRECT,
+                         "cost": _cost(r, self.backends[k].params)})
+        if r0.results:
+            lr, ok = checks.leaf[(root_ids[0], 0)]
+        else:  # the root failed before its first step: run the large model on its own
+            lr = self._leaves([(p, [], "solo")])[0]
+            ok = self.checker.check(lr.text, p.gold, p.dataset) == Verdict.CORRECT
+        solo.append({"correct": ok, "cost": _cost(lr, self.backends[-1].params)})
+        return {"problem_id": p.problem_id, "dataset": p.dataset, "difficulty": p.difficulty,
+                "split": split, "solo": solo,
+                "roots": [self._segment_record(si, tree, checks) for si in root_ids]}
 
 
 def _sum(cs: list[dict]) -> dict:
@@ -294,10 +326,10 @@ def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str]
             raise ValueError(f"{mpath}: existing trace set was made with other models, weights or "
                              "features; use a new --out folder")
     else:
-        trace.atomic_write_text(mpath, json.dumps(manifest.to_json(), indent=2) + "\n")
+        durable.atomic_write_text(mpath, json.dumps(manifest.to_json(), indent=2) + "\n")
     tpath = out / trace.TREES
     tpath.touch()
-    dropped = trace.repair_tail(tpath)
+    dropped = durable.repair_tail(tpath)
     done = set()
     if tpath.exists():
         done = {rec["problem_id"] for _, rec in trace.read_records(tpath)}
@@ -313,7 +345,7 @@ def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str]
         records = gen.generate(chunk, splits)
         for r in records:
             trace.validate_problem(r, manifest, where=f"{tpath}: generated")
-        trace.append_records(tpath, records)
+        durable.append_records(tpath, records)
         if spend is not None:
             for k, v in spend(records).items():
                 totals[k] = totals.get(k, 0.0) + v

@@ -111,14 +111,23 @@ def fit_steer(trees: PackedTrees, confidence: int, step_index: int,
     return Steer(mix, confidence, step_index, max_bucket)
 
 
-def steer_posterior(steer: Steer, trees: PackedTrees) -> np.ndarray:
-    """`[P, S, T]` posterior of the high-confidence component at every node."""
-    b = np.clip(trees.features[..., steer.step_feature].astype(int), 0, steer.max_bucket)
-    return posterior_high(steer.mixture, trees.features[..., steer.feature], b)
+def fit_steer_on_train(trees: PackedTrees, feature_names) -> Steer:
+    """STEER fitted on the train split of `trees`, its features found by name
+    (`confidence`, `step_index`)."""
+    names = list(feature_names)
+    return fit_steer(trees.subset(trees.split_indices("train")), names.index("confidence"),
+                     names.index("step_index"))
+
+
+def steer_posterior(steer: Steer, features: np.ndarray) -> np.ndarray:
+    """STEER's score: the posterior of the high-confidence component for step features
+    `[..., D]` (every node of packed trees offline, a batch of drafts online). `[...]`."""
+    b = np.clip(features[..., steer.step_feature].astype(int), 0, steer.max_bucket)
+    return posterior_high(steer.mixture, features[..., steer.feature], b)
 
 
 def steer_actions(steer: Steer, trees: PackedTrees, tau: float) -> np.ndarray:
-    return escalate_where(trees, steer_posterior(steer, trees) < tau)
+    return escalate_where(trees, steer_posterior(steer, trees.features) < tau)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxroute import tcpo, threshold
+from jaxroute.core import threshold
 from jaxroute.trace import PackedTrees
+from jaxroute.types import Rollout
 
 
 class Walk(NamedTuple):
@@ -116,14 +117,14 @@ def node_log_probs(log_prob_fn: Callable, sub: PackedTrees) -> jax.Array:
 
 
 def rollout(trees: PackedTrees, problems, roots, log_prob_fn: Callable, key: jax.Array,
-            h: int) -> tuple[tcpo.Rollout, Walk]:
+            h: int) -> tuple[Rollout, Walk]:
     """Stochastic rollouts of π on the given instances, as the padded batch `tcpo.update` takes."""
     sub = gather(trees, problems)
     logp = node_log_probs(log_prob_fn, sub)
     node_action = jax.random.categorical(key, logp).astype(jnp.int32)
     w = walk(trees, problems, roots, node_action, h)
     rows = jnp.arange(problems.shape[0])[:, None]
-    batch = tcpo.Rollout(
+    batch = Rollout(
         obs=sub.features[rows, w.seg, w.step],
         model=w.model,
         action=w.action,

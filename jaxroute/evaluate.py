@@ -1,20 +1,23 @@
-"""Offline evaluation on trace trees: the trained router (eq. 6) against baselines and the oracle.
+"""Evaluation: the trained router (eq. 6) against baselines and the oracle, offline and live.
 
-Every method is a per-node action array replayed by `env.walk` on the test split's instances
-(problem × sampled root), so all are scored on the same generations. Baselines with a threshold
-pick it on the *calibration* split with the paper's 0.1 grid, then are scored on test.
+Offline, every method is a per-node action array replayed by `env.walk` on the test split's
+instances (problem × sampled root), so all are scored on the same generations. Live runs
+(`jaxroute.records`) become the same `Outcome` (`records_outcome`) and the same summary. Either
+way a thresholded method is run over its grid on the calibration split, one point is chosen
+there, and that point (and the whole curve) is reported on the test split: `choose_point` is the
+one routine for both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxroute import baselines, env
+from jaxroute import baselines, env, records
 from jaxroute.trace import PackedTrees
 
 
@@ -57,6 +60,18 @@ def bootstrap_ci(values: np.ndarray, groups: np.ndarray, seed: int = 0, reps: in
     means = sums[idx].sum(1) / counts[idx].sum(1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann–Whitney U / n₊n₋);
+    nan when a class is empty. `scores`, `labels` `[N]`."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inv, cnt = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(cnt) - (cnt - 1) / 2.0)[inv]  # average 1-based rank over ties
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def summarize(o: Outcome, seed: int = 0) -> dict[str, Any]:
@@ -147,6 +162,16 @@ def cost_at_accuracy(curve: list[dict], accuracy: float) -> float:
     return float(np.interp(accuracy, xs, ys))
 
 
+def choose_point(grid: Sequence[float], curve_cal: list[dict], curve_test: list[dict],
+                 large_acc_cal: float) -> dict[str, Any]:
+    """The one "select on the calibration split, report on the test split" routine (offline
+    sweeps and live grid searches): the point `select_on_cal` picks on `curve_cal`, its test
+    row (with its threshold) and the whole test curve."""
+    i = select_on_cal(curve_cal, large_acc_cal)
+    curve = [dict(r, threshold=float(g)) for r, g in zip(curve_test, grid, strict=True)]
+    return {"index": i, "threshold": float(grid[i]), "row": dict(curve[i]), "curve": curve}
+
+
 def sweep(name: str, actions_fn: Callable[[float], np.ndarray], grid, trees, dev, cal, test,
           large_acc: float) -> dict[str, Any]:
     """Run a thresholded method over `grid` on cal and test; pick on cal; report test."""
@@ -154,11 +179,7 @@ def sweep(name: str, actions_fn: Callable[[float], np.ndarray], grid, trees, dev
     full_c = {g: actions_fn(g) for g in grid}
     curve_cal = [summarize(walk_outcome(trees, dev, pc, rc, full_c[g][pc])) for g in grid]
     curve_test = [summarize(walk_outcome(trees, dev, pt, rt, full_c[g][pt])) for g in grid]
-    i = select_on_cal(curve_cal, large_acc)
-    row = dict(curve_test[i])
-    row["threshold"] = float(grid[i])
-    return {"name": name, "row": row, "curve": [dict(r, threshold=float(g))
-                                                for r, g in zip(curve_test, grid, strict=True)]}
+    return {"name": name, **choose_point(grid, curve_cal, curve_test, large_acc)}
 
 
 def evaluate_all(trees: PackedTrees, log_prob_fn: Callable, kappa: float, alpha: float,
@@ -244,3 +265,38 @@ def matched_costs(rows: list[dict], curves: dict[str, list[dict]],
 def policy_fn(networks, state) -> Callable:
     """`log_prob_fn` of a trained state."""
     return lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m)
+
+
+# ------------------------------------------------------------------------------------------------
+# Live runs (records of `generation.online.run_online`, see `jaxroute.records`)
+
+
+def records_outcome(recs: Sequence[dict], large_right: dict[str, bool],
+                    models: Sequence, cost_model: str) -> Outcome:
+    """The `Outcome` of a live run; R_M per problem id from `large_right`. The escalation index
+    is the first piece that model 0 did not keep (a discarded draft, or a larger model's)."""
+    pids = sorted({r["problem_id"] for r in recs})
+    index = {p: i for i, p in enumerate(pids)}
+    esc = []
+    for r in recs:
+        first = [i for i, p in enumerate(r["pieces"]) if not p.get("kept", True)
+                 or p["model"] != 0]
+        esc.append(first[0] if first else -1)
+    return Outcome(correct=np.array([r["correct"] for r in recs], bool),
+                   cost=np.array([records.record_cost(r, models, cost_model) for r in recs]),
+                   escalation=np.array(esc),
+                   large_right=np.array([large_right[r["problem_id"]] for r in recs], bool),
+                   problems=np.array([index[r["problem_id"]] for r in recs]))
+
+
+def summarize_records(recs: Sequence[dict], large_right: dict[str, bool], models: Sequence,
+                      cost_model: str, seed: int = 0) -> dict[str, Any]:
+    """`summarize` of a live run, plus the scorer column (its mean per problem) and the share of
+    generated tokens that were discarded drafts."""
+    row = summarize(records_outcome(recs, large_right, models, cost_model), seed)
+    row["scorer_cost"] = float(np.mean([records.scorer_cost(r, cost_model) for r in recs]))
+    gen = sum(p["cost"]["output_tokens"] for r in recs for p in r["pieces"])
+    dropped = sum(p["cost"]["output_tokens"] for r in recs for p in r["pieces"]
+                  if not p.get("kept", True))
+    row["discarded_token_share"] = dropped / gen if gen else 0.0
+    return row

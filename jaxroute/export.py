@@ -24,8 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxroute import networks as nets_lib
-from jaxroute import threshold
-from jaxroute.trace import atomic_write_text
+from jaxroute.core import threshold
+from jaxroute.durable import atomic_write_text
 
 ROUTER_SCHEMA = 1
 
@@ -134,3 +134,18 @@ def load_router(path: str | Path, feature_names: Sequence[str] | None = None,
     norm = nets_lib.Normalizer(jnp.asarray(tree["norm_mean"]), jnp.asarray(tree["norm_std"]))
     return Router(networks=networks, policy_params=tree["policy"], normalizer=norm,
                   kappa=float(meta["kappa"]), meta=meta)
+
+
+def export_trained(path: str | Path, result, manifest, config, extra: dict | None = None) -> Path:
+    """The one export path of a trained router (`trainer.train`'s result): everything serving
+    needs to check it — feature spec, models (names, parameter counts, prices), α, κ (deployed
+    and online), network shape, the training config and the trace set's provenance."""
+    return export_router(
+        path, result.networks, result.state.policy_params, result.state.normalizer, result.kappa,
+        feature_names=manifest.feature_names, model_names=[m.name for m in manifest.models],
+        alpha=config.tcpo.alpha, hidden=config.hidden,
+        extra={"kappa_online": result.kappa_online,
+               "calibration_feasible": result.calibration_feasible,
+               "models": [dataclasses.asdict(m) for m in manifest.models],
+               "trace_provenance": manifest.provenance, "synthetic": manifest.synthetic,
+               "train_config": dataclasses.asdict(config), **(extra or {})})

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxroute import threshold
+from jaxroute.core import threshold
 
 
 class Normalizer(NamedTuple):

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxroute import trace
+from jaxroute.types import Rollout
 
 FEATURES = ("confidence", "step_index", "step_length", "is_final", "difficulty")
 
@@ -174,3 +176,22 @@ def _sum_costs(costs) -> dict:
         for key in total:
             total[key] += c[key]
     return total
+
+
+def synthetic_rollout(seed: int, b: int, t: int, d: int, k: int = 2) -> Rollout:
+    """A random padded `Rollout` of b episodes × t slots × d features (uniform behaviour over k
+    actions) for kernel tests and benchmarks; not a routing world."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, t + 1, b)
+    mask = np.arange(t)[None] < lengths[:, None]
+    return Rollout(
+        obs=jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32),
+        model=jnp.zeros((b, t), jnp.int32),
+        action=jnp.asarray(rng.integers(0, k, (b, t)), jnp.int32),
+        log_behaviour=jnp.full((b, t), np.log(1.0 / k), jnp.float32),
+        cost=jnp.asarray(rng.uniform(0, 2, (b, t)), jnp.float32),
+        verifier_ok=jnp.asarray(rng.random((b, t)) < 0.8),
+        mask=jnp.asarray(mask),
+        correct=jnp.asarray(rng.random(b) < 0.6),
+        large_wrong=jnp.asarray(rng.random(b) < 0.2),
+    )

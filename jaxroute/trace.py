@@ -32,12 +32,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from jaxroute.durable import atomic_write_text
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -97,56 +98,6 @@ class Manifest:
             raise TraceFormatError(f"{path}: field 'feature_names' is empty")
         return cls(models=models, feature_names=feats, provenance=d.get("provenance", {}),
                    synthetic=bool(d.get("synthetic", False)), schema_version=version)
-
-
-# ------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temporary file and rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def append_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
-    """Append JSON lines durably: one write of whole lines, then fsync.
-
-    A crash can leave at most a torn *last* line, which `read_records` reports and `repair_tail`
-    drops; earlier lines are never touched.
-    """
-    text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-    if not text:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def repair_tail(path: str | os.PathLike) -> int:
-    """Drop a torn final line (no trailing newline) left by a crash. Returns bytes removed."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return 0
-    keep = data.rfind(b"\n") + 1
-    with open(path, "r+b") as f:
-        f.truncate(keep)
-    return len(data) - keep
 
 
 def write_trace_set(folder: str | os.PathLike, manifest: Manifest, problems: Iterable[dict]) -> None:
@@ -429,3 +380,11 @@ def pack(manifest: Manifest, problems: Sequence[dict], cost_model: str = "flops"
                     else:
                         out["branch_seg"][i, s, t, kp] = link[s][(t, kp)]
     return PackedTrees(**out)
+
+
+def spend(manifest: Manifest, problems: Sequence[dict]) -> dict[str, float]:
+    """What generating `problems` cost: US dollars (at the manifest's prices) and PFLOPs."""
+    usd = pack(manifest, problems, "usd_cents")
+    flops = pack(manifest, problems, "flops")
+    return {"$": float(usd.step_cost.sum() + usd.branch_cost.sum()) / 100,
+            "PFLOPs": float(flops.step_cost.sum() + flops.branch_cost.sum()) / 1e3}

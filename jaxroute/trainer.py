@@ -9,6 +9,7 @@ one (same numbers as an uninterrupted run, since the chunk function is determini
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxroute import calibration, env, tcpo
+from jaxroute import env, tcpo
 from jaxroute import networks as nets_lib
+from jaxroute.core import calibration
 from jaxroute.trace import PackedTrees
 
 
@@ -221,6 +223,37 @@ def train(
         kappa = k_hat if feasible else 0.0  # infeasible: escalate everywhere Γ can
     return TrainResult(state=state, networks=networks, kappa_online=kappa_online, kappa=kappa,
                        calibration_feasible=feasible, history=hist)
+
+
+def train_and_export(trees: PackedTrees, manifest, config: TrainConfig, workdir: str | Path, *,
+                     source: str, cost_model: str, router_dir: str | Path | None = None,
+                     show_progress: bool = True) -> TrainResult:
+    """The one "train a router and export it" path of every entry point: records the run
+    (`workdir/train_config.json`: config, trace source, cost unit — what `launch.export` needs
+    to re-export), trains resumably with checkpoints in `workdir`, and exports the router with
+    `export.export_trained` to `router_dir` (default `workdir/router`)."""
+    from tqdm import tqdm
+
+    from jaxroute import export
+    from jaxroute.durable import atomic_write_text
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(workdir / "train_config.json", json.dumps(
+        {"config": dataclasses.asdict(config), "source": source, "cost_model": cost_model},
+        indent=2, default=str) + "\n")
+    bar = tqdm(total=config.iterations, desc="      train", unit="it", disable=not show_progress)
+
+    def progress(done, m):
+        bar.update(done - bar.n)
+        bar.set_postfix(kappa=f"{m['kappa']:.3f}", miss=f"{m['miscoverage']:.3f}",
+                        cost=f"{m['batch_cost']:.2f}", esc=f"{m['batch_escalated']:.2f}")
+
+    result = train(trees, config, workdir, progress)
+    bar.close()
+    export.export_trained(Path(router_dir) if router_dir else workdir / "router", result, manifest,
+                          config, {"cost_model": cost_model, "source": source})
+    return result
 
 
 def _save_history(path: Path, history: list[dict[str, np.ndarray]]) -> None:

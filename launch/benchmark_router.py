@@ -24,6 +24,7 @@ from generation.tinylm import backend as tiny
 from generation.tinylm import task
 from jaxroute import export
 from jaxroute import networks as nets_lib
+from launch.results import save
 
 _ROUTER = flags.DEFINE_string("router", None, "Exported router folder (default: a fresh one).")
 _BATCH = flags.DEFINE_integer("batch", 64, "Batch size of the batched measurements.")
@@ -73,6 +74,14 @@ def main(argv):
           f"(decision = {t_one / s_one:.2%} of a step)")
     print(f"small tiny LM step, {b} problems: {1e3 * s_many:8.3f} ms  "
           f"(decision = {t_many / s_many:.2%} of a step)")
+    save("router", "Exported router decision (eq. 6) vs one small tiny-LM step "
+                 f"(medians over {_REPEATS.value} decisions / 20 and 10 steps, warm)",
+                 ["measurement", "1 problem", f"{b} problems"],
+                 [["router decision (`Router.decide`)", f"{1e3 * t_one:.3f} ms",
+                   f"{1e3 * t_many:.3f} ms"],
+                  ["small tiny LM writing one step (≤ 64 tokens)", f"{1e3 * s_one:.2f} ms",
+                   f"{1e3 * s_many:.2f} ms"],
+                  ["decision / step", f"{t_one / s_one:.2%}", f"{t_many / s_many:.2%}"]])
 
 
 if __name__ == "__main__":

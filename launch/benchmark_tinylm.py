@@ -21,27 +21,11 @@ from generation.answers import extract_boxed
 from generation.backend import StepRequest
 from generation.tinylm import backend as tiny
 from generation.tinylm import task
+from jaxroute import evaluate
+from launch.results import save
 
 _N = flags.DEFINE_integer("problems", 250, "Test problems.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counted half (Mann–Whitney)."""
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    ranks = np.empty(len(order))
-    allv = np.concatenate([pos, neg])[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def stepwise(be, problems, seed, max_steps=8):
@@ -71,10 +55,12 @@ def main(argv):
     small, large = tiny.load("small"), tiny.load("large")
     reqs = [StepRequest(p.problem_id, p.question, (), None, _SEED.value + i)
             for i, p in enumerate(test)]
+    one_shot = {}
     for be in (small, large):
         be.generate(reqs[:8], whole=True, max_tokens=160)  # compile
         outs = be.generate(reqs, whole=True, max_tokens=160)
         acc = np.mean([extract_boxed(o.text) == p.gold for o, p in zip(outs, test, strict=True)])
+        one_shot[be.name] = 100 * acc
         print(f"{be.name}: one-shot accuracy {100 * acc:.1f}% ({be.params:,.0f} parameters)")
 
     # Warm-up runs on the same problems compile every bucketed shape both paths use; the timed
@@ -108,8 +94,19 @@ def main(argv):
             scores.append(-features.s_os(np.asarray(r.confidence), mask).value)
             labels.append(not ok)
     scores, labels = np.asarray(scores), np.asarray(labels)
-    print(f"S_os as a wrong-step detector: AUROC {auroc(scores, labels):.3f} over {len(labels)} "
+    auc = evaluate.auroc(scores, labels)
+    print(f"S_os as a wrong-step detector: AUROC {auc:.3f} over {len(labels)} "
           f"steps ({labels.mean():.1%} wrong) (target ≥ 0.65)")
+    save("tinylm", f"Embedded tiny LMs on {len(test)} test problems of the task",
+                 ["quantity", "measured", "target"],
+                 [["one-shot accuracy: small / large",
+                   f"{one_shot[small.name]:.1f} % / {one_shot[large.name]:.1f} %",
+                   "large ≥ small + 15, small ≥ 30 %"],
+                  ["small model, stepwise accuracy", f"{100 * acc:.1f} %", "–"],
+                  [f"S_os as a wrong-step detector ({len(labels)} steps, {labels.mean():.1%} "
+                   "wrong)", f"AUROC {auc:.3f}", "≥ 0.65"],
+                  ["stepwise vs one-shot wall time (median of 5)",
+                   f"{t_step:.2f} s vs {t_one:.2f} s = {t_step / t_one:.2f}×", "≤ 1.2×"]])
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from absl import flags, logging
 
 from jaxroute import synthetic, trace
@@ -33,50 +31,6 @@ def load_trees() -> tuple[trace.Manifest, trace.PackedTrees, str]:
     else:
         raise flags.ValidationError("give --traces=FOLDER or --synthetic=N")
     return manifest, trace.pack(manifest, problems, _COST.value), source
-
-
-def make_backend(spec: str, *, params: float | None = None, cache: Path | None = None,
-                 seed: int = 0, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.5):
-    """A generation backend from a spec: `vllm:PATH_OR_HUB_NAME`, `openai:MODEL[@BASE_URL]`,
-    `openai-completions:MODEL@BASE_URL` or `tinylm:small|large` (the embedded default)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "vllm":
-        from generation.vllm_backend import VLLMBackend
-
-        return VLLMBackend(rest, params=params, tensor_parallel_size=tensor_parallel_size,
-                           gpu_memory_utilization=gpu_memory_utilization, seed=seed)
-    if kind in ("openai", "openai-completions"):
-        from generation.openai_backend import OpenAIBackend
-
-        model, _, base = rest.partition("@")
-        return OpenAIBackend(model, base_url=base or None, params=params or 0.0,
-                             mode="chat" if kind == "openai" else "completions",
-                             cache_path=cache, seed=seed)
-    if kind == "tinylm":
-        from generation.tinylm import backend as tiny
-
-        return tiny.load(rest)
-    raise flags.ValidationError(f"unknown backend spec {spec!r} (vllm:…, openai:…, "
-                                "openai-completions:…, tinylm:small|large)")
-
-
-def export_result(path: Path, result, manifest: trace.Manifest, config, extra: dict) -> Path:
-    """Export a trained router with everything serving needs to check it: feature spec, models
-    (names, parameter counts, prices), α, κ (deployed and online), network shape, provenance."""
-    import dataclasses
-
-    from jaxroute import export
-
-    return export.export_router(
-        path, result.networks, result.state.policy_params, result.state.normalizer, result.kappa,
-        feature_names=manifest.feature_names, model_names=[m.name for m in manifest.models],
-        alpha=config.tcpo.alpha, hidden=config.hidden,
-        extra={"kappa_online": result.kappa_online,
-               "calibration_feasible": result.calibration_feasible,
-               "models": [dataclasses.asdict(m) for m in manifest.models],
-               "trace_provenance": manifest.provenance, "synthetic": manifest.synthetic,
-               "train_config": dataclasses.asdict(config), **extra})
 
 
 def cost_model() -> str:

@@ -48,8 +48,8 @@ def main(argv):
         raise FileNotFoundError(f"{work / 'checkpoints'}: no checkpoints to export")
     result = trainer.train(trees, config, work)  # resumes; trains only what is missing
     out = Path(_OUT.value) if _OUT.value else work / "router"
-    common.export_result(out, result, manifest, config,
-                         {"cost_model": record.get("cost_model", "flops"), "source": source})
+    export.export_trained(out, result, manifest, config,
+                          {"cost_model": record.get("cost_model", "flops"), "source": source})
     # The exported copy must decide exactly as the run's policy on the cal split's features.
     router = export.load_router(out, feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models])

@@ -21,6 +21,7 @@ from pathlib import Path
 from absl import app, flags
 
 from generation import answers, costs, datasets, tracegen
+from generation.backend import make_backend
 from generation.verifier import StepVerifier
 from jaxroute import trace
 from launch import common, presets
@@ -37,10 +38,12 @@ _PARAMS = flags.DEFINE_list("params", [], "N per model for FLOPs (default: from 
                             "for vllm:, 0 for API models).")
 _VERIFIER = flags.DEFINE_string("verifier", None, "Step verifier, e.g. openai:gpt-4o-mini.")
 _OUT = flags.DEFINE_string("out", None, "Trace-set folder to write (resumable).")
-_ROOTS = flags.DEFINE_integer("roots", 1, "Sampled small-model trajectories per problem.")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", 40, "Guard: steps per trajectory.")
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 4096, "Guard: generated tokens per solution.")
-_CHUNK = flags.DEFINE_integer("chunk", 16, "Problems generated (and saved) together.")
+_G = tracegen.GenConfig  # flag defaults are the config's defaults
+_ROOTS = flags.DEFINE_integer("roots", _G.roots, "Sampled small-model trajectories per problem.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", _G.max_steps, "Guard: steps per trajectory.")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", _G.max_tokens_per_solution,
+                                   "Guard: generated tokens per solution.")
+_CHUNK = flags.DEFINE_integer("chunk", _G.chunk, "Problems generated (and saved) together.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and split seed.")
 _SHARDS = flags.DEFINE_integer("num_shards", 1, "Split problems across this many shards.")
 _SHARD = flags.DEFINE_integer("shard_index", 0, "This shard.")
@@ -53,11 +56,16 @@ _CACHE = flags.DEFINE_string("cache", None, "SQLite response cache for API calls
 flags.mark_flags_as_required(["out"])
 
 
-def make_backend(spec: str, i: int, cache: Path):
-    params = float(_PARAMS.value[i]) if i < len(_PARAMS.value) else None
-    mem = float(_GPU_MEM.value[min(i, len(_GPU_MEM.value) - 1)])
-    return common.make_backend(spec, params=params, cache=cache, seed=_SEED.value,
-                               tensor_parallel_size=_TP.value, gpu_memory_utilization=mem)
+def settings() -> presets.Preset:
+    """The preset (if any) with the flags the user gave on top; flags are never mutated."""
+    base = presets.get(_PRESET.value) if _PRESET.value else presets.Preset(models=())
+    if base.dataset == "tiny":
+        raise flags.ValidationError("the embedded preset's traces come from "
+                                    "`python -m launch.experiment`")
+    mem = _GPU_MEM.value if flags.FLAGS["gpu_memory_utilization"].present or not _PRESET.value \
+        else None
+    return base.merged(models=_MODELS.value, verifier=_VERIFIER.value, params=_PARAMS.value or None,
+                       gpu_memory_utilization=mem)
 
 
 def main(argv):
@@ -68,47 +76,31 @@ def main(argv):
         tracegen.merge([Path(p) for p in _MERGE.value], out)
         print(f"merged {len(_MERGE.value)} shards into {out}")
         return
-    if _PRESET.value:
-        pre = presets.get(_PRESET.value)
-        if pre.dataset == "tiny":
-            raise flags.ValidationError("the embedded preset's traces come from "
-                                        "`python -m launch.experiment`")
-        if not _MODELS.value:
-            _MODELS.value = list(pre.models)
-        if not _VERIFIER.value and pre.verifier:
-            _VERIFIER.value = pre.verifier
-        if not _PARAMS.value and pre.params:
-            _PARAMS.value = [str(p) for p in pre.params]
-        if not flags.FLAGS["gpu_memory_utilization"].present:
-            _GPU_MEM.value = [str(m) for m in pre.gpu_memory_utilization]
-    if not _MODELS.value or len(_MODELS.value) < 2:
+    cfg = settings()
+    if len(cfg.models) < 2:
         raise flags.ValidationError("--models needs at least two backends, small → large")
     problems = datasets.load(_DATASET.value, _DATA.value, _LIMIT.value)
     splits = datasets.split(problems, seed=_SEED.value)
     cache = Path(_CACHE.value) if _CACHE.value else out / "api_cache.sqlite"
-    backends = [make_backend(s, i, cache) for i, s in enumerate(_MODELS.value)]
-    verifier = None
-    if _VERIFIER.value:
-        vb = make_backend(_VERIFIER.value, len(backends), cache)
-        verifier = StepVerifier(vb)
+
+    def backend(spec, i):
+        return make_backend(spec, params=cfg.param(i), cache=cache, seed=_SEED.value,
+                            tensor_parallel_size=_TP.value, gpu_memory_utilization=cfg.memory(i))
+
+    backends = [backend(s, i) for i, s in enumerate(cfg.models)]
+    verifier = StepVerifier(backend(cfg.verifier, len(backends))) if cfg.verifier else None
     prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
-    cfg = tracegen.GenConfig(roots=_ROOTS.value, max_steps=_MAX_STEPS.value,
-                             max_tokens_per_solution=_MAX_TOKENS.value, chunk=_CHUNK.value,
-                             seed=_SEED.value)
+    gen_cfg = tracegen.GenConfig(roots=_ROOTS.value, max_steps=_MAX_STEPS.value,
+                                 max_tokens_per_solution=_MAX_TOKENS.value, chunk=_CHUNK.value,
+                                 seed=_SEED.value)
     with answers.AnswerChecker() as checker:
-        gen = tracegen.TraceGenerator(backends, checker, verifier, cfg, prices)
+        gen = tracegen.TraceGenerator(backends, checker, verifier, gen_cfg, prices)
         provenance = {"dataset": _DATASET.value, "data_path": _DATA.value,
-                      "models": _MODELS.value, "verifier": _VERIFIER.value,
-                      "config": json.loads(json.dumps(cfg.__dict__))}
+                      "models": list(cfg.models), "verifier": cfg.verifier or None,
+                      "config": json.loads(json.dumps(gen_cfg.__dict__))}
         manifest = gen.manifest(provenance)
-
-        def spend(records):
-            packed = trace.pack(manifest, records, "usd_cents")
-            flops = trace.pack(manifest, records, "flops")
-            return {"$": float(packed.step_cost.sum() + packed.branch_cost.sum()) / 100,
-                    "PFLOPs": float(flops.step_cost.sum() + flops.branch_cost.sum()) / 1e3}
-
-        tracegen.run(gen, problems, splits, out, provenance, _SHARDS.value, _SHARD.value, spend)
+        tracegen.run(gen, problems, splits, out, provenance, _SHARDS.value, _SHARD.value,
+                     lambda recs: trace.spend(manifest, recs))
     print(f"trace set in {out}")
 
 

@@ -19,7 +19,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    models: tuple[str, ...]  # backend specs, small → large (launch.common.make_backend)
+    models: tuple[str, ...]  # backend specs, small → large (generation.backend.make_backend)
     params: tuple[float, ...] = ()  # N per model for FLOPs (empty: from config.json / 0 for APIs)
     prm: str = ""  # RSD's reward model: "tiny" or "vllm:MODEL[:qwen|skywork]"
     judge: str = ""  # SpecReason's judge: "tiny", "vllm-large" (the large vLLM backend) or
@@ -29,6 +29,27 @@ class Preset:
     cost_model: str = "flops"
     gpu_memory_utilization: tuple[float, ...] = (0.25, 0.45)
     note: str = ""
+
+    def merged(self, **overrides) -> Preset:
+        """This preset with every override that is not None (flags the user gave) applied;
+        list values become tuples. Nothing is mutated."""
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()
+                 if v is not None}
+        if "params" in given:
+            given["params"] = tuple(float(p) for p in given["params"])
+        if "gpu_memory_utilization" in given:
+            given["gpu_memory_utilization"] = tuple(float(m) for m in
+                                                    given["gpu_memory_utilization"])
+        return dataclasses.replace(self, **given)
+
+    def param(self, i: int) -> float | None:
+        """N of model i for FLOPs, None when the preset does not give it."""
+        return self.params[i] if i < len(self.params) else None
+
+    def memory(self, i: int) -> float:
+        """vLLM memory share of model i (the last entry repeats)."""
+        mem = self.gpu_memory_utilization
+        return mem[min(i, len(mem) - 1)]
 
 
 PRESETS = {

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from jaxroute.trace import atomic_write_text
+from jaxroute.durable import atomic_write_text
 
 
 def _fmt(x: float, digits: int) -> str:

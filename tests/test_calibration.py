@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxroute import calibration as cal
+from jaxroute.core import calibration as cal
 
 ALPHA = 0.1
 

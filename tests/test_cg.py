@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxroute import cg, fisher, networks, threshold
+from jaxroute import networks
+from jaxroute.core import cg, fisher, threshold
 
 
 @pytest.fixture(scope="module")

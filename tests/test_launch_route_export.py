@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 from openai_server import FakeOpenAI
 
-from generation import online
-from jaxroute import export
+from jaxroute import export, records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +57,6 @@ def test_route_cli_runs_rules_and_per_step_baselines_on_loopback(tmp_path):
     assert set(rows) == {"model 0 only", "model 1 only", "SpecReason"}
     assert rows["SpecReason"]["scorer_cost"] > 0 and rows["model 0 only"]["scorer_cost"] == 0
     assert rows["model 1 only"]["coverage"] == 1.0
-    manifest, recs = online.read_paths(out / "specreason")
+    manifest, recs = records.read_paths(out / "specreason")
     assert [m.name for m in manifest.models] == ["small", "large"] and len(recs) == 6
     assert "| SpecReason |" in (out / "report" / "table.md").read_text()

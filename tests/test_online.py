@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from fakes import ScriptedBackend
 
-from generation import answers, costs, online, scorers
+from generation import answers, comparison, costs, online, rules, scorers
 from generation.datasets import Problem
-from jaxroute import trace
+from jaxroute import baselines, evaluate, records, trace
 
 PROBLEMS = [Problem(f"p{i}", f"What is {i + 3}+{2 * i + 1}?", str(3 * i + 4), "gsm8k", 1.0)
             for i in range(30)]
@@ -64,18 +64,18 @@ def _total_flops(recs):
 
 
 def test_fixed_rules_and_cost_accounting(checker):
-    small, bs = _run(online.FixedRule("small", 0), checker)
+    small, bs = _run(rules.FixedRule("small", 0), checker)
     assert _total_flops(small) == pytest.approx(sum(2e9 * r.completion_tokens
                                                     for r in bs[0].results))
     assert not bs[1].results and 0 < np.mean([r["correct"] for r in small]) < 1
-    large, bl = _run(online.FixedRule("large", 1), checker)
+    large, bl = _run(rules.FixedRule("large", 1), checker)
     assert all(r["correct"] for r in large) and bl[1].whole_calls == 1 and not bl[0].results
     assert all(len(r["pieces"]) == 1 for r in large)  # the rest of the solution in one call
 
 
 def test_rsd_with_a_perfect_scorer_fixes_every_wrong_step_and_pays_for_drafts(checker):
     scorer = OffScorer()
-    recs, bs = _run(online.ScoreRule(scorer, 0.5, 2), checker)
+    recs, bs = _run(rules.ScoreRule(scorer, 0.5, 2), checker)
     assert all(r["correct"] for r in recs)
     # Every generated token is paid, discarded drafts included (independent count).
     want = sum(2e9 * r.completion_tokens for r in bs[0].results) + \
@@ -93,11 +93,11 @@ def test_rsd_with_a_perfect_scorer_fixes_every_wrong_step_and_pays_for_drafts(ch
 
 
 def test_score_rule_threshold_extremes(checker):
-    never, _ = _run(online.ScoreRule(OffScorer(), 0.0, 2), checker)
-    small, _ = _run(online.FixedRule("small", 0), checker)
+    never, _ = _run(rules.ScoreRule(OffScorer(), 0.0, 2), checker)
+    small, _ = _run(rules.FixedRule("small", 0), checker)
     assert [r["correct"] for r in never] == [r["correct"] for r in small]
     assert _total_flops(never) == pytest.approx(_total_flops(small))
-    always, bs = _run(online.ScoreRule(OffScorer(), 1.5, 2), checker)
+    always, bs = _run(rules.ScoreRule(OffScorer(), 1.5, 2), checker)
     assert all(r["correct"] for r in always)
     assert all(p["model"] == 1 for r in always for p in r["pieces"] if p["kept"])
 
@@ -111,7 +111,7 @@ class ThresholdRouter:
 
 
 def test_router_rule_is_sticky_and_the_large_model_writes_the_rest(checker):
-    recs, bs = _run(online.RouterRule(ThresholdRouter()), checker)
+    recs, bs = _run(rules.RouterRule(ThresholdRouter()), checker)
     assert all(r["correct"] for r in recs)
     for r in recs:
         models = [p["model"] for p in r["pieces"]]
@@ -124,46 +124,50 @@ def test_router_rule_is_sticky_and_the_large_model_writes_the_rest(checker):
 
 
 def test_outcome_metrics_and_files(checker, tmp_path):
-    large, _ = _run(online.FixedRule("large", 1), checker)
+    large, _ = _run(rules.FixedRule("large", 1), checker)
     right = {r["problem_id"]: r["correct"] for r in large}
-    recs, _ = _run(online.ScoreRule(OffScorer(), 0.5, 2), checker)
+    recs, _ = _run(rules.ScoreRule(OffScorer(), 0.5, 2), checker)
     models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
-    row = online.summarize_run(recs, right, models, "flops")
+    row = evaluate.summarize_records(recs, right, models, "flops")
     assert row["accuracy"] == 100.0 and row["coverage"] == 1.0
     assert row["cost"] == pytest.approx(_total_flops(recs) / 1e12 / len(recs))
     assert row["scorer_cost"] == pytest.approx(np.mean([r["scorer_cost"]["flops"] for r in recs])
                                                / 1e12)
     assert 0 < row["discarded_token_share"] < 1
-    assert online.summarize_run(large, right, models, "flops")["escalation_rate"] == 1.0
-    assert online.outcome(recs, right, models, "flops").escalation.tolist() == [
+    assert evaluate.summarize_records(large, right, models, "flops")["escalation_rate"] == 1.0
+    assert evaluate.records_outcome(recs, right, models, "flops").escalation.tolist() == [
         next((i for i, p in enumerate(r["pieces"]) if not p["kept"]), -1) for r in recs]
     m = trace.Manifest(models=tuple(models), feature_names=("a", "b", "c", "d", "e"))
-    online.write_paths(tmp_path / "run", m, recs)
-    m2, back = online.read_paths(tmp_path / "run")
+    records.write_paths(tmp_path / "run", m, recs)
+    m2, back = records.read_paths(tmp_path / "run")
     assert back == recs and m2 == m
-    lines = (tmp_path / "run" / online.PATHS).read_text().splitlines()
+    lines = (tmp_path / "run" / records.PATHS).read_text().splitlines()
     lines[3] = lines[3].replace('"model": 0', '"model": 7', 1)
-    (tmp_path / "run" / online.PATHS).write_text("\n".join(lines) + "\n")
+    (tmp_path / "run" / records.PATHS).write_text("\n".join(lines) + "\n")
     with pytest.raises(trace.TraceFormatError, match=r"paths.jsonl:4.pieces\[\d+\]: field 'model'"):
-        online.read_paths(tmp_path / "run")
+        records.read_paths(tmp_path / "run")
 
 
-def test_grid_search_selects_on_cal_and_reports_test(checker):
+def test_live_comparison_selects_on_cal_and_reports_test(checker):
     models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
     cal, test = PROBLEMS[:12], PROBLEMS[12:]
-    large, _ = _run(online.FixedRule("large", 1), checker)
-    right = {r["problem_id"]: r["correct"] for r in large}
-
-    def run(ps, rule):
-        return online.run_online(ps, _backends(), rule, checker, online.OnlineConfig())
-
-    res = online.grid_search(lambda d: online.ScoreRule(OffScorer(), d, 2), online.GRID, cal,
-                             test, run, right, models, "flops", 100.0)
+    res = comparison.compare_live(
+        [comparison.LiveMethod("small", rules.FixedRule("small", 0), external="–"),
+         comparison.LiveMethod("RSD", family=lambda d: rules.ScoreRule(OffScorer(), d, 2),
+                               grid=baselines.GRID, external="yes")],
+        cal, test, _backends(), checker, online.OnlineConfig(), models, "flops")
+    rows = {r["method"]: r for r in res.rows}
+    # R_M came from a large-only run on cal + test (its own row, first).
+    assert res.rows[0]["method"] == "model 1 only" and set(res.large_right) == {
+        p.problem_id for p in cal + test}
     # Threshold 0 never escalates (small-only accuracy); every threshold in (0, 1] fixes exactly
     # the wrong steps at the same cost, so the cheapest 100 % point is the first: 0.1.
-    assert res["threshold"] == 0.1 and res["row"]["accuracy"] == 100.0
-    assert [c["threshold"] for c in res["curve"]] == list(online.GRID)
-    assert res["curve"][0]["accuracy"] < 100.0
+    assert rows["RSD"]["threshold"] == 0.1 and rows["RSD"]["accuracy"] == 100.0
+    assert [c["threshold"] for c in res.curves["RSD"]] == list(baselines.GRID)
+    assert res.curves["RSD"][0]["accuracy"] == rows["small"]["accuracy"] < 100.0
+    assert len(res.records["RSD"]) == len(test)
+    with pytest.raises(ValueError, match="exactly one of rule= and family="):
+        comparison.LiveMethod("bad")
 
 
 def test_bad_rule_answer_is_refused(checker):
@@ -174,7 +178,7 @@ def test_bad_rule_answer_is_refused(checker):
             self.name, self.model, self.start_model = "bad", model, start
 
         def decide(self, views):
-            return [online.Decision(self.model) for _ in views]
+            return [rules.Decision(self.model) for _ in views]
 
     with pytest.raises(ValueError, match="answered model 5 for a step of model 0"):
         _run(Answers(5, 0), checker)

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxroute import networks, tcpo, threshold
-from launch.benchmark_core import synthetic_rollout
+from jaxroute import networks, tcpo
+from jaxroute.core import threshold
+from jaxroute.synthetic import synthetic_rollout
+from jaxroute.types import Rollout
 
 
 def random_rollout(seed, b=5, t=8, d=4, k=2):
@@ -39,7 +41,7 @@ def test_update_is_finite_and_respects_trust_region(setup):
         state = new
 
 
-def pad_time(batch: tcpo.Rollout, extra: int, garbage: float) -> tcpo.Rollout:
+def pad_time(batch: Rollout, extra: int, garbage: float) -> Rollout:
     def pad(x, fill):
         widths = [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)
         return jnp.pad(x, widths, constant_values=fill)
@@ -105,7 +107,7 @@ def bandit_rollout(state, nets, key, b):
     logp = nets.log_probs(state.policy_params, state.normalizer, x, model)
     action = jax.random.categorical(ka, logp).astype(jnp.int32)
     small_right = x[:, 0, 0] > -0.5
-    return tcpo.Rollout(
+    return Rollout(
         obs=x, model=model, action=action,
         log_behaviour=jnp.take_along_axis(logp, action[..., None], -1)[..., 0],
         cost=jnp.where(action == 1, SMALL_COST + LARGE_COST, SMALL_COST),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxroute import threshold as th
+from jaxroute.core import threshold as th
 
 
 def random_probs(key, shape, k):

@@ -9,6 +9,7 @@ from generation.backend import StepRequest
 from generation.tinylm import task, train
 from generation.tinylm.backend import TinyLMBackend
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
+from jaxroute import evaluate
 
 
 def test_task_is_seeded_and_solutions_check_out():
@@ -170,14 +171,12 @@ def test_openai_backend_against_the_tiny_model_server(random_backend):
 
 
 def test_auroc_equals_pairwise_definition():
-    from launch.benchmark_tinylm import auroc
-
     rng = np.random.default_rng(0)
     s = rng.integers(0, 5, 60).astype(float)  # many ties
     y = rng.random(60) < 0.4
     pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a in s[y] for b in s[~y]]
-    assert auroc(s, y) == pytest.approx(np.mean(pairs))
-    assert np.isnan(auroc(s, np.zeros(60, bool)))
+    assert evaluate.auroc(s, y) == pytest.approx(np.mean(pairs))
+    assert np.isnan(evaluate.auroc(s, np.zeros(60, bool)))
 
 
 def test_tiny_judge_is_the_large_models_lowest_maths_token_probability(random_backend):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxroute import synthetic, trace
+from jaxroute import durable, synthetic, trace
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def corrupt(tmp_path, manifest, problems, edit):
     bad = json.loads(json.dumps(problems))
     edit(bad)
     (tmp_path / "trees.jsonl").write_text("".join(json.dumps(p) + "\n" for p in bad))
-    trace.atomic_write_text(tmp_path / "manifest.json", json.dumps(manifest.to_json()))
+    durable.atomic_write_text(tmp_path / "manifest.json", json.dumps(manifest.to_json()))
 
 
 @pytest.mark.parametrize("edit,pattern", [
@@ -82,12 +82,12 @@ def test_torn_last_line_is_reported_and_repaired(tmp_path, small_set):
     manifest, problems = small_set
     trace.write_trace_set(tmp_path, manifest, problems[:5])
     path = tmp_path / "trees.jsonl"
-    trace.append_records(path, problems[5:7])
+    durable.append_records(path, problems[5:7])
     with open(path, "a") as f:
         f.write(json.dumps(problems[7])[:50])  # a crash mid-write
     with pytest.raises(trace.TraceFormatError, match="line 8: truncated last line"):
         trace.load_trace_set(tmp_path)
-    assert trace.repair_tail(path) == 50
+    assert durable.repair_tail(path) == 50
     _, loaded = trace.load_trace_set(tmp_path)
     assert [p["problem_id"] for p in loaded] == [p["problem_id"] for p in problems[:7]]
 

@@ -6,7 +6,8 @@ import chex
 import numpy as np
 import pytest
 
-from jaxroute import evaluate, export, synthetic, tcpo, threshold, trace, trainer
+from jaxroute import evaluate, export, synthetic, tcpo, trace, trainer
+from jaxroute.core import threshold
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import rlax
 
-from jaxroute import vtrace as vt
+from jaxroute.core import vtrace as vt
 
 
 def random_batch(seed, b=6, t=9, max_rho=3.0):
@@ -40,7 +40,7 @@ def loop_vtrace(values, boot, rewards, disc, rho, length, rho_bar, c_bar, pg_bar
 @pytest.mark.parametrize("rho_bar,c_bar,lam", [(1.0, 1.0, 1.0), (2.0, 1.0, 0.9), (1.5, 0.7, 0.5)])
 def test_matches_plain_loop(rho_bar, c_bar, lam):
     values, rewards, rho, disc, mask, lengths = random_batch(0)
-    out = jax.jit(lambda *a: vt.vtrace(*a, rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=rho_bar,
+    out = jax.jit(lambda *a: vt.vtrace_targets(*a, rho_bar=rho_bar, c_bar=c_bar, pg_rho_bar=rho_bar,
                                         lambda_=lam))(
         values, np.zeros(len(lengths), np.float32), rewards, disc, rho, mask)
     for i, n in enumerate(lengths):
@@ -55,7 +55,7 @@ def test_on_policy_equals_monte_carlo_return():
     values, rewards, _, _, mask, lengths = random_batch(1)
     disc = np.asarray(vt.episodic_discounts(jnp.asarray(mask), 1.0))
     ones = np.ones_like(values)
-    out = vt.vtrace(values, np.zeros(len(lengths), np.float32), rewards, disc, ones, mask)
+    out = vt.vtrace_targets(values, np.zeros(len(lengths), np.float32), rewards, disc, ones, mask)
     for i, n in enumerate(lengths):
         ret = np.cumsum(rewards[i, :n][::-1])[::-1]  # undiscounted reward-to-go
         np.testing.assert_allclose(out.vs[i, :n], ret, rtol=1e-5, atol=1e-5)
@@ -68,7 +68,7 @@ def test_matches_rlax(rho_bar, lam):
     """rlax (c̄ = 1 fixed) vmapped over the batch, with sample_mask, on whole padded rows."""
     values, rewards, rho, disc, mask, lengths = random_batch(2)
     boot = np.zeros(len(lengths), np.float32)
-    ours = vt.vtrace(values, boot, rewards * mask, disc, rho, mask, rho_bar=rho_bar, c_bar=1.0,
+    ours = vt.vtrace_targets(values, boot, rewards * mask, disc, rho, mask, rho_bar=rho_bar, c_bar=1.0,
                      pg_rho_bar=rho_bar, lambda_=lam)
 
     def one(v, r, d, p, mk):
@@ -85,16 +85,16 @@ def test_matches_rlax(rho_bar, lam):
 def test_padding_invariance_and_no_nan():
     values, rewards, rho, disc, mask, lengths = random_batch(3)
     boot = np.zeros(len(lengths), np.float32)
-    clean = vt.vtrace(values, boot, rewards, disc, rho, mask, rho_bar=2.0)
+    clean = vt.vtrace_targets(values, boot, rewards, disc, rho, mask, rho_bar=2.0)
     junk = lambda x, fill: np.where(mask, x, fill).astype(np.float32)  # noqa: E731
-    dirty = vt.vtrace(junk(values, np.nan), boot, junk(rewards, np.inf), junk(disc, 7.0),
+    dirty = vt.vtrace_targets(junk(values, np.nan), boot, junk(rewards, np.inf), junk(disc, 7.0),
                       junk(rho, np.inf), mask, rho_bar=2.0)
     for a, b in zip(clean, dirty, strict=True):
         chex.assert_tree_all_finite(b)
         np.testing.assert_array_equal(a, b)
     # Extending T with more padding leaves the valid outputs unchanged.
     pad = lambda x, fill=0.0: np.pad(x, ((0, 0), (0, 4)), constant_values=fill)  # noqa: E731
-    longer = vt.vtrace(pad(values), boot, pad(rewards), pad(disc), pad(rho, 1.0),
+    longer = vt.vtrace_targets(pad(values), boot, pad(rewards), pad(disc), pad(rho, 1.0),
                        pad(mask, False), rho_bar=2.0)
     np.testing.assert_allclose(longer.vs[:, :values.shape[1]], clean.vs, atol=1e-6)
 
@@ -107,7 +107,7 @@ def test_trace_cutting():
     rho = np.array([[1.7, 0.4, 0.0, 0.0, 0.0, 0.0]])
     mask = np.ones((1, t), bool)
     disc = np.asarray(vt.episodic_discounts(jnp.asarray(mask)))
-    out = vt.vtrace(values.astype(np.float32), np.zeros(1, np.float32), rewards.astype(np.float32),
+    out = vt.vtrace_targets(values.astype(np.float32), np.zeros(1, np.float32), rewards.astype(np.float32),
                     disc, rho.astype(np.float32), mask, rho_bar=2.0)
     expect = values[0, 1] + 0.4 * (rewards[0, 1] + values[0, 2] - values[0, 1])
     np.testing.assert_allclose(out.vs[0, 1], expect, rtol=1e-5)
@@ -118,7 +118,7 @@ def test_targets_are_stop_gradient():
     boot = np.zeros(len(lengths), np.float32)
 
     def loss(v):
-        out = vt.vtrace(v, boot, rewards, disc, rho, mask)
+        out = vt.vtrace_targets(v, boot, rewards, disc, rho, mask)
         return jnp.sum(out.vs) + jnp.sum(out.pg_advantage)
 
     np.testing.assert_array_equal(jax.grad(loss)(jnp.asarray(values)), 0.0)

@@ -10,6 +10,7 @@ single decisions and padded `[B, T, K]` batches.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +31,7 @@ def valid_actions(model: jax.Array, num_models: int) -> jax.Array:
 
 def masked_log_softmax(logits: jax.Array, valid: jax.Array) -> jax.Array:
     """log π(a|o) over the valid actions; NEG_INF on invalid ones. `[..., K]`."""
+    chex.assert_equal_shape([logits, valid])
     logits = jnp.where(valid, logits, NEG_INF)
     return jnp.where(valid, jax.nn.log_softmax(logits, axis=-1), NEG_INF)
 
@@ -40,6 +42,8 @@ def action_set(probs: jax.Array, kappa: jax.Array, valid: jax.Array) -> jax.Arra
     An empty set (possible only when κ > 1/K) is replaced by {argmax_a π(a|o)}: the ε → 0 limit of
     the softmask S̃ below, so S and S̃ agree in the limit on every state.
     """
+    chex.assert_equal_shape([probs, valid])
+    chex.assert_rank(kappa, 0)
     inset = valid & (probs >= kappa)
     empty = ~jnp.any(inset, axis=-1, keepdims=True)
     top = jnp.argmax(jnp.where(valid, probs, -1.0), axis=-1)
@@ -49,6 +53,7 @@ def action_set(probs: jax.Array, kappa: jax.Array, valid: jax.Array) -> jax.Arra
 
 def set_behaviour(probs: jax.Array, kappa: jax.Array, valid: jax.Array) -> jax.Array:
     """S_{π,κ}(a|o) = 1{a ∈ Π}/|Π|: uniform over the (non-empty) action set. `[..., K]` float."""
+    chex.assert_equal_shape([probs, valid])
     inset = action_set(probs, kappa, valid).astype(probs.dtype)
     return inset / jnp.sum(inset, axis=-1, keepdims=True)
 
@@ -62,6 +67,8 @@ def log_softmask(
     reaches ±100 and σ underflows in float32, so work with log σ and logsumexp. Invalid actions
     get NEG_INF (probability 0).
     """
+    chex.assert_equal_shape([probs, valid])
+    chex.assert_rank(kappa, 0)
     log_m = jnp.where(valid, jax.nn.log_sigmoid((probs - kappa) / eps), NEG_INF)
     return jnp.where(valid, log_m - jax.nn.logsumexp(log_m, axis=-1, keepdims=True), NEG_INF)
 
@@ -74,6 +81,8 @@ def route(probs: jax.Array, kappa: jax.Array, model: jax.Array) -> jax.Array:
     actions the paper runs the larger model, the action with the highest value.)
     """
     model = jnp.asarray(model)
+    chex.assert_rank(probs, model.ndim + 1)
+    chex.assert_rank(kappa, 0)
     ids = _action_ids(model, probs.shape[-1])
     ok = (ids > model[..., None]) & (probs >= kappa)
     best = jnp.max(jnp.where(ok, ids, -1), axis=-1)
@@ -84,6 +93,7 @@ def escalation_in_set(probs: jax.Array, kappa: jax.Array, model: jax.Array) -> j
     """`[...]` bool: does Π_{π,κ}(o) contain an escalation (some a > k)? Uses the empty-set rule."""
     k = probs.shape[-1]
     model = jnp.asarray(model)
+    chex.assert_rank(probs, model.ndim + 1)
     valid = valid_actions(model, k)
     higher = _action_ids(model, k) > model[..., None]
     return jnp.any(action_set(probs, kappa, valid) & higher, axis=-1)
@@ -100,6 +110,8 @@ def log_clipped_weights(
       mask: `[B, T]` bool.
       rho_bar: the per-step clip ρ̄ (seed Sec. 4.1: ρ̄ = 2).
     """
+    chex.assert_rank([log_target, log_behaviour, mask], 2)
+    chex.assert_equal_shape([log_target, log_behaviour, mask])
     diff = jnp.where(mask, log_target - log_behaviour, 0.0)
     return jnp.sum(jnp.minimum(jnp.log(rho_bar), diff), axis=-1)
 
@@ -122,6 +134,8 @@ def coverage_estimate(
       large_wrong: `[B]` bool, R_M(x_b) = 0.
       estimator: "exact" or "union_bound".
     """
+    chex.assert_rank([log_weights, correct, large_wrong], 1)
+    chex.assert_equal_shape([log_weights, correct, large_wrong])
     w = jnp.exp(log_weights)
     correct = correct.astype(w.dtype)
     large_wrong = large_wrong.astype(w.dtype)

@@ -1,22 +1,17 @@
-"""Threshold calibration: the online κ rule (seed eq. 5, corrected), coverage events, final calibration.
+"""Threshold calibration: the online κ rule (the paper's eq. 5), coverage events, final calibration.
 
-Online rule. In conformal terms the score of action a is s = 1 − π(a|o) and the set {s ≤ q} is
-{π ≥ 1 − q}, so κ = 1 − q. Angelopoulos, Barber & Bates (2024, "Online conformal prediction with
-decaying step sizes", https://arxiv.org/abs/2402.01139) update q ← q + η(err − α); in κ-space
-
-    κ_{k+1} = κ_k − η_k (err_k − α):
-
-a miss *lowers* κ, which enlarges Π and the escalation region. The seed's eq. 5 writes the
-opposite sign (κ + η(err − α)); that fixed point is unstable (κ runs to its bound) — kept as
-`kappa_update_seed_literal` for the regression test that documents it.
+Online rule (ABB, https://arxiv.org/abs/2402.01139, in κ-space): κ_{k+1} = κ_k − η_k (err_k − α),
+the paper's sign reversed (decision 1); step sizes decision 2, bounds decision 3, the coverage
+event decision 4. Final calibration by conformal risk control: decision 17.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
-from jaxroute import threshold
+from jaxroute.core import threshold
 
 
 def step_size(step: jax.Array, eta0: float = 0.1, xi: float | None = 0.1) -> jax.Array:
@@ -30,19 +25,18 @@ def kappa_update(
     kappa: jax.Array, miscoverage: jax.Array, alpha: float, eta: jax.Array,
     lo: float = -1.0, hi: float = 2.0,
 ) -> jax.Array:
-    """κ ← κ − η (err − α). `miscoverage` is err ∈ [0, 1] (a batch mean is fine).
+    """κ ← κ − η (err − α) (decision 1). `miscoverage` is err ∈ [0, 1] (a batch mean is fine).
 
-    With a coverage event that is monotone in κ (Γ escalates iff π ≥ κ), κ stays in
-    [−(1−α)η₀, 1 + αη₀] by itself: at κ ≤ 0 every problem escalates (no miss, κ rises) and at κ > 1
-    none does. The ABB guarantee needs that room, so the clip [lo, hi] is only a wide safety net
-    against a caller's non-monotone event; clipping at [0, 1] would break the bound when scores sit
-    on the boundary (see tests/test_calibration.py).
+    The clip [lo, hi] is a wide safety net only; a [0, 1] clip would break ABB's bound
+    (decision 3).
     """
+    chex.assert_rank([kappa, miscoverage], 0)
     return jnp.clip(kappa - eta * (miscoverage - alpha), lo, hi)
 
 
 def kappa_update_seed_literal(kappa, miscoverage, alpha, eta, lo=-1.0, hi=2.0):
-    """Seed eq. 5 as printed, κ ← κ + η(err − α). Unstable; for the regression test only."""
+    """The paper's eq. 5 as printed, κ ← κ + η(err − α). Unstable (decision 1); kept for the
+    regression test only."""
     return jnp.clip(kappa + eta * (miscoverage - alpha), lo, hi)
 
 
@@ -77,6 +71,10 @@ def covered_by_verifier(
       strict: count R_π = 1 only if every sampled action is the one Γ would take (otherwise the
         rollout's outcome says nothing about Γ's).
     """
+    chex.assert_rank([model, action, verifier_ok, mask], 2)
+    chex.assert_equal_shape([model, action, verifier_ok, mask])
+    chex.assert_rank([correct, large_wrong], 1)
+    chex.assert_rank(probs, 3)
     decision = threshold.route(probs, kappa, model)
     ok = verifier_ok | (decision > model) | ~mask
     locally_verified = jnp.all(ok, axis=-1)
@@ -105,6 +103,9 @@ def conformal_threshold(
       (κ̂, feasible): if no grid value passes, κ̂ = grid[0] (the most conservative) and
       feasible = False.
     """
+    chex.assert_rank(errors, 2)
+    chex.assert_rank(grid, 1)
+    chex.assert_equal(errors.shape[1], grid.shape[0])
     n = errors.shape[0]
     monotone = jax.lax.cummax(errors.astype(jnp.float32), axis=1)
     risk = (jnp.sum(monotone, axis=0) + 1.0) / (n + 1.0)

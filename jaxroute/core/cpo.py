@@ -1,11 +1,11 @@
 """Constrained Policy Optimization step for one constraint (Achiam et al. 2017, Sec. 6.1, App. 10.2).
 
-The trust-region subproblem in minimise form, around θ_k with x = θ − θ_k:
+The trust-region subproblem of the paper's eq. 4, in minimise form around θ_k with x = θ − θ_k:
 
     min_x gᵀx   s.t.   bᵀx + c ≤ 0,   ½ xᵀ H x ≤ δ,
 
 g = ∇(objective to minimise), b = ∇(constraint quantity), c = constraint value − limit (c < 0 means
-θ_k is feasible), H the (damped) Fisher. With v = H⁻¹g, w = H⁻¹b, q = gᵀv, r = gᵀw, s = bᵀw the
+θ_k is feasible), H the damped Fisher. With v = H⁻¹g, w = H⁻¹b, q = vᵀHv, r = wᵀHv, s = wᵀHw the
 dual is solved in closed form; the case logic follows safety-starter-agents' `CPOAgent`:
 
     case 4: b ≈ 0 and feasible        → TRPO step           x = −√(2δ/q)·v
@@ -14,8 +14,11 @@ dual is solved in closed form; the case logic follows safety-starter-agents' `CP
     case 1: infeasible, recoverable   → x = −(v + ν w)/λ
     case 0: infeasible, no feasible x → recovery           x = −√(2δ/s)·w
 
-Everything is branch-free (`jnp.where`) so it jits and vmaps. Every division and square root is
-guarded; a non-finite input gives case −1 and a zero step rather than NaN parameters.
+`cpo_step` is the whole of eq. 4 as one kernel (both natural-gradient solves, dual, direction,
+backtracking line search); `cpo_dual`, `cpo_direction` and `line_search` are its parts.
+Everything is branch-free (`jnp.where`) so it jits and vmaps. Divisions are guarded only against
+an exact zero (decision 18): the reference implementation's ε added to s and λ bends the step
+when s = bᵀH⁻¹b is itself small (decision 62).
 """
 
 from __future__ import annotations
@@ -23,9 +26,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
+from jaxroute.core.cg import conjugate_gradient
+
+# Guard of a division by (exactly) zero. Small enough not to bias any finite float32 quotient that
+# matters here (s = bᵀH⁻¹b reaches 1e-10 for |b| = 1e-4), see decision 62.
+TINY = 1e-30
 EPS = 1e-8
 
 
@@ -51,6 +60,7 @@ def cpo_dual(q, r, s, c, delta, b_sq, *, b_sq_tol: float = 1e-8) -> CPODual:
       b_sq: bᵀb, to detect a vanishing constraint gradient (case 4).
       b_sq_tol: threshold on bᵀb for case 4.
     """
+    chex.assert_rank([q, r, s, c, b_sq], 0)
     q = jnp.maximum(q, 0.0)
     s = jnp.maximum(s, 0.0)
     big_a = q - _safe_div(r**2, s)  # ≥ 0 by Cauchy–Schwarz in the H⁻¹ inner product
@@ -93,6 +103,8 @@ def cpo_dual(q, r, s, c, delta, b_sq, *, b_sq_tol: float = 1e-8) -> CPODual:
 
 def cpo_direction(v: jax.Array, w: jax.Array, dual: CPODual) -> jax.Array:
     """Full step x (before line search) from the CG solutions v = H⁻¹g, w = H⁻¹b. `[N]`."""
+    chex.assert_rank([v, w], 1)
+    chex.assert_equal_shape([v, w])
     x = jnp.where(dual.case > 0, -(v + dual.nu * w) / (dual.lam + EPS), -dual.nu * w)
     return jnp.where((dual.case >= 0) & jnp.all(jnp.isfinite(x)), x, jnp.zeros_like(x))
 
@@ -135,6 +147,7 @@ def line_search(
       objective_old, constraint_old: the surrogates at θ_k.
       max_kl: δ.
     """
+    chex.assert_rank(full_step, 1)
     fracs = backtrack_coeff ** jnp.arange(backtrack_iters, dtype=full_step.dtype)
     kl, obj, con = jax.vmap(lambda f: evaluate(f * full_step))(fracs)
     improve_ok = (obj <= objective_old) | (case <= 1)
@@ -158,3 +171,90 @@ def line_search(
         objective=jnp.where(any_ok, obj[j], objective_old),
         constraint=jnp.where(any_ok, con[j], constraint_old),
     )
+
+
+class CPOInfo(NamedTuple):
+    """Diagnostics of one `cpo_step`, all scalars."""
+
+    q: jax.Array  # vᵀHv, v = H⁻¹g
+    r: jax.Array  # wᵀHv, w = H⁻¹b
+    s: jax.Array  # wᵀHw
+    lam: jax.Array
+    nu: jax.Array
+    case: jax.Array  # int32, see `cpo_dual`
+    cg_iterations: jax.Array  # int32, iterations of the g solve
+    cg_residual: jax.Array  # residual norm of the g solve
+    accepted: jax.Array  # bool, the line search found an admissible fraction
+    fraction: jax.Array  # accepted fraction of the full step (0 if rejected)
+    kl: jax.Array  # KL at the accepted point
+    objective: jax.Array  # objective surrogate at the accepted point
+    constraint: jax.Array  # constraint surrogate at the accepted point
+
+
+def cpo_step(
+    g: jax.Array,
+    b: jax.Array,
+    c: jax.Array,
+    fvp: Callable[[jax.Array], jax.Array],
+    evaluate: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]] | None = None,
+    *,
+    max_kl: float,
+    damping: float = 0.0,
+    cg_iters: int = 10,
+    cg_tol: float = 1e-10,
+    b_sq_tol: float = 1e-8,
+    objective_old: jax.Array | float = 0.0,
+    constraint_old: jax.Array | float = 0.0,
+    backtrack_coeff: float = 0.8,
+    backtrack_iters: int = 10,
+) -> tuple[jax.Array, CPOInfo]:
+    """One CPO step (the paper's eq. 4): solve H v = g and H w = b by CG (one vmapped loop), the
+    closed-form dual, the direction, and CPO's backtracking line search.
+
+    Args:
+      g: `[N]` gradient of the objective to minimise at θ_k.
+      b: `[N]` gradient of the constraint quantity at θ_k.
+      c: `()` constraint value minus its limit at θ_k (c < 0: feasible).
+      fvp: v ↦ F v, the Fisher-vector product of the trust-region KL at θ_k, `[N] -> [N]`.
+      evaluate: x ↦ (KL, objective, constraint) at θ_k + x for the line search; None returns the
+        full step (accepted, fraction 1).
+      max_kl: δ of ½xᵀHx ≤ δ and of the line search's KL test.
+      damping: added to F (H = F + damping·I).
+      cg_iters, cg_tol: CG budget per right-hand side.
+      b_sq_tol: bᵀb at or below which the constraint gradient counts as zero (case 4).
+      objective_old, constraint_old: surrogates at θ_k (line-search acceptance).
+      backtrack_coeff, backtrack_iters: candidates coeff^j·x, j < iters.
+
+    Returns:
+      (step `[N]` to add to θ_k — zero when nothing was admissible or an input was non-finite,
+      `CPOInfo`).
+    """
+    chex.assert_rank([g, b], 1)
+    chex.assert_equal_shape([g, b])
+    chex.assert_rank(c, 0)
+
+    def hvp(v):
+        return fvp(v) + damping * v
+
+    sol = jax.vmap(lambda rhs: conjugate_gradient(hvp, rhs, iters=cg_iters, tol=cg_tol))(
+        jnp.stack([g, b]))
+    vw = sol.x
+    hvw = jax.vmap(hvp)(vw)
+    q, r, s = jnp.vdot(vw[0], hvw[0]), jnp.vdot(vw[1], hvw[0]), jnp.vdot(vw[1], hvw[1])
+    dual = cpo_dual(q, r, s, c, max_kl, jnp.vdot(b, b), b_sq_tol=b_sq_tol)
+    full = cpo_direction(vw[0], vw[1], dual)
+    if evaluate is None:
+        ok = dual.case >= 0
+        search = LineSearchResult(step=full, accepted=ok, fraction=jnp.where(ok, 1.0, 0.0),
+                                  kl=0.5 * jnp.vdot(full, hvp(full)),
+                                  objective=jnp.asarray(objective_old, full.dtype) + g @ full,
+                                  constraint=jnp.asarray(constraint_old, full.dtype) + b @ full)
+    else:
+        search = line_search(evaluate, full, case=dual.case, c=c, objective_old=objective_old,
+                             constraint_old=constraint_old, max_kl=max_kl,
+                             backtrack_coeff=backtrack_coeff, backtrack_iters=backtrack_iters)
+    info = CPOInfo(q=q, r=r, s=s, lam=dual.lam, nu=dual.nu, case=dual.case,
+                   cg_iterations=sol.iterations[0], cg_residual=sol.residual_norm[0],
+                   accepted=search.accepted, fraction=search.fraction, kl=search.kl,
+                   objective=search.objective, constraint=search.constraint)
+    return search.step, info

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -43,6 +44,7 @@ def conjugate_gradient(
     Returns:
       `CGResult`; `x` is finite whenever `b` and `matvec` are.
     """
+    chex.assert_rank(b, 1)
 
     def cond(state):
         i, _, _, _, rr, broke = state

@@ -1,8 +1,8 @@
-"""Fisher-vector products of a mean KL over flattened parameters (forward-over-reverse).
+"""Fisher-vector products of a mean KL over flattened parameters.
 
-At θ = θ_k the Hessian of θ ↦ KL(p_{θ_k} ‖ p_θ) is the Fisher information of p_θ, so
-F v = ∇_θ[(∇_θ KL̄)ᵀ v] at θ_k. The gradient is linearised once with `jax.linearize` and every CG
-iteration reuses that linear map (one JVP through the backward pass per product).
+At θ = θ_k the Hessian of θ ↦ KL(p_{θ_k} ‖ p_θ) is the Fisher information of p_θ. Two forms:
+`make_fvp` (forward-over-reverse: F v = ∇_θ[(∇_θ KL̄)ᵀ v], the gradient linearised once) is the
+reference; `make_ggn_fvp` (Gauss–Newton, Jᵀ H_u J, decision 13) is what the trainers use.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
@@ -33,6 +34,7 @@ def make_fvp(
       flat_params: `[N]` θ_k.
       damping: Tikhonov damping added to F (keeps CG well posed where F is singular).
     """
+    chex.assert_rank(flat_params, 1)
     _, hvp = jax.linearize(jax.grad(mean_kl), flat_params)
     return lambda v: hvp(v) + damping * v
 
@@ -57,6 +59,7 @@ def make_ggn_fvp(
         the averaging weights (mask / Σ mask).
       damping: Tikhonov damping.
     """
+    chex.assert_rank(flat_params, 1)
     _, jvp = jax.linearize(outputs, flat_params)
     vjp = jax.linear_transpose(jvp, flat_params)
 
@@ -69,5 +72,6 @@ def make_ggn_fvp(
 
 def categorical_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """KL(p ‖ q) over the last axis from log-probabilities; 0·log 0 terms count as 0. `[...]`."""
+    chex.assert_equal_shape([log_p, log_q])
     p = jnp.exp(log_p)
     return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)

@@ -30,7 +30,7 @@ def _clean(x: jax.Array, mask: jax.Array, fill: float) -> jax.Array:
     return jnp.where(mask, x, jnp.asarray(fill, x.dtype))
 
 
-def vtrace(
+def vtrace_targets(
     values: jax.Array,
     bootstrap: jax.Array,
     rewards: jax.Array,
@@ -117,6 +117,7 @@ def episodic_discounts(mask: jax.Array, gamma: float = 1.0) -> jax.Array:
       mask: `[B, T]` bool validity mask; each row's valid steps form a prefix.
       gamma: per-step discount.
     """
+    chex.assert_rank(mask, 2)
     mask = mask.astype(bool)
     nxt = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
     return jnp.where(mask & nxt, gamma, 0.0).astype(jnp.float32)
@@ -124,6 +125,7 @@ def episodic_discounts(mask: jax.Array, gamma: float = 1.0) -> jax.Array:
 
 def terminal_indicator(mask: jax.Array) -> jax.Array:
     """`[B, T]` float, 1 at each row's last valid step (0 everywhere for an empty row)."""
+    chex.assert_rank(mask, 2)
     mask = mask.astype(bool)
     nxt = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
     return (mask & ~nxt).astype(jnp.float32)

@@ -1,0 +1,115 @@
+"""A live comparison of routing rules on the same problems: rows, curves and records.
+
+One routine for every entry point (`launch.route`, the main job's online stage): R_M comes from
+the trace trees or from a large-only run on the calibration and test problems; fixed rules (one
+model alone, the exported router) run on the test problems; a thresholded family (STEER, RSD,
+SpecReason) runs over its grid on the calibration problems, one point is chosen there and that
+point and the whole curve are reported on the test problems (`jaxroute.evaluate.choose_point`,
+the same routine as the offline sweeps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from generation import online
+from generation.answers import AnswerChecker
+from generation.backend import Backend
+from generation.datasets import Problem
+from generation.rules import FixedRule, Rule
+from jaxroute import evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveMethod:
+    """One row of a live comparison.
+
+    `rule` is a fixed rule, or `family` maps a threshold to a rule and `grid` lists the
+    thresholds to search on the calibration problems. `external` fills the table's "Ext. models"
+    column (yes: the rule runs a model of its own); `threshold` is shown for a fixed rule.
+    """
+
+    name: str
+    rule: Rule | None = None
+    family: Callable[[float], Rule] | None = None
+    grid: Sequence[float] = ()
+    external: str = "no"
+    threshold: float = math.nan
+
+    def __post_init__(self):
+        if (self.rule is None) == (self.family is None):
+            raise ValueError(f"{self.name}: give exactly one of rule= and family=")
+        if self.family is not None and not self.grid:
+            raise ValueError(f"{self.name}: a thresholded family needs a grid")
+
+
+@dataclasses.dataclass
+class LiveComparison:
+    rows: list[dict[str, Any]]  # one table row per method (test problems)
+    curves: dict[str, list[dict[str, Any]]]  # whole test curves of the thresholded families
+    records: dict[str, list[dict]]  # per method: the records of its reported run
+    large_right: dict[str, bool]  # R_M per problem id, as used for coverage
+
+
+def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Sequence[Problem],
+                 backends: Sequence[Backend], checker: AnswerChecker, cfg: online.OnlineConfig,
+                 models: Sequence, cost_model: str, *,
+                 large_right: dict[str, bool] | None = None, large_name: str | None = None,
+                 seed: int = 0) -> LiveComparison:
+    """Run every method live and summarise it like the offline table.
+
+    Args:
+      methods: the rows, in order.
+      cal, test: calibration and test problems.
+      backends, checker, cfg: what `online.run_online` needs.
+      models: `trace.ModelInfo` per backend (prices and parameter counts for the cost unit).
+      cost_model: a `trace.COST_MODELS` unit.
+      large_right: R_M per problem id (e.g. from the trace trees); None runs the largest model
+        alone on cal and test first and adds its test row, named `large_name`.
+      seed: bootstrap seed.
+    """
+    out = LiveComparison(rows=[], curves={}, records={}, large_right={})
+    k = len(backends)
+
+    def run(problems, rule, bar):
+        start = bar.n
+        return online.run_online(problems, backends, rule, checker, cfg,
+                                 lambda n: bar.update(start + n - bar.n))
+
+    def summarize(recs):
+        return evaluate.summarize_records(recs, out.large_right, models, cost_model, seed)
+
+    def add(name, recs, row, external, threshold):
+        out.rows.append({"method": name, "external": external, **row, "threshold": threshold})
+        out.records[name] = recs
+
+    if large_right is None:
+        name = large_name or f"model {k - 1} only"
+        with tqdm(total=len(cal) + len(test), desc=f"      {name}", unit="problem") as bar:
+            rule = FixedRule(name, k - 1)
+            recs_cal, recs_test = run(cal, rule, bar), run(test, rule, bar)
+        out.large_right = {r["problem_id"]: r["correct"] for r in recs_cal + recs_test}
+        add(name, recs_test, summarize(recs_test), "–", math.nan)
+    else:
+        out.large_right = dict(large_right)
+    large_acc_cal = 100.0 * sum(out.large_right[p.problem_id] for p in cal) / max(len(cal), 1)
+    for m in methods:
+        if m.rule is not None:
+            with tqdm(total=len(test), desc=f"      {m.name}", unit="problem") as bar:
+                recs = run(test, m.rule, bar)
+            add(m.name, recs, summarize(recs), m.external, m.threshold)
+            continue
+        with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
+                  desc=f"      {m.name} ({len(m.grid)}-point grid, cal + test)") as bar:
+            curve_cal = [summarize(run(cal, m.family(g), bar)) for g in m.grid]
+            recs_test = [run(test, m.family(g), bar) for g in m.grid]
+        chosen = evaluate.choose_point(m.grid, curve_cal, [summarize(r) for r in recs_test],
+                                       large_acc_cal)
+        add(m.name, recs_test[chosen["index"]], chosen["row"], m.external, chosen["threshold"])
+        out.curves[m.name] = chosen["curve"]
+    return out

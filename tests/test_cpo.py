@@ -186,7 +186,6 @@ def _scaled_brute_force(h, g, b, c, seed):
     return brute_force(h, g, (b / nb, c / nb), seed=seed)
 
 
-@pytest.mark.xfail(strict=True, reason="the reference's ε in ν bends small-|b| steps; fixed next")
 def test_cpo_step_equals_the_dense_qcqp_solution_on_every_case():
     rng = np.random.default_rng(11)
     seen = set()

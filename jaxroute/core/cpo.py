@@ -35,7 +35,6 @@ from jaxroute.core.cg import conjugate_gradient
 # Guard of a division by (exactly) zero. Small enough not to bias any finite float32 quotient that
 # matters here (s = bᵀH⁻¹b reaches 1e-10 for |b| = 1e-4), see decision 62.
 TINY = 1e-30
-EPS = 1e-8
 
 
 class CPODual(NamedTuple):
@@ -45,7 +44,7 @@ class CPODual(NamedTuple):
 
 
 def _safe_div(num, den):
-    return num / jnp.where(jnp.abs(den) < EPS, jnp.where(den < 0, -EPS, EPS), den)
+    return num / jnp.where(jnp.abs(den) < TINY, jnp.where(den < 0, -TINY, TINY), den)
 
 
 def cpo_dual(q, r, s, c, delta, b_sq, *, b_sq_tol: float = 1e-8) -> CPODual:
@@ -89,10 +88,10 @@ def cpo_dual(q, r, s, c, delta, b_sq, *, b_sq_tol: float = 1e-8) -> CPODual:
 
     lam_a = proj(jnp.sqrt(jnp.maximum(_safe_div(big_a, big_b), 0.0)), la_lo, la_hi)
     lam_b = proj(lam_trpo, lb_lo, lb_hi)
-    f_a = -0.5 * (_safe_div(big_a, lam_a + EPS) + big_b * lam_a) - _safe_div(r * c, s + EPS)
-    f_b = -0.5 * (_safe_div(q, lam_b + EPS) + 2.0 * delta * lam_b)
+    f_a = -0.5 * (_safe_div(big_a, lam_a) + big_b * lam_a) - _safe_div(r * c, s)
+    f_b = -0.5 * (_safe_div(q, lam_b) + 2.0 * delta * lam_b)
     lam12 = jnp.where(f_a >= f_b, lam_a, lam_b)
-    nu12 = jnp.maximum(0.0, lam12 * c - r) / (s + EPS)
+    nu12 = _safe_div(jnp.maximum(0.0, lam12 * c - r), s)
 
     lam = jnp.where(case >= 3, lam_trpo, jnp.where(case >= 1, lam12, 0.0))
     nu = jnp.where(case >= 3, 0.0, jnp.where(case >= 1, nu12, jnp.sqrt(_safe_div(2.0 * delta, s))))
@@ -105,7 +104,7 @@ def cpo_direction(v: jax.Array, w: jax.Array, dual: CPODual) -> jax.Array:
     """Full step x (before line search) from the CG solutions v = H⁻¹g, w = H⁻¹b. `[N]`."""
     chex.assert_rank([v, w], 1)
     chex.assert_equal_shape([v, w])
-    x = jnp.where(dual.case > 0, -(v + dual.nu * w) / (dual.lam + EPS), -dual.nu * w)
+    x = jnp.where(dual.case > 0, -_safe_div(v + dual.nu * w, dual.lam), -dual.nu * w)
     return jnp.where((dual.case >= 0) & jnp.all(jnp.isfinite(x)), x, jnp.zeros_like(x))
 
 

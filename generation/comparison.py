@@ -3,9 +3,9 @@
 One routine for every entry point (`launch.route`, the main job's online stage): R_M comes from
 the trace trees or from a large-only run on the calibration and test problems; fixed rules (one
 model alone, the exported router) run on the test problems; a thresholded family (STEER, RSD,
-SpecReason) runs over its grid on the calibration problems, one point is chosen there and that
-point and the whole curve are reported on the test problems (`jaxroute.evaluate.choose_point`,
-the same routine as the offline sweeps).
+SpecReason) runs over its grid on the calibration problems, its threshold is chosen there by
+the one calibration rule of every method (`jaxroute.evaluate.conformal_choice`: coverage
+≥ 1 − α, decision 68), and that point and the whole curve are reported on the test problems.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from generation import online
@@ -30,7 +31,8 @@ class LiveMethod:
     """One row of a live comparison.
 
     `rule` is a fixed rule, or `family` maps a threshold to a rule and `grid` lists the
-    thresholds to search on the calibration problems. `external` fills the table's "Ext. models"
+    thresholds to search on the calibration problems, from the safest (escalates most) to the
+    cheapest. `external` fills the table's "Ext. models"
     column (yes: the rule runs a model of its own); `threshold` is shown for a fixed rule.
     """
 
@@ -58,7 +60,7 @@ class LiveComparison:
 
 def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Sequence[Problem],
                  backends: Sequence[Backend], checker: AnswerChecker, cfg: online.OnlineConfig,
-                 models: Sequence, cost_model: str, *,
+                 models: Sequence, cost_model: str, *, alpha: float,
                  large_right: dict[str, bool] | None = None, large_name: str | None = None,
                  seed: int = 0) -> LiveComparison:
     """Run every method live and summarise it like the offline table.
@@ -69,6 +71,7 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
       backends, checker, cfg: what `online.run_online` needs.
       models: `trace.ModelInfo` per backend (prices and parameter counts for the cost unit).
       cost_model: a `trace.COST_MODELS` unit.
+      alpha: the guarantee every thresholded family is calibrated to.
       large_right: R_M per problem id (e.g. from the trace trees); None runs the largest model
         alone on cal and test first and adds its test row, named `large_name`.
       seed: bootstrap seed.
@@ -97,7 +100,6 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
         add(name, recs_test, summarize(recs_test), "–", math.nan)
     else:
         out.large_right = dict(large_right)
-    large_acc_cal = 100.0 * sum(out.large_right[p.problem_id] for p in cal) / max(len(cal), 1)
     for m in methods:
         if m.rule is not None:
             with tqdm(total=len(test), desc=f"      {m.name}", unit="problem") as bar:
@@ -106,10 +108,13 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
             continue
         with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
                   desc=f"      {m.name} ({len(m.grid)}-point grid, cal + test)") as bar:
-            curve_cal = [summarize(run(cal, m.family(g), bar)) for g in m.grid]
+            errors = np.array([[float(out.large_right[r["problem_id"]] and not r["correct"])
+                                for r in run(cal, m.family(g), bar)] for g in m.grid]).T
             recs_test = [run(test, m.family(g), bar) for g in m.grid]
-        chosen = evaluate.choose_point(m.grid, curve_cal, [summarize(r) for r in recs_test],
-                                       large_acc_cal)
-        add(m.name, recs_test[chosen["index"]], chosen["row"], m.external, chosen["threshold"])
-        out.curves[m.name] = chosen["curve"]
+        idx, feasible = evaluate.conformal_choice(errors, alpha)
+        curve = [dict(summarize(r), threshold=float(g)) for g, r in zip(m.grid, recs_test,
+                                                                         strict=True)]
+        add(m.name, recs_test[idx], dict(curve[idx], calibration_feasible=feasible), m.external,
+            float(m.grid[idx]))
+        out.curves[m.name] = curve
     return out

@@ -3,9 +3,8 @@
 Offline, every method is a per-node action array replayed by `env.walk` on the test split's
 instances (problem × sampled root), so all are scored on the same generations. Live runs
 (`jaxroute.records`) become the same `Outcome` (`records_outcome`) and the same summary. Either
-way a thresholded method is run over its grid on the calibration split, one point is chosen
-there, and that point (and the whole curve) is reported on the test split: `choose_point` is the
-one routine for both.
+way a method's knob is chosen on the calibration split by one conformal rule
+(`conformal_choice`: coverage ≥ 1 − α, decision 68) and reported on the test split.
 """
 
 from __future__ import annotations
@@ -14,10 +13,12 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxroute import baselines, env, records
+from jaxroute.core import calibration
 from jaxroute.trace import PackedTrees
 
 
@@ -128,16 +129,6 @@ def oracle_summary(trees: PackedTrees, problems: np.ndarray, roots: np.ndarray,
     return out
 
 
-def select_on_cal(curve_cal: list[dict], large_acc: float) -> int:
-    """Index of the grid point chosen on the calibration split: the largest A/C among points within
-    1 accuracy point of large-only (the paper's selection rule is unstated; BUILD_NOTES.md), else
-    the most accurate point."""
-    ok = [i for i, r in enumerate(curve_cal) if r["accuracy"] >= large_acc - 1.0]
-    if ok:
-        return max(ok, key=lambda i: curve_cal[i]["acc_per_cost"])
-    return max(range(len(curve_cal)), key=lambda i: curve_cal[i]["accuracy"])
-
-
 def cost_at_accuracy(curve: list[dict], accuracy: float) -> float:
     """Cost a method needs for `accuracy`, on the lower convex hull of its (accuracy, cost) points
     (mixing two operating points at random reaches any point between them). nan if out of range."""
@@ -162,35 +153,231 @@ def cost_at_accuracy(curve: list[dict], accuracy: float) -> float:
     return float(np.interp(accuracy, xs, ys))
 
 
-def choose_point(grid: Sequence[float], curve_cal: list[dict], curve_test: list[dict],
-                 large_acc_cal: float) -> dict[str, Any]:
-    """The one "select on the calibration split, report on the test split" routine (offline
-    sweeps and live grid searches): the point `select_on_cal` picks on `curve_cal`, its test
-    row (with its threshold) and the whole test curve."""
-    i = select_on_cal(curve_cal, large_acc_cal)
-    curve = [dict(r, threshold=float(g)) for r, g in zip(curve_test, grid, strict=True)]
-    return {"index": i, "threshold": float(grid[i]), "row": dict(curve[i]), "curve": curve}
+def per_problem(values: np.ndarray, problems: np.ndarray) -> np.ndarray:
+    """Mean of `values` `[N, ...]` over each problem's instances (its roots): `[n_problems, ...]`
+    in sorted problem order — the exchangeable unit of every calibration (decision 24)."""
+    _, inv = np.unique(problems, return_inverse=True)
+    out = np.zeros((inv.max() + 1,) + values.shape[1:]) if len(inv) else np.zeros((0,) +
+                                                                                  values.shape[1:])
+    np.add.at(out, inv, values)
+    return out / np.bincount(inv).reshape((-1,) + (1,) * (values.ndim - 1))
 
 
-def sweep(name: str, actions_fn: Callable[[float], np.ndarray], grid, trees, dev, cal, test,
-          large_acc: float) -> dict[str, Any]:
-    """Run a thresholded method over `grid` on cal and test; pick on cal; report test."""
-    (pc, rc), (pt, rt) = cal, test
-    full_c = {g: actions_fn(g) for g in grid}
-    curve_cal = [summarize(walk_outcome(trees, dev, pc, rc, full_c[g][pc])) for g in grid]
-    curve_test = [summarize(walk_outcome(trees, dev, pt, rt, full_c[g][pt])) for g in grid]
-    return {"name": name, **choose_point(grid, curve_cal, curve_test, large_acc)}
+def conformal_choice(errors: np.ndarray, alpha: float) -> tuple[int, bool]:
+    """The one calibration rule of every method (decision 68): `errors` `[n, G]` in [0, 1] are
+    per-problem miscoverages on the calibration split at each knob value, the columns ordered
+    from the safest value (escalates most) to the cheapest. Returns the index of the cheapest
+    value whose monotone risk passes conformal risk control (`core.conformal_threshold`), and
+    whether any does (if none, index 0: the safest)."""
+    g = errors.shape[1]
+    idx, feasible = calibration.conformal_threshold(jnp.asarray(errors, jnp.float32),
+                                                    jnp.arange(g, dtype=jnp.float32), alpha)
+    return int(idx), bool(feasible)
 
 
-def evaluate_all(trees: PackedTrees, log_prob_fn: Callable, kappa: float, alpha: float,
-                 confidence_feature: int | None, step_feature: int | None,
-                 seed: int = 0) -> dict[str, Any]:
-    """The router and every replayable baseline on the test split.
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A routing method with one knob, for calibration: `actions(g)` gives node actions `[P, S, T]`
+    for every problem of the trees at knob value g; `grid` lists the values from the safest
+    (escalates most) to the cheapest."""
 
-    `log_prob_fn(features [..., D], model [...]) -> log π [..., K]` is the router's policy (e.g.
-    `policy_fn(networks, state)` or `Router.log_probs`).
+    name: str
+    actions: Callable[[Any], np.ndarray]
+    grid: Sequence[Any]
+    external: str = "no"
 
-    Returns {"rows": [{"method", "external", ...summary}], "curves": {method: [points]}}.
+
+def walk_grid(trees: PackedTrees, dev: PackedTrees, family: Family, problems: np.ndarray,
+              roots: np.ndarray, chunk: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(correct, cost, escalation), each `[G, N]`, of the family at every grid value on the given
+    instances (grid values walked `chunk` at a time in one vmapped call)."""
+    h = env.horizon(trees)
+    p_dev, r_dev = jnp.asarray(problems), jnp.asarray(roots)
+    walk = jax.jit(jax.vmap(lambda a: env.walk(dev, p_dev, r_dev, a, h)))
+    out = ([], [], [])
+    for i in range(0, len(family.grid), chunk):
+        acts = np.stack([family.actions(g)[problems] for g in family.grid[i:i + chunk]])
+        w = walk(jnp.asarray(acts, jnp.int32))
+        for lst, x in zip(out, (w.correct, w.total_cost, w.escalation), strict=True):
+            lst.append(np.asarray(x))
+    return tuple(np.concatenate(x) for x in out)  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class FamilyWalks:
+    """A family walked at every grid value on the calibration and test instances (α-free: one
+    walk serves every α's calibration)."""
+
+    family: Family
+    cal_errors: np.ndarray  # [n_cal_problems, G] per-problem miscoverage
+    test: tuple[np.ndarray, np.ndarray, np.ndarray]  # (correct, cost, escalation), each [G, N]
+    test_problems: np.ndarray  # [N]
+    large_right: np.ndarray  # [N] R_M of the test instances
+
+
+def walk_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, test=None
+                ) -> FamilyWalks:
+    """Walk `family` on the calibration instances `cal = (problems, roots)` (and on `test`)."""
+    pc, rc = cal
+    if len(pc) == 0:
+        raise ValueError("calibration needs problems in the 'cal' split")
+    correct, _, _ = walk_grid(trees, dev, family, pc, rc)
+    errors = per_problem(((~correct) & trees.solo_correct[pc, -1][None]).T.astype(float), pc)
+    if test is None:
+        empty = np.zeros((len(family.grid), 0))
+        return FamilyWalks(family, errors, (empty.astype(bool), empty, empty.astype(int)),
+                           np.zeros(0, int), np.zeros(0, bool))
+    pt, rt = test
+    return FamilyWalks(family, errors, walk_grid(trees, dev, family, pt, rt), pt,
+                       trees.solo_correct[pt, -1])
+
+
+def calibrate_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, alpha: float
+                     ) -> tuple[int, bool, np.ndarray]:
+    """The knob index chosen on the calibration instances by `conformal_choice`, whether it is
+    feasible, and the per-problem errors `[n, G]`."""
+    fw = walk_family(trees, dev, family, cal)
+    idx, feasible = conformal_choice(fw.cal_errors, alpha)
+    return idx, feasible, fw.cal_errors
+
+
+def report_family(fw: FamilyWalks, alpha: float, seed: int = 0) -> dict[str, Any]:
+    """Calibrate `fw` at α and report the chosen value on test (with the bootstrap CI) and the
+    family's whole test curve (accuracy, cost, coverage per grid value)."""
+    idx, feasible = conformal_choice(fw.cal_errors, alpha)
+    correct, cost, esc = fw.test
+    curve = []
+    for j, g in enumerate(fw.family.grid):
+        covered = correct[j] | ~fw.large_right
+        curve.append({"accuracy": 100.0 * float(correct[j].mean()), "cost": float(cost[j].mean()),
+                      "coverage": float(covered.mean()), "threshold": _num(g)})
+    row = summarize(Outcome(correct=correct[idx], cost=cost[idx], escalation=esc[idx],
+                            large_right=fw.large_right, problems=fw.test_problems), seed)
+    row.update(threshold=_num(fw.family.grid[idx]), calibration_feasible=feasible)
+    return {"name": fw.family.name, "row": row, "curve": curve, "index": idx}
+
+
+def evaluate_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, test, alpha: float,
+                    seed: int = 0) -> dict[str, Any]:
+    """`walk_family` + `report_family`."""
+    return report_family(walk_family(trees, dev, family, cal, test), alpha, seed)
+
+
+def _num(g) -> float:
+    try:
+        return float(g)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def quantile_grid(values: np.ndarray, n: int, descending: bool) -> list[float]:
+    """Knob values at `n` quantiles of `values` plus both infinities, ordered for a method that
+    escalates below the knob (`descending`: +inf first) or at/above it (−inf first)."""
+    qs = np.quantile(values, np.linspace(0, 1, n)) if values.size else np.zeros(0)
+    grid = np.unique(np.concatenate([[-np.inf], qs, [np.inf]]))
+    return [float(g) for g in (grid[::-1] if descending else grid)]
+
+
+def train_nodes(trees: PackedTrees) -> np.ndarray:
+    """`[P, S, T]` bool: valid nodes of train-split problems (knob grids come from these)."""
+    return baselines.node_mask(trees) & (trees.split == 0)[:, None, None]
+
+
+# -- the methods as families ------------------------------------------------------------------
+
+
+def router_family(trees: PackedTrees, log_prob_fn: Callable, name: str = "TCPO router (ours)",
+                  grid_size: int = 201) -> Family:
+    """Eq. 6 (Γ) with knob κ: κ from 0 (escalate at the first decision) up through quantiles of
+    the policy's escalation scores on train nodes to above their maximum (never escalate)."""
+    dev = env.to_device(trees)
+    sub = env.gather(dev, jnp.arange(trees.num_problems))
+    probs = np.exp(np.asarray(env.node_log_probs(log_prob_fn, sub)))
+    model = np.broadcast_to(trees.seg_model[..., None], trees.step_cost.shape)
+    ids = np.arange(trees.num_models)
+    higher = ids > model[..., None]
+    scores = np.max(np.where(higher, probs, 0.0), -1)
+    s = scores[train_nodes(trees)]
+    grid = np.unique(np.concatenate([[0.0], np.quantile(s, np.linspace(0, 1, grid_size))
+                                     if s.size else [], [np.nextafter(np.float32(s.max() if s.size
+                                                                                 else 1.0),
+                                                                        np.float32(2))]]))
+
+    def actions(kappa):
+        ok = higher & (probs >= kappa)
+        best = np.max(np.where(ok, ids, -1), -1)
+        return np.where(best >= 0, best, model).astype(np.int32)
+
+    return Family(name, actions, [float(g) for g in grid])
+
+
+def threshold_family(trees: PackedTrees, confidence: int, grid_size: int = 201) -> Family:
+    conf = trees.features[..., confidence][train_nodes(trees)]
+    return Family("confidence threshold",
+                  lambda tau: baselines.confidence_threshold(trees, confidence, tau),
+                  quantile_grid(conf, grid_size, descending=True))
+
+
+def steer_family(trees: PackedTrees, steer: baselines.Steer, grid_size: int = 201) -> Family:
+    post = baselines.steer_posterior(steer, trees.features)
+    return Family("STEER", lambda tau: baselines.escalate_where(trees, post < tau),
+                  quantile_grid(post[train_nodes(trees)], grid_size, descending=True))
+
+
+def random_family(trees: PackedTrees, seed: int, grid_size: int = 101) -> Family:
+    """Escalate at each node with probability p; one uniform draw per node for every p, so the
+    escalation sets are nested in p."""
+    u = np.random.default_rng(seed).random(trees.step_cost.shape)
+    return Family("random escalation", lambda p: baselines.escalate_where(trees, u < p),
+                  [float(p) for p in np.linspace(1.0, 0.0, grid_size)])
+
+
+def baseline_families(trees: PackedTrees, feature_names: Sequence[str], seed: int = 0
+                      ) -> list[Family]:
+    """Random escalation, the confidence threshold and STEER (fitted on the train split), their
+    features found by name."""
+    names = list(feature_names)
+    fams = [random_family(trees, seed)]
+    if "confidence" in names:
+        fams.append(threshold_family(trees, names.index("confidence")))
+        if "step_index" in names:
+            fams.append(steer_family(trees, baselines.fit_steer_on_train(trees, names)))
+    return fams
+
+
+def reference_families(trees: PackedTrees, feature_names: Sequence[str], alpha: float,
+                       seed: int = 0) -> list[Family]:
+    """The reference policies of `jaxroute.references` (decision 68), fitted on train."""
+    from jaxroute import references
+
+    risk = references.fit_risk_to_go(trees, seed=seed)
+    scores = references.risk_scores(risk, trees)
+    fams = [Family("risk-to-go classifier (reference)",
+                   lambda tau: baselines.escalate_where(trees, scores >= tau),
+                   quantile_grid(scores[train_nodes(trees)], 201, descending=False))]
+    names = list(feature_names)
+    if {"confidence", "step_index", "difficulty"} <= set(names):
+        table = references.fit_threshold_table(trees, names, alpha)
+        shifts = list(range(len(table.levels), -len(table.levels) - 1, -1))
+        fams.append(Family("threshold table (reference)", lambda k: table.actions(trees, k),
+                           shifts))
+    return fams
+
+
+def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
+                 feature_names: Sequence[str], seed: int = 0, references: bool = True
+                 ) -> dict[str, Any]:
+    """Every method on the test split at the same guarantee: each knob calibrated on the
+    calibration split by `conformal_choice` (coverage ≥ 1 − α), then reported on test.
+
+    Args:
+      routers: name → `log_prob_fn(features [..., D], model [...]) -> log π [..., K]` of each
+        router to evaluate (Γ with κ as its knob), e.g. one per training seed.
+      feature_names: the trees' feature names (baselines find theirs by name).
+      references: also fit and report the reference policies.
+
+    Returns {"rows": [...], "curves": {method: test curve}, "matched": accuracy-matched costs}.
+    Rows carry `kind` ∈ {single model, router, baseline, reference, oracle}.
     """
     dev = env.to_device(trees)
     cal = env.instances(trees, trees.split_indices("cal"))
@@ -198,62 +385,43 @@ def evaluate_all(trees: PackedTrees, log_prob_fn: Callable, kappa: float, alpha:
     pt, rt = test
     if len(pt) == 0:
         raise ValueError("no usable problems in the 'test' split")
-    k = trees.num_models
     rows, curves = [], {}
-
-    def add(name, summary, external="–", extra=None):
-        rows.append({"method": name, "external": external, **summary, **(extra or {})})
-
-    for m in range(k):
-        add(f"model {m} only", summarize(solo_outcome(trees, pt, m), seed))
-    large_acc_cal = 100.0 * float(trees.solo_correct[cal[0], -1].mean()) if len(cal[0]) else 0.0
-
-    # The router: Γ at the deployed κ, plus its own κ curve.
-    all_sub = env.gather(dev, jnp.arange(trees.num_problems))
-
-    def router_actions(kap):
-        return np.asarray(env.greedy_actions(log_prob_fn, all_sub, jnp.float32(kap)))
-
-    routed = router_actions(kappa)
-    add("TCPO router (ours)", summarize(walk_outcome(trees, dev, pt, rt, routed[pt]), seed),
-        "no", {"threshold": float(kappa)})
-    # The router's own curve: κ at quantiles of its escalation scores (its probabilities often
-    # sit near 0 or 1, where an even grid in [0, 1] would see nothing).
-    scores = np.asarray(env.escalation_scores(log_prob_fn, all_sub))[pt]
-    valid = np.arange(scores.shape[-1])[None, None] < trees.seg_len[pt][..., None]
-    qs = np.quantile(scores[valid], np.linspace(0, 1, 21)) if valid.any() else np.zeros(1)
-    kgrid = sorted({0.0, float(kappa), *map(float, qs), float(np.nextafter(qs.max(), 2))})
-    curves["TCPO router (ours)"] = [
-        dict(summarize(walk_outcome(trees, dev, pt, rt, router_actions(g)[pt]), seed), threshold=g)
-        for g in kgrid]
-
-    methods: list[tuple[str, Callable[[float], np.ndarray], Any]] = [
-        ("random escalation", lambda q: baselines.random_escalation(trees, q, seed),
-         baselines.GRID)]
-    if confidence_feature is not None:
-        train_valid = baselines.node_mask(trees) & (trees.split == 0)[:, None, None]
-        conf = trees.features[..., confidence_feature][train_valid]
-        qs = np.quantile(conf, baselines.GRID) if conf.size else np.zeros(len(baselines.GRID))
-        methods.append(("confidence threshold",
-                        lambda tau: baselines.confidence_threshold(trees, confidence_feature, tau),
-                        [float(q) for q in qs]))
-        if step_feature is not None:
-            steer = baselines.fit_steer(trees.subset(trees.split_indices("train")),
-                                        confidence_feature, step_feature)
-            methods.append(("STEER", lambda tau: baselines.steer_actions(steer, trees, tau),
-                            baselines.GRID))
-    for name, fn, grid in methods:
-        res = sweep(name, fn, grid, trees, dev, cal, test, large_acc_cal)
-        add(name, res["row"], "no", {"threshold": res["row"]["threshold"]})
-        curves[name] = res["curve"]
+    for m in range(trees.num_models):
+        rows.append({"method": f"model {m} only", "external": "–", "kind": "single model",
+                     **summarize(solo_outcome(trees, pt, m), seed)})
+    fams = [(router_family(trees, fn, name), "router") for name, fn in routers.items()]
+    fams += [(f, "baseline") for f in baseline_families(trees, feature_names, seed)]
+    if references:
+        fams += [(f, "reference") for f in reference_families(trees, feature_names, alpha, seed)]
+    for fam, kind in fams:
+        res = evaluate_family(trees, dev, fam, cal, test, alpha, seed)
+        rows.append({"method": fam.name, "external": fam.external, "kind": kind, **res["row"]})
+        curves[fam.name] = res["curve"]
     for name, summary in oracle_summary(trees, pt, rt, alpha).items():
-        add(name, summary, "oracle")
-    return {"rows": rows, "curves": curves, "matched": matched_costs(rows, curves)}
+        rows.append({"method": name, "external": "oracle", "kind": "oracle", **summary})
+    first_router = next(iter(routers), None)
+    return {"rows": rows, "curves": curves,
+            "matched": matched_costs(rows, curves, first_router) if first_router else {}}
+
+
+def mean_row(rows: Sequence[dict], name: str) -> dict[str, Any]:
+    """One row summarising several (e.g. one router per training seed): means of the numeric
+    columns, and `cost_sd`, `coverage_sd` — the standard deviations across the rows."""
+    out = {"method": name, "external": rows[0]["external"], "kind": rows[0].get("kind")}
+    for k, v in rows[0].items():
+        if isinstance(v, float | int) and not isinstance(v, bool) and k != "instances":
+            out[k] = float(np.mean([r[k] for r in rows]))
+    out["coverage_ci"] = [float(np.mean([r["coverage_ci"][i] for r in rows])) for i in (0, 1)]
+    out["cost_sd"] = float(np.std([r["cost"] for r in rows]))
+    out["coverage_sd"] = float(np.std([r["coverage"] for r in rows]))
+    out["threshold"] = float("nan")
+    return out
 
 
 def matched_costs(rows: list[dict], curves: dict[str, list[dict]],
                   reference: str = "TCPO router (ours)") -> dict[str, Any]:
-    """Each curve's cost at the reference row's accuracy (lower hull; nan when out of reach)."""
+    """The secondary, accuracy-matched view: each curve's cost at the reference row's accuracy."""
+    # Lower hull of each curve; nan when out of reach.
     ref = next((r for r in rows if r["method"] == reference), None)
     if ref is None:
         return {}

@@ -136,16 +136,16 @@ def load_router(path: str | Path, feature_names: Sequence[str] | None = None,
                   kappa=float(meta["kappa"]), meta=meta)
 
 
-def export_trained(path: str | Path, result, manifest, config, extra: dict | None = None) -> Path:
-    """The one export path of a trained router (`trainer.train`'s result): everything serving
-    needs to check it — feature spec, models (names, parameter counts, prices), α, κ (deployed
-    and online), network shape, the training config and the trace set's provenance."""
+def export_trained(path: str | Path, *, networks: nets_lib.RouterNetworks, policy_params,
+                   normalizer: nets_lib.Normalizer, kappa: float, manifest, alpha: float,
+                   hidden: Sequence[int], train_config: dict, extra: dict | None = None) -> Path:
+    """The one export path of a trained router (either trainer): everything serving needs to
+    check it — feature spec, models (names, parameter counts, prices), α, κ, network shape, the
+    training config and the trace set's provenance."""
     return export_router(
-        path, result.networks, result.state.policy_params, result.state.normalizer, result.kappa,
+        path, networks, policy_params, normalizer, kappa,
         feature_names=manifest.feature_names, model_names=[m.name for m in manifest.models],
-        alpha=config.tcpo.alpha, hidden=config.hidden,
-        extra={"kappa_online": result.kappa_online,
-               "calibration_feasible": result.calibration_feasible,
-               "models": [dataclasses.asdict(m) for m in manifest.models],
+        alpha=alpha, hidden=hidden,
+        extra={"models": [dataclasses.asdict(m) for m in manifest.models],
                "trace_provenance": manifest.provenance, "synthetic": manifest.synthetic,
-               "train_config": dataclasses.asdict(config), **(extra or {})})
+               "train_config": train_config, **(extra or {})})

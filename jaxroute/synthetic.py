@@ -69,6 +69,36 @@ def three_model_config(**overrides) -> SyntheticConfig:
     return SyntheticConfig(**base)
 
 
+def family_config(small_coverage: float, auroc: float, num_models: int = 2, seed: int = 0,
+                  num_problems: int = 800, **overrides) -> SyntheticConfig:
+    """A member of the routing benchmark's synthetic families (decision 69): the small model's
+    coverage P(small right ∨ large wrong) and the confidence feature's wrong-step AUROC are the
+    knobs.
+
+    With nested abilities the small model misses what the large one solves with probability
+    Σ_l p_l (acc_large[l] − acc_small[l]); scaling acc_small = r·acc_large sets that to
+    1 − `small_coverage`. The error step's confidence is shifted by d = √2·Φ⁻¹(AUROC) noise
+    standard deviations, so a wrong step scores below a sound one with probability AUROC. For
+    K = 3 the middle model sits halfway between the two.
+    """
+    import statistics
+
+    if not 0.0 < small_coverage < 1.0 or not 0.5 <= auroc < 1.0:
+        raise ValueError("small_coverage in (0, 1) and auroc in [0.5, 1) are required")
+    base = SyntheticConfig() if num_models == 2 else three_model_config()
+    large = np.asarray(base.accuracy[-1])
+    solvable = float(np.dot(base.level_probs, large))
+    r = 1.0 - (1.0 - small_coverage) / solvable
+    if r < 0:
+        raise ValueError(f"small_coverage {small_coverage} is below what this family reaches")
+    small = r * large
+    acc = [tuple(small)] + ([tuple((small + large) / 2)] if num_models == 3 else []) + \
+        [tuple(large)]
+    d = float(np.sqrt(2.0) * statistics.NormalDist().inv_cdf(auroc))
+    return dataclasses.replace(base, accuracy=tuple(acc), informativeness=d, seed=seed,
+                               num_problems=num_problems, **overrides)
+
+
 def _cost(cfg: SyntheticConfig, model: int, out_tokens: int, in_tokens: int) -> dict:
     return {"flops": 2.0 * cfg.params[model] * out_tokens, "input_tokens": int(in_tokens),
             "cached_input_tokens": 0, "output_tokens": int(out_tokens)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import orbax.checkpoint as ocp
 
 from jaxroute import env, tcpo
 from jaxroute import networks as nets_lib
-from jaxroute.core import calibration
 from jaxroute.trace import PackedTrees
 
 
@@ -35,7 +34,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (64, 64)
     seed: int = 0
     chunk: int = 100  # iterations per jitted scan / checkpoint
-    calibration_grid: int = 1001  # κ values in [0, 1] for the final calibration
+    calibration_grid: int = 201  # κ quantiles of the train nodes' escalation scores (decision 24)
     final_calibration: bool = True
 
     def __post_init__(self):
@@ -100,50 +99,16 @@ def fit_normalizer(trees: PackedTrees) -> nets_lib.Normalizer:
 
 
 def calibrate(networks, state: tcpo.TrainState, trees: PackedTrees, problem_idx: np.ndarray,
-              alpha: float, grid_size: int = 1001) -> tuple[float, bool, np.ndarray, np.ndarray]:
-    """Final κ on held-out problems by conformal risk control (`calibration.conformal_threshold`).
+              alpha: float, grid_size: int = 201) -> tuple[float, bool, np.ndarray, np.ndarray]:
+    """Final κ on the problems `problem_idx` (the cal split) by the one calibration rule of every
+    method (`evaluate.router_family` + `evaluate.calibrate_family`, decisions 17, 24, 68).
+    Returns (κ̂, feasible, grid, per-problem errors [n, G])."""
+    from jaxroute import evaluate
 
-    A problem's loss at κ is its miscoverage under Γ_{π,κ}, averaged over its sampled roots. The
-    κ grid is adaptive: 0, then quantiles of the escalation scores on the calibration nodes (Γ's
-    outcome only changes where κ crosses one of them), so a policy whose probabilities sit near
-    0 or 1 is calibrated as finely as one that spreads them.
-    Returns (κ̂, feasible, grid, per-problem errors [n, G]).
-    """
-    dev = env.to_device(trees)
-    problems, roots = env.instances(trees, problem_idx)
-    h = env.horizon(trees)
-    sub = env.gather(dev, jnp.asarray(problems))
-    scores = np.asarray(env.escalation_scores(
-        lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m), sub))
-    valid = np.asarray(np.arange(scores.shape[-1])[None, None] < np.asarray(sub.seg_len)[..., None])
-    cand = np.unique(scores[valid])
-    grid = np.unique(np.concatenate([[0.0], np.quantile(cand, np.linspace(0, 1, grid_size)),
-                                     [np.nextafter(np.float32(cand.max()), np.float32(2))]]))
-    grid = grid.astype(np.float32)
-    p_dev, r_dev = jnp.asarray(problems), jnp.asarray(roots)
-    large_right = sub.solo_correct[:, -1]
-    model = jnp.broadcast_to(sub.seg_model[..., None], sub.step_cost.shape)
-    scores_dev = jnp.asarray(scores)
-
-    @jax.jit
-    def errors_at(kappa):
-        acts = jnp.where(scores_dev >= kappa, trees.num_models - 1, model)
-        if trees.num_models > 2:  # K ≥ 3: Γ picks the largest model above κ, not always K−1
-            acts = env.greedy_actions(
-                lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m),
-                sub, kappa)
-        w = env.walk(dev, p_dev, r_dev, acts, h)
-        return (~w.correct & large_right).astype(jnp.float32)
-
-    errs = np.stack([np.asarray(errors_at(k)) for k in grid], axis=1)  # [N_inst, G]
-    # Average over each problem's roots so the loss is per problem (exchangeable units).
-    _, inverse = np.unique(problems, return_inverse=True)
-    per_problem = np.zeros((inverse.max() + 1, len(grid)))
-    np.add.at(per_problem, inverse, errs)
-    per_problem /= np.bincount(inverse)[:, None]
-    kappa, feasible = calibration.conformal_threshold(jnp.asarray(per_problem), jnp.asarray(grid),
-                                                      alpha)
-    return float(kappa), bool(feasible), grid, per_problem
+    fam = evaluate.router_family(trees, evaluate.policy_fn(networks, state), grid_size=grid_size)
+    idx, feasible, errors = evaluate.calibrate_family(trees, env.to_device(trees), fam,
+                                                      env.instances(trees, problem_idx), alpha)
+    return float(fam.grid[idx]), feasible, np.asarray(fam.grid), errors
 
 
 def _checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
@@ -220,9 +185,34 @@ def train(
             raise ValueError("final_calibration needs problems in the 'cal' split")
         k_hat, feasible, _, _ = calibrate(networks, state, trees, cal_idx, config.tcpo.alpha,
                                           config.calibration_grid)
-        kappa = k_hat if feasible else 0.0  # infeasible: escalate everywhere Γ can
+        kappa = k_hat  # infeasible: κ = 0, escalate at the first decision
     return TrainResult(state=state, networks=networks, kappa_online=kappa_online, kappa=kappa,
                        calibration_feasible=feasible, history=hist)
+
+
+def train_many(trees: PackedTrees, config: TrainConfig, seeds: Sequence[int]
+               ) -> tuple[nets_lib.RouterNetworks, tcpo.TrainState]:
+    """`train`'s TCPO loop for several seeds at once (one vmapped, jitted scan; no checkpoints,
+    no final calibration): the benchmark's way to report seeds. Returns the networks and the
+    final states stacked on a leading seed axis."""
+    train_idx = trees.split_indices("train")
+    if len(train_idx) == 0:
+        raise ValueError("no usable problems in the 'train' split")
+    train_trees = trees.subset(train_idx)
+    networks = nets_lib.make_networks(trees.num_models, trees.features.shape[-1], config.hidden)
+    norm = fit_normalizer(train_trees)
+
+    def init(seed_key):
+        key, init_key = jax.random.split(seed_key)
+        return tcpo.init_state(networks, config.tcpo, init_key, norm), key
+
+    states, keys = jax.vmap(init)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
+    chunk = make_chunk(networks, config, config.iterations)
+    states, _, metrics = jax.jit(jax.vmap(chunk, in_axes=(0, 0, None)))(
+        states, keys, env.to_device(train_trees))
+    if np.asarray(metrics["nonfinite"]).any():
+        raise FloatingPointError("non-finite policy gradient in train_many")
+    return networks, states
 
 
 def train_and_export(trees: PackedTrees, manifest, config: TrainConfig, workdir: str | Path, *,
@@ -251,8 +241,14 @@ def train_and_export(trees: PackedTrees, manifest, config: TrainConfig, workdir:
 
     result = train(trees, config, workdir, progress)
     bar.close()
-    export.export_trained(Path(router_dir) if router_dir else workdir / "router", result, manifest,
-                          config, {"cost_model": cost_model, "source": source})
+    export.export_trained(
+        Path(router_dir) if router_dir else workdir / "router", networks=result.networks,
+        policy_params=result.state.policy_params, normalizer=result.state.normalizer,
+        kappa=result.kappa, manifest=manifest, alpha=config.tcpo.alpha, hidden=config.hidden,
+        train_config={"trainer": "tcpo", **dataclasses.asdict(config)},
+        extra={"kappa_online": result.kappa_online,
+               "calibration_feasible": result.calibration_feasible, "cost_model": cost_model,
+               "source": source})
     return result
 
 

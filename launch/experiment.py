@@ -4,40 +4,45 @@
 
 1. generates trace trees for the procedural arithmetic task with the two built-in tiny LMs
    (stepwise, real logits; the rule-based step verifier stands in for the LLM verifier);
-2. trains the TCPO router and calibrates κ on the calibration split, and exports it;
-3. evaluates it against small-only, large-only, random escalation, the confidence threshold,
-   STEER and the oracle on the test split (replayed on the trace trees);
+2. trains the router (the default exact-gradient trainer, decision 67) for 3 seeds, calibrates
+   κ on the calibration split, and exports the first seed's router; trains the paper-faithful
+   TCPO (batch 5) as its own row;
+3. evaluates every method at the same guarantee — each knob calibrated on the calibration split
+   by the same conformal rule to coverage ≥ 1 − α (decision 68) — on the test split: the
+   routers, random escalation, the confidence threshold, STEER, the reference policies and the
+   oracle (replayed on the trace trees);
 4. runs the exported router live, next to the per-step baselines that cannot be replayed — RSD
-   (the stand-in tiny PRM) and SpecReason (the stand-in tiny judge) on the 0.1 grid
-   (`generation.comparison.compare_live`);
+   (the stand-in tiny PRM) and SpecReason (the stand-in tiny judge), their thresholds calibrated
+   by the same rule over the 0.1 grid (`generation.comparison.compare_live`);
 5. writes report/ (table.md, table.json, accuracy_cost.png, config.json, timing.json).
 Every stage is resumable: re-running continues where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
 from pathlib import Path
 
+import jax
 from absl import app, flags
 
 from generation import answers, comparison, online
 from generation.tinylm import backend as tiny
 from generation.tinylm import embedded
-from jaxroute import evaluate, export, records, tcpo, trace, trainer
+from jaxroute import evaluate, exact, export, records, suite, trace, trainer
 from jaxroute.durable import atomic_write_text
 from launch import common, report
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/experiment", "Output folder.")
 _N = flags.DEFINE_list("problems", ["400", "150", "250"], "Problems in train, cal, test.")
 _ALPHA = flags.DEFINE_float("alpha", 0.05, "Target miscoverage α.")
-_ITERS = flags.DEFINE_integer("iterations", trainer.TrainConfig.iterations,
+_ITERS = flags.DEFINE_integer("iterations", exact.ExactConfig.iterations,
                               "Router training iterations.")
-# Batch 64, not the paper's 5: decision 61.
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Episodes per iteration.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for problems, sampling and training.")
+_SEEDS = flags.DEFINE_integer("train_seeds", 3, "Routers trained (reported as mean ± sd).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for problems, sampling and the first router.")
 _SMALL = flags.DEFINE_string("small", "small", "Built-in model for the small role.")
 _LARGE = flags.DEFINE_string("large", "large", "Built-in model for the large role.")
 _ONLINE = flags.DEFINE_bool("online", True, "Run the online stage (router live, RSD, SpecReason).")
@@ -60,19 +65,25 @@ def main(argv):
     manifest, recs = trace.load_trace_set(work / "traces")
     trees = trace.pack(manifest, recs, "mflops")
     clock["traces"] = time.perf_counter()
-    print(f"[2/5] training the router (α = {alpha}, {_ITERS.value} iterations)")
-    cfg = trainer.TrainConfig(tcpo=tcpo.TCPOConfig(alpha=alpha), iterations=_ITERS.value,
-                              batch_size=_BATCH.value, seed=seed)
-    res = trainer.train_and_export(trees, manifest, cfg, work / "train", source=str(work / "traces"),
-                                   cost_model="mflops", router_dir=work / "router")
+    print(f"[2/5] training the router (α = {alpha}, {_SEEDS.value} seeds) and the paper's TCPO")
+    cfg = exact.ExactConfig(alpha=alpha, iterations=_ITERS.value)
+    seeds = tuple(range(seed, seed + _SEEDS.value))
+    fit = exact.train_and_export(trees, manifest, cfg, work / "train", seeds=seeds,
+                                 source=str(work / "traces"), cost_model="mflops",
+                                 router_dir=work / "router")
+    paper_nets, paper_states = trainer.train_many(trees, suite.paper_config(alpha), (seed,))
     clock["train"] = time.perf_counter()
-    print(f"      κ online {res.kappa_online:.4g}, deployed {res.kappa:.4g}; "
+    print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; "
           f"{clock['train'] - clock['traces']:.0f} s")
-    print("[3/5] evaluating against baselines on the test split")
-    names = list(manifest.feature_names)
-    result = evaluate.evaluate_all(trees, evaluate.policy_fn(res.networks, res.state), res.kappa,
-                                   alpha, names.index("confidence"), names.index("step_index"),
-                                   seed)
+    print("[3/5] every method at the same guarantee on the test split")
+    routers = {f"router (ours), seed {s}": fit.result.log_prob_fn(i) for i, s in enumerate(seeds)}
+    routers["TCPO (paper settings)"] = evaluate.policy_fn(
+        paper_nets, jax.tree.map(lambda a: a[0], paper_states))
+    result = evaluate.evaluate_all(trees, routers, alpha, manifest.feature_names, seed)
+    result["rows"].insert(_SEEDS.value + 2, evaluate.mean_row(
+        [r for r in result["rows"] if r["method"].startswith("router (ours), seed ")],
+        f"router (ours), mean ± sd of {_SEEDS.value} seeds"))
+    result["alpha"] = alpha
     clock["evaluate"] = time.perf_counter()
     if _ONLINE.value:
         print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
@@ -83,14 +94,15 @@ def main(argv):
                 embedded.live_methods(router, backends),
                 *(([p for p in problems if splits[p.problem_id] == s]) for s in ("cal", "test")),
                 backends, checker, online.OnlineConfig(seed=seed, **embedded.GEN_CONFIG),
-                manifest.models, "mflops", seed=seed,
+                manifest.models, "mflops", alpha=alpha, seed=seed,
                 large_right={r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in recs})
         for name, rs in live.records.items():
             records.write_paths(work / "online" / re.sub(r"[^a-z0-9]+", "_", name.lower()),
                                 manifest, rs)
         result["rows"] += live.rows
         result["curves"].update(live.curves)
-        result["matched"] = evaluate.matched_costs(result["rows"], result["curves"])
+        result["matched"] = evaluate.matched_costs(result["rows"], result["curves"],
+                                                   next(iter(routers)))
     clock["online"] = time.perf_counter()
     print(f"      {clock['online'] - clock['evaluate']:.0f} s")
     print("[5/5] report")
@@ -98,8 +110,8 @@ def main(argv):
                (("start", "traces"), ("traces", "train"), ("evaluate", "online"))}
     seconds["total"] = round(time.perf_counter() - clock["start"], 1)
     title = f"Embedded default (tiny LMs, arithmetic task) — test split, α = {alpha}"
-    config = {"problems": sizes, "alpha": alpha, "iterations": _ITERS.value,
-              "batch_size": _BATCH.value, "seed": seed,
+    config = {"problems": sizes, "alpha": alpha, "router": dataclasses.asdict(cfg),
+              "train_seeds": list(seeds), "kappas": fit.kappas, "seed": seed,
               "models": {b.name: b.params for b in backends}, "seconds": seconds}
     report.write_report(work / "report", result, UNIT, title, config)
     print(report.markdown_table(result["rows"], UNIT, title) + report.matched_line(result, UNIT))

@@ -11,6 +11,7 @@ the end of training. The trace set comes from --traces/--synthetic, else from th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -48,8 +49,14 @@ def main(argv):
         raise FileNotFoundError(f"{work / 'checkpoints'}: no checkpoints to export")
     result = trainer.train(trees, config, work)  # resumes; trains only what is missing
     out = Path(_OUT.value) if _OUT.value else work / "router"
-    export.export_trained(out, result, manifest, config,
-                          {"cost_model": record.get("cost_model", "flops"), "source": source})
+    export.export_trained(
+        out, networks=result.networks, policy_params=result.state.policy_params,
+        normalizer=result.state.normalizer, kappa=result.kappa, manifest=manifest,
+        alpha=config.tcpo.alpha, hidden=config.hidden,
+        train_config={"trainer": "tcpo", **dataclasses.asdict(config)},
+        extra={"kappa_online": result.kappa_online,
+               "calibration_feasible": result.calibration_feasible,
+               "cost_model": record.get("cost_model", "flops"), "source": source})
     # The exported copy must decide exactly as the run's policy on the cal split's features.
     router = export.load_router(out, feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models])

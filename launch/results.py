@@ -32,6 +32,7 @@ MAIN_COMMAND = "python -m launch.experiment"
 BENCHMARKS = {
     "routing": "python -m launch.benchmark_routing",
     "routing_quick": "python -m launch.benchmark_routing --quick",
+    "routing_ablation": "python -m launch.benchmark_routing --ablation",
     "tinylm": "python -m launch.benchmark_tinylm",
     "core": "python -m launch.benchmark_core",
     "offline": "python -m launch.benchmark_offline",

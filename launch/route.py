@@ -48,6 +48,8 @@ _OUT = flags.DEFINE_string("out", "runs/route", "Output folder.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Guard: steps per solution.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Guard: generated tokens per solution.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and split seed.")
+_ALPHA = flags.DEFINE_float("alpha", 0.05, "Guarantee every thresholded rule is calibrated "
+                            "to (coverage ≥ 1 − α on the calibration split).")
 
 DEFAULT_TRACES = Path("runs/experiment/traces")  # the main job's trace set (embedded default)
 
@@ -57,7 +59,8 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
     k, wanted, out = len(backends), set(_RULES.value), []
 
     def family(name, make, external):
-        grid = [_THRESHOLD.value] if _THRESHOLD.value is not None else baselines.GRID
+        grid = [_THRESHOLD.value] if _THRESHOLD.value is not None else tuple(
+            reversed(baselines.GRID))
         return comparison.LiveMethod(name, family=make, grid=grid, external=external)
 
     if "small" in wanted:
@@ -114,7 +117,8 @@ def main(argv):
                               seed=_SEED.value)
     with answers.AnswerChecker(workers=2) as checker:
         res = comparison.compare_live(methods(backends, pre, cache), cal, test, backends, checker,
-                                      cfg, infos, cost_model, seed=_SEED.value,
+                                      cfg, infos, cost_model, alpha=_ALPHA.value,
+                                      seed=_SEED.value,
                                       large_name=f"model {len(backends) - 1} only")
     if "large" not in _RULES.value:
         res.rows = [r for r in res.rows if r["method"] != f"model {len(backends) - 1} only"]

@@ -1,53 +1,72 @@
-"""Train a TCPO router on trace trees, calibrate κ, export it.
+"""Train a router on trace trees, calibrate κ, export it.
 
     python -m launch.train --synthetic=1000 --workdir=runs/demo
     python -m launch.train --traces=traces/gsm8k --workdir=runs/gsm8k --alpha=0.02
+    python -m launch.train --trainer=tcpo --synthetic=1000 --workdir=runs/paper   # the paper's
 
-Resumable: re-running with the same --workdir continues from the last checkpoint.
+`--trainer=exact` (default, decision 67): the CPO step on exact tree expectations, one router
+per `--seeds`, the first exported. `--trainer=tcpo`: the paper's sampled TCPO (V-trace, batch 5),
+resumable from checkpoints in --workdir. Unset flags take the chosen trainer's config defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from absl import app, flags
 
-from jaxroute import tcpo, trainer
+from jaxroute import exact, tcpo, trainer
 from launch import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, router, history).")
-_T, _C = tcpo.TCPOConfig, trainer.TrainConfig  # flag defaults are the configs' defaults
-_ALPHA = flags.DEFINE_float("alpha", _T.alpha, "Target miscoverage α.")
-_ITERS = flags.DEFINE_integer("iterations", _C.iterations, "Training iterations.")
-_BATCH = flags.DEFINE_integer("batch_size", _C.batch_size, "Episodes per iteration.")
-_LR = flags.DEFINE_float("learning_rate", _T.critic_lr, "Critic learning rate (Adam).")
-_KAPPA_STEP = flags.DEFINE_float("kappa_step", _T.eta0, "κ step size η₀.")
-_EPS = flags.DEFINE_float("softmask_eps", _T.softmask_eps, "Softmask temperature ε.")
-_MAX_KL = flags.DEFINE_float("max_kl", _T.max_kl, "Trust-region radius δ.")
-_EVENT = flags.DEFINE_enum("coverage_event", _T.coverage_event, ["verifier", "outcome", "given"],
-                           "Coverage event of the online κ update (given = exact tree replay).")
-_HIDDEN = flags.DEFINE_list("hidden", [str(h) for h in _C.hidden], "Hidden layer widths.")
-_SEED = flags.DEFINE_integer("seed", _C.seed, "Training seed.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (router, config, checkpoints).")
+_TRAINER = flags.DEFINE_enum("trainer", "exact", ["exact", "tcpo"], "Which trainer.")
+_ALPHA = flags.DEFINE_float("alpha", None, "Target miscoverage α.")
+_ITERS = flags.DEFINE_integer("iterations", None, "Training iterations.")
+_HIDDEN = flags.DEFINE_list("hidden", None, "Hidden layer widths.")
+_SEED = flags.DEFINE_integer("seed", 0, "Training seed (the first of --seeds).")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "exact: routers to train, one per seed.")
+_MAX_KL = flags.DEFINE_float("max_kl", None, "Trust-region radius δ.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "tcpo: episodes per iteration (exact: problems "
+                              "per iteration, 0 = all).")
+_LR = flags.DEFINE_float("learning_rate", None, "tcpo: critic learning rate (Adam).")
+_KAPPA_STEP = flags.DEFINE_float("kappa_step", None, "tcpo: κ step size η₀.")
+_EPS = flags.DEFINE_float("softmask_eps", None, "tcpo: softmask temperature ε.")
+_EVENT = flags.DEFINE_enum("coverage_event", None, ["verifier", "outcome", "given"],
+                           "tcpo: coverage event of the online κ update.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def build_config() -> trainer.TrainConfig:
-    return trainer.TrainConfig(
-        tcpo=tcpo.TCPOConfig(alpha=_ALPHA.value, critic_lr=_LR.value, eta0=_KAPPA_STEP.value,
-                             softmask_eps=_EPS.value, max_kl=_MAX_KL.value,
-                             coverage_event=_EVENT.value),
-        iterations=_ITERS.value, batch_size=_BATCH.value,
-        hidden=tuple(int(h) for h in _HIDDEN.value), seed=_SEED.value)
+def _given(**kw):
+    return {k: v for k, v in kw.items() if v is not None}
 
 
-def run(config: trainer.TrainConfig, workdir: Path) -> trainer.TrainResult:
+def build_config():
+    hidden = tuple(int(h) for h in _HIDDEN.value) if _HIDDEN.value else None
+    if _TRAINER.value == "exact":
+        return exact.ExactConfig(**_given(alpha=_ALPHA.value, iterations=_ITERS.value,
+                                          hidden=hidden, max_kl=_MAX_KL.value,
+                                          batch_size=_BATCH.value))
+    t = tcpo.TCPOConfig(**_given(alpha=_ALPHA.value, critic_lr=_LR.value, eta0=_KAPPA_STEP.value,
+                                 softmask_eps=_EPS.value, max_kl=_MAX_KL.value,
+                                 coverage_event=_EVENT.value))
+    return trainer.TrainConfig(tcpo=t, seed=_SEED.value, **_given(
+        iterations=_ITERS.value, batch_size=_BATCH.value, hidden=hidden))
+
+
+def run(config, workdir: Path):
     manifest, trees, source = common.load_trees()
-    result = trainer.train_and_export(trees, manifest, config, workdir, source=source,
-                                      cost_model=common.cost_model())
-    print(f"κ online {result.kappa_online:.4f}, deployed {result.kappa:.4f} "
-          f"(final calibration {'feasible' if result.calibration_feasible else 'INFEASIBLE'}); "
-          f"router exported to {workdir / 'router'}")
-    return result
+    if isinstance(config, exact.ExactConfig):
+        seeds = tuple(range(_SEED.value, _SEED.value + _SEEDS.value))
+        fit = exact.train_and_export(trees, manifest, config, workdir, seeds=seeds, source=source,
+                                     cost_model=common.cost_model())
+        kappa, ok = fit.kappas[0], fit.feasible[0]
+    else:
+        res = trainer.train_and_export(trees, manifest, config, workdir, source=source,
+                                       cost_model=common.cost_model())
+        kappa, ok = res.kappa, res.calibration_feasible
+    print(f"κ deployed {kappa:.4g} (calibration {'feasible' if ok else 'INFEASIBLE'}); "
+          f"router exported to {workdir / 'router'} ({dataclasses.asdict(config)})")
 
 
 def main(argv):

@@ -154,17 +154,18 @@ def test_live_comparison_selects_on_cal_and_reports_test(checker):
     res = comparison.compare_live(
         [comparison.LiveMethod("small", rules.FixedRule("small", 0), external="–"),
          comparison.LiveMethod("RSD", family=lambda d: rules.ScoreRule(OffScorer(), d, 2),
-                               grid=baselines.GRID, external="yes")],
-        cal, test, _backends(), checker, online.OnlineConfig(), models, "flops")
+                               grid=tuple(reversed(baselines.GRID)), external="yes")],
+        cal, test, _backends(), checker, online.OnlineConfig(), models, "flops", alpha=0.1)
     rows = {r["method"]: r for r in res.rows}
     # R_M came from a large-only run on cal + test (its own row, first).
     assert res.rows[0]["method"] == "model 1 only" and set(res.large_right) == {
         p.problem_id for p in cal + test}
     # Threshold 0 never escalates (small-only accuracy); every threshold in (0, 1] fixes exactly
-    # the wrong steps at the same cost, so the cheapest 100 % point is the first: 0.1.
+    # the wrong steps (a perfect scorer), so the conformal rule on cal (α = 0.1: no miss among
+    # 12 problems) walks down the grid to the cheapest point that still covers: 0.1.
     assert rows["RSD"]["threshold"] == 0.1 and rows["RSD"]["accuracy"] == 100.0
-    assert [c["threshold"] for c in res.curves["RSD"]] == list(baselines.GRID)
-    assert res.curves["RSD"][0]["accuracy"] == rows["small"]["accuracy"] < 100.0
+    assert [c["threshold"] for c in res.curves["RSD"]] == list(reversed(baselines.GRID))
+    assert res.curves["RSD"][-1]["accuracy"] == rows["small"]["accuracy"] < 100.0
     assert len(res.records["RSD"]) == len(test)
     with pytest.raises(ValueError, match="exactly one of rule= and family="):
         comparison.LiveMethod("bad")

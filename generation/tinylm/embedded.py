@@ -60,6 +60,7 @@ def live_methods(router, backends) -> list[comparison.LiveMethod]:
                                  threshold=router.kappa)]
     for name, scorer in (("RSD", scorers.load_prm()), ("SpecReason", scorers.TinyJudge(backends[-1]))):
         out.append(comparison.LiveMethod(
-            f"{name} (online, {scorer.name})", external="yes", grid=baselines.GRID,
+            f"{name} (online, {scorer.name})", external="yes",
+            grid=tuple(reversed(baselines.GRID)),
             family=lambda t, s=scorer, n=name: rules.ScoreRule(s, t, k, name=n)))
     return out

@@ -128,6 +128,7 @@ def line_search(
     max_kl: float,
     backtrack_coeff: float = 0.8,
     backtrack_iters: int = 10,
+    constraint_tol: float = 0.0,
 ) -> LineSearchResult:
     """Backtracking line search with CPO's acceptance rules, all candidates evaluated in one vmap.
 
@@ -135,8 +136,9 @@ def line_search(
       KL ≤ max_kl, finite;
       objective_new ≤ objective_old, required only when the step optimises the objective
         (case ≥ 2; in recovery cases 0–1 only the constraint matters);
-      constraint_new − constraint_old ≤ max(−c, 0) (never break a feasible constraint by more
-        than its slack).
+      constraint_new − constraint_old ≤ max(−c, 0) + constraint_tol (never break a feasible
+        constraint by more than its slack; a small tolerance lets a step move along an active,
+        curved constraint instead of stalling there — decision 67).
     The first acceptable j is taken; if none is acceptable the step is zero (θ_k is kept).
 
     Args:
@@ -156,7 +158,7 @@ def line_search(
         & jnp.isfinite(con)
         & (kl <= max_kl)
         & improve_ok
-        & (con - constraint_old <= jnp.maximum(-c, 0.0))
+        & (con - constraint_old <= jnp.maximum(-c, 0.0) + constraint_tol)
         & (case >= 0)
     )
     any_ok = jnp.any(ok)
@@ -206,6 +208,7 @@ def cpo_step(
     constraint_old: jax.Array | float = 0.0,
     backtrack_coeff: float = 0.8,
     backtrack_iters: int = 10,
+    constraint_tol: float = 0.0,
 ) -> tuple[jax.Array, CPOInfo]:
     """One CPO step (the paper's eq. 4): solve H v = g and H w = b by CG (one vmapped loop), the
     closed-form dual, the direction, and CPO's backtracking line search.
@@ -223,6 +226,7 @@ def cpo_step(
       b_sq_tol: bᵀb at or below which the constraint gradient counts as zero (case 4).
       objective_old, constraint_old: surrogates at θ_k (line-search acceptance).
       backtrack_coeff, backtrack_iters: candidates coeff^j·x, j < iters.
+      constraint_tol: slack added to the line search's constraint test (`line_search`).
 
     Returns:
       (step `[N]` to add to θ_k — zero when nothing was admissible or an input was non-finite,
@@ -251,7 +255,8 @@ def cpo_step(
     else:
         search = line_search(evaluate, full, case=dual.case, c=c, objective_old=objective_old,
                              constraint_old=constraint_old, max_kl=max_kl,
-                             backtrack_coeff=backtrack_coeff, backtrack_iters=backtrack_iters)
+                             backtrack_coeff=backtrack_coeff, backtrack_iters=backtrack_iters,
+                             constraint_tol=constraint_tol)
     info = CPOInfo(q=q, r=r, s=s, lam=dual.lam, nu=dual.nu, case=dual.case,
                    cg_iterations=sol.iterations[0], cg_residual=sol.residual_norm[0],
                    accepted=search.accepted, fraction=search.fraction, kl=search.kl,

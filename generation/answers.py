@@ -4,14 +4,14 @@
 - `gsm8k_gold`: the text after `####`, thousands commas removed.
 - `AnswerChecker`: equivalence through math-verify, run in worker *processes* with a hard timeout
   (math-verify uses `signal.alarm`, which only works in a main thread, and a hung sympy call must
-  not stall generation). The verdict keeps "unparsed" apart from "incorrect".
+  not stall generation). The verdict keeps "unparsed" apart from "incorrect", and a check that
+  timed out or failed apart from both.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import enum
-import multiprocessing
+import json
 import re
 
 
@@ -19,7 +19,13 @@ class Verdict(enum.StrEnum):
     CORRECT = "correct"
     INCORRECT = "incorrect"
     UNPARSED = "unparsed"  # no \boxed{} answer, or math-verify could not parse it
-    TIMEOUT = "timeout"
+    TIMEOUT = "timeout"  # the check did not finish, even when retried: no verdict
+    ERROR = "error"  # the check failed (e.g. an unparseable gold answer): no verdict
+
+    @property
+    def usable(self) -> bool:
+        """A verdict a label can be made of; TIMEOUT and ERROR make a problem unusable."""
+        return self in (Verdict.CORRECT, Verdict.INCORRECT, Verdict.UNPARSED)
 
 
 def extract_boxed(text: str) -> str | None:
@@ -45,9 +51,10 @@ def gsm8k_gold(answer: str) -> str | None:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
-def _verify(gold: str, pred: str, dataset: str, timeout: int) -> str:
-    """Runs in a worker process (main thread there, so math-verify's signal timeouts work)."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+def verify(gold: str, pred: str, dataset: str, timeout: int) -> str:
+    """One check, in a worker process (math-verify's signal timeouts need a main thread)."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    from math_verify import verify as mv_verify
 
     if dataset == "gsm8k":
         gold_parsed = parse(gold, extraction_config=[ExprExtractionConfig()],
@@ -62,37 +69,100 @@ def _verify(gold: str, pred: str, dataset: str, timeout: int) -> str:
         return Verdict.UNPARSED.value
     if not gold_parsed:
         raise ValueError(f"gold answer {gold!r} could not be parsed")
-    ok = verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
+    ok = mv_verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
     return (Verdict.CORRECT if ok else Verdict.INCORRECT).value
 
 
+class WorkerError(RuntimeError):
+    """Answer-check workers could not start: every verdict would be missing."""
+
+
+class _Worker:
+    """One `python -m generation.answer_worker` process: JSON lines in, JSON lines out. It
+    imports only math-verify (not the caller's main module), and exits when its stdin closes —
+    so it dies with its parent, even on kill -9."""
+
+    command: tuple[str, ...] | None = None  # default: this Python, -m generation.answer_worker
+
+    def __init__(self, start_timeout: float):
+        import subprocess
+        import sys
+
+        cmd = list(self.command or (sys.executable, "-m", "generation.answer_worker"))
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+            start_new_session=True)  # Ctrl-C reaches the parent only; it shuts workers down
+        line = self._read(start_timeout)
+        if line is None or line.strip() != "ready":
+            self.kill()
+            raise WorkerError(f"an answer-check worker did not start within {start_timeout:.0f} s"
+                              f" (got {line!r}); is math-verify installed?")
+
+    def _read(self, timeout: float) -> str | None:
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        return line or None
+
+    def submit(self, gold: str, pred: str, dataset: str, timeout: int) -> None:
+        self.proc.stdin.write(json.dumps({"gold": gold, "pred": pred, "dataset": dataset,
+                                          "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float) -> Verdict | None:
+        line = self._read(timeout)
+        if line is None:
+            return None
+        out = json.loads(line)
+        return Verdict(out["verdict"]) if "verdict" in out else Verdict.ERROR
+
+    def kill(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(timeout=5)
+
+
 class AnswerChecker:
-    """Checks solutions against gold answers in a pool of worker processes.
+    """Checks solutions against gold answers in worker processes (decisions 38, 73).
+
+    Workers start eagerly (`start_timeout`, kept outside any check's limit) from a light entry
+    point. A check that exceeds `timeout` (+ a grace second) kills its worker, which is
+    restarted, and the check is retried `retries` times; if it still does not finish its verdict
+    is TIMEOUT — never "incorrect". A check that fails (an unparseable gold answer) is ERROR for
+    that item only. Both make the problem unusable (`Verdict.usable`); `stats` counts them.
 
     Args:
-      workers: processes in the pool.
-      timeout: seconds per check (math-verify's own timeout inside, and a hard limit outside;
-        a check that exceeds it gets Verdict.TIMEOUT and the pool is rebuilt).
+      workers: worker processes.
+      timeout: seconds per check.
+      start_timeout: seconds a worker may take to start.
+      retries: re-tries of a timed-out check.
     """
 
-    def __init__(self, workers: int = 2, timeout: int = 5, recycle_after: int = 5000):
-        self.workers, self.timeout, self.recycle_after = workers, timeout, recycle_after
-        self._tasks = 0
-        self._pool: cf.ProcessPoolExecutor | None = None
-
-    def _get_pool(self) -> cf.ProcessPoolExecutor:
-        if self._pool is None:
-            # Not max_tasks_per_child: on CPython 3.11 recycling workers while futures are
-            # pending can deadlock the pool. We rebuild it ourselves between batches instead.
-            self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"))
-            self._tasks = 0
-        return self._pool
+    def __init__(self, workers: int = 2, timeout: int = 5, start_timeout: float = 120.0,
+                 retries: int = 1):
+        if workers < 1 or timeout < 1:
+            raise ValueError("workers ≥ 1 and timeout ≥ 1 are required")
+        self.timeout, self.start_timeout, self.retries = timeout, start_timeout, retries
+        self.stats = {"checks": 0, "timeouts": 0, "errors": 0, "restarts": 0}
+        self._workers: list[_Worker] = []
+        try:
+            for _ in range(workers):
+                self._workers.append(_Worker(start_timeout))
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for w in self._workers:
+            w.kill()
+        self._workers = []
 
     def __enter__(self):
         return self
@@ -100,27 +170,47 @@ class AnswerChecker:
     def __exit__(self, *exc):
         self.close()
 
+    def __del__(self):
+        self.close()
+
+    def _restart(self, i: int) -> None:
+        self._workers[i].kill()
+        self._workers[i] = _Worker(self.start_timeout)
+        self.stats["restarts"] += 1
+
     def check_many(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
         """Verdicts for (solution text, gold, dataset) triples, in order."""
+        if not self._workers:
+            raise WorkerError("the answer checker is closed")
         out: list[Verdict | None] = [None] * len(items)
-        futures = {}
+        queue = []
         for i, (solution, gold, dataset) in enumerate(items):
             pred = extract_boxed(solution)
-            if pred is None or not pred:
+            if not pred:
                 out[i] = Verdict.UNPARSED
-                continue
-            futures[i] = self._get_pool().submit(_verify, gold, pred, dataset, self.timeout)
-        hung = False
-        for i, fut in futures.items():
-            try:
-                out[i] = Verdict(fut.result(timeout=self.timeout + 10))
-            except cf.TimeoutError:
-                out[i], hung = Verdict.TIMEOUT, True
-            except cf.process.BrokenProcessPool:
-                out[i], hung = Verdict.TIMEOUT, True
-        self._tasks = getattr(self, "_tasks", 0) + len(futures)
-        if hung or self._tasks > self.recycle_after:  # stuck in sympy, or memory growth
-            self.close()
+            else:
+                queue.append((i, gold, pred, dataset, 0))
+        self.stats["checks"] += len(queue)
+        busy: dict[int, tuple] = {}  # worker → job
+        while queue or busy:
+            for w in range(len(self._workers)):
+                if w not in busy and queue:
+                    job = queue.pop(0)
+                    self._workers[w].submit(job[1], job[2], job[3], self.timeout)
+                    busy[w] = job
+            for w, job in list(busy.items()):
+                verdict = self._workers[w].result(self.timeout + 1.0)
+                del busy[w]
+                if verdict is None:  # hung (or died): a new worker, and the job again
+                    self._restart(w)
+                    if job[4] < self.retries:
+                        queue.insert(0, job[:4] + (job[4] + 1,))
+                        continue
+                    verdict = Verdict.TIMEOUT
+                    self.stats["timeouts"] += 1
+                elif verdict is Verdict.ERROR:
+                    self.stats["errors"] += 1
+                out[job[0]] = verdict
         return out  # type: ignore[return-value]
 
     def check(self, solution: str, gold: str, dataset: str) -> Verdict:

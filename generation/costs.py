@@ -50,15 +50,19 @@ def usd(prompt_tokens: int, cached_tokens: int, completion_tokens: int, price: P
             + completion_tokens * price.output) / 1e6
 
 
-def params_from_config(path: str | Path) -> float:
-    """Parameter count N of a decoder-only transformer from its Hugging Face `config.json`.
+def params_from_config(path: str | Path | dict) -> float:
+    """Parameter count N of a decoder-only transformer from its Hugging Face `config.json` (a
+    folder, the file, or the config as a dict).
 
     N = embeddings (+ untied LM head) + L × (attention + MLP + norms): attention with grouped
     KV heads (q, o: h²; k, v: h·kv_dim each), gated MLP 3·h·I (Llama/Qwen), or 2·h·I if
     `hidden_act` is not gated. Biases are ignored (< 0.1%).
     """
-    path = Path(path)
-    cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    if isinstance(path, dict):
+        cfg, path = path, "config"
+    else:
+        path = Path(path)
+        cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
     try:
         h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
         inter = cfg["intermediate_size"]

@@ -1,17 +1,21 @@
 """Per-step router features from token-level confidence data (seed Sec. 4.3).
 
-Math-token rule (documented decision; STEER's own rule is unpublished). A generated token is a
-math token if its text, stripped of spaces, is non-empty and
+Math-token rule (decision 32; STEER's own rule is unpublished). A generated token is a math
+token if its text, stripped of spaces, is non-empty and
   (a) contains a digit, or
   (b) is a LaTeX command (`\\frac`, `\\sqrt`, `\\times`, …), or
-  (c) consists only of the operator/bracket characters `+-*/=^_<>()[]{}|!%.,:` or `×÷±≤≥≠`, or
+  (c) consists only of operator/bracket characters `+-*/=^_<>()[]{}|!%` or `×÷±≤≥≠`, or
   (d) lies inside a math span (`$…$`, `$$…$$`, `\\(…\\)`, `\\[…\\]`, `\\boxed{…}`); the span
       state is carried across the whole trace, not reset per step.
-Pure whitespace and the `$` delimiters themselves are never math tokens.
+Punctuation-only tokens (`.`, `,`, `:`, `;`, `.\\n\\n` — the step delimiter often fuses with
+them) count only inside a math span (generation.md §4, decision 74). Pure whitespace and the `$`
+delimiters themselves are never math tokens.
 
 S_os = mean over math tokens of the max raw logit (open models);
 S_API = min over math tokens of the top-1 probability among the returned top-5 (APIs).
 A step with no math token uses all of its tokens and sets `no_math = True` (explicit, logged).
+The same statistic over every token (`Confidence.all_tokens`) is logged beside it, so the choice
+can be measured.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import re
 import numpy as np
 
 FEATURE_NAMES = ("confidence", "step_index", "step_length", "is_final", "difficulty")
-_OPS = set("+-*/=^_<>()[]{}|!%.,:×÷±≤≥≠")
+_OPS = set("+-*/=^_<>()[]{}|!%×÷±≤≥≠")
+_PUNCT = set(".,:;?")  # maths only inside a math span
 _CMD = re.compile(r"^\\[A-Za-z]+")
 
 
@@ -77,8 +82,11 @@ def math_mask(tokens: list[str], state: MathSpanState | None = None
         state.feed(tok)
         if not s or set(s) <= {"$"}:
             continue
-        out[i] = (any(c.isdigit() for c in s) or bool(_CMD.match(s)) or set(s) <= _OPS
-                  or inside_before or state.inside)
+        inside = inside_before or state.inside
+        if set(s) <= _PUNCT:
+            out[i] = inside
+            continue
+        out[i] = any(c.isdigit() for c in s) or bool(_CMD.match(s)) or set(s) <= _OPS or inside
     return out, state
 
 
@@ -87,6 +95,7 @@ class Confidence:
     value: float
     math_tokens: int  # |M_i| (0 ⇒ all tokens were used)
     no_math: bool
+    all_tokens: float = float("nan")  # the same statistic over every token of the step
 
 
 def _over_math(values, mask: np.ndarray, reduce) -> Confidence:
@@ -94,7 +103,8 @@ def _over_math(values, mask: np.ndarray, reduce) -> Confidence:
     if values.size == 0:
         raise ValueError("empty step: no tokens to score")
     use = mask if mask.any() else np.ones_like(mask)  # no math token: use every token
-    return Confidence(float(reduce(values[use])), int(mask.sum()), not mask.any())
+    return Confidence(float(reduce(values[use])), int(mask.sum()), not mask.any(),
+                      float(reduce(values)))
 
 
 def s_os(max_logits: np.ndarray, mask: np.ndarray) -> Confidence:

@@ -56,11 +56,18 @@ class _Live:
     final_text: str | None = None
 
 
-def _request(s: _Live, model: int, round_: int, seed: int) -> StepRequest:
+EMPTY_RETRIES = tracegen.EMPTY_RETRIES
+
+
+def _is_empty(r: StepResult) -> bool:
+    return r.error is None and not r.is_final and not r.text.strip()
+
+
+def _request(s: _Live, model: int, round_: int, seed: int, attempt: int = 0) -> StepRequest:
     # Continue by token ids only when every accepted step came from this very model (no
     # re-tokenisation drift); otherwise by text, as a trace tree's child segment does.
     ids = tuple(s.ids) if all(o == model for o in s.owners) else None
-    key = f"{s.problem.problem_id}/{round_}/{model}"
+    key = f"{s.problem.problem_id}/{round_}/{model}" + "/retry" * attempt
     return StepRequest(key, s.problem.question, tuple(s.steps), ids, tracegen.seed_for(key, seed))
 
 
@@ -102,10 +109,28 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
                 max_tokens=cfg.max_tokens_per_solution if whole else cfg.max_tokens_per_step)
             for s, r in zip(group, outs, strict=True):
                 drafts[id(s)] = r
+        # An empty draft ("\\n\\n" first) is asked again with a new seed, at most twice, and
+        # paid for (decision 75); still empty, the solution ends there.
+        for attempt in range(1, EMPTY_RETRIES + 1):
+            empty = [s for s in active if _is_empty(drafts[id(s)])]
+            for m in sorted({s.model for s in empty}):
+                group = [s for s in empty if s.model == m]
+                outs = backends[m].generate(
+                    [_request(s, m, round_, cfg.seed, attempt) for s in group],
+                    max_tokens=cfg.max_tokens_per_step)
+                for s, r in zip(group, outs, strict=True):
+                    s.pieces.append(_piece(drafts[id(s)], m, backends[m].params, kept=False,
+                                           empty=True))
+                    drafts[id(s)] = r
         # 2. The rule looks at every draft of a model that may still hand over.
         views, drafted = [], []
         for s in active:
             r = drafts[id(s)]
+            if _is_empty(r):
+                s.pieces.append(_piece(r, s.model, backends[s.model].params, kept=False,
+                                       empty=True))
+                s.status, s.done = "empty_step", True
+                continue
             if r.error is not None:
                 s.status, s.done = f"error: {r.error}", True
                 s.pieces.append(_piece(r, s.model, backends[s.model].params, kept=False))

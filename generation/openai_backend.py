@@ -1,5 +1,5 @@
 """Stepwise generation through any OpenAI-compatible server (OpenAI, `vllm serve`, the tiny-model
-server), with log-probabilities, retries, a circuit breaker and a persistent response cache.
+server), with log-probabilities, one retry policy, a circuit breaker and a persistent cache.
 
 Two request modes:
 - "chat" (OpenAI models, which have no assistant prefill): the partial solution goes into the
@@ -10,22 +10,30 @@ Two request modes:
 Confidence per token: "top1_prob" = exp(max logprob among the returned top-k) (S_API), or, for a
 server started with `--logprobs-mode raw_logits`, "max_logit" = the max returned value.
 
-Retries with exponential backoff and jitter on 429, 408/409, ≥ 500, timeouts, dropped connections
-and malformed bodies; no retry on other 4xx. After `breaker_threshold` consecutive failed requests
-the circuit opens and further requests fail fast (recorded as per-request errors, never raised).
-Responses are cached in SQLite keyed by the canonical request, so a re-run pays nothing twice.
+Failures (decisions 36, 71): every request — steps, judge, verifier — goes through one policy.
+Retried with exponential backoff and jitter, honouring `Retry-After` (capped): 429, 408, 409,
+≥ 500, timeouts, dropped connections and invalid bodies (validated before anything is cached).
+A 400 is the request's own failure (recorded, not retried). A refused key (401/403), an unknown
+model (404) or a server that cannot be reached stop the run at once (`FatalBackendError`, naming
+the flag or environment variable to fix); so does an error rate above `max_error_rate`. After
+`breaker_threshold` consecutive failed requests the circuit opens; after `breaker_cooldown`
+seconds one probe request is let through (half-open) and a success closes it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import email.utils
 import hashlib
 import json
 import math
+import os
 import random
 import sqlite3
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from generation import costs
@@ -78,12 +86,73 @@ class CircuitOpen(RuntimeError):
     pass
 
 
+class FatalBackendError(RuntimeError):
+    """A failure that would make every later result wrong (refused key, unknown model, a server
+    that cannot be reached, too many failures): the run stops at once with this message."""
+
+
+class CircuitBreaker:
+    """Closed → open after `threshold` consecutive failed requests → half-open after `cooldown`
+    seconds (one probe request passes) → closed on its success, open again on its failure."""
+
+    def __init__(self, threshold: int = 10, cooldown: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.threshold, self.cooldown, self.clock = threshold, cooldown, clock
+        self.failures, self.opened_at, self.probing = 0, None, False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - self.opened_at >= self.cooldown else "open"
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half-open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def record(self, ok: bool) -> None:
+        self.probing = False
+        if ok:
+            self.failures, self.opened_at = 0, None
+            return
+        self.failures += 1
+        if self.opened_at is not None or self.failures >= self.threshold:
+            self.opened_at = self.clock()
+
+
+def retry_after_seconds(headers, cap: float) -> float | None:
+    """Seconds from a `Retry-After` (or `retry-after-ms`) header, capped; None if absent."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return min(cap, max(0.0, float(ms) / 1000.0))
+        except ValueError:
+            pass
+    val = headers.get("retry-after")
+    if val is None:
+        return None
+    try:
+        return min(cap, max(0.0, float(val)))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(val)
+        return None if when is None else min(cap, max(0.0, when.timestamp() - time.time()))
+
+
 class OpenAIBackend:
     """A `generation.backend.Backend` over an OpenAI-compatible HTTP API.
 
     Args:
       model: model name on the server.
-      base_url, api_key: server (None: the SDK's defaults / environment).
+      base_url: server (None: the official API).
+      api_key: the key (None: `OPENAI_API_KEY` from the environment; a server given by
+        `base_url` that needs none gets "EMPTY").
       mode: "chat" or "completions".
       params: N for FLOPs accounting (0 for closed models).
       price: USD per 1M tokens, for spend reporting.
@@ -91,8 +160,13 @@ class OpenAIBackend:
       concurrency: requests in flight.
       max_attempts: attempts per request (1 = no retry).
       backoff_base, backoff_max: seconds; delay = min(max, base·2^attempt)·U(0.5, 1.5).
+      retry_after_max: cap on a server's `Retry-After`.
       timeout: seconds per HTTP request.
-      breaker_threshold: consecutive failed requests that open the circuit.
+      breaker_threshold, breaker_cooldown: consecutive failed requests that open the circuit;
+        seconds until a half-open probe.
+      max_error_rate, min_requests: stop (`FatalBackendError`) once more than this share of at
+        least `min_requests` requests has failed.
+      preflight: check the server, key and model once before the first request (`check`).
       cache_path: SQLite file for the response cache (None: no cache).
       temperature, top_logprobs: sampling and log-probability settings (paper: 0.7, 5).
     """
@@ -100,10 +174,12 @@ class OpenAIBackend:
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  mode: str = "chat", params: float = 0.0, price: costs.Price | None = None,
                  confidence: str = "top1_prob", concurrency: int = 8, max_attempts: int = 5,
-                 backoff_base: float = 0.5, backoff_max: float = 8.0, timeout: float = 120.0,
-                 breaker_threshold: int = 10, cache_path: str | Path | None = None,
-                 temperature: float = 0.7, top_logprobs: int = 5,
-                 template: str = QWEN_TEMPLATE, seed: int = 0):
+                 backoff_base: float = 0.5, backoff_max: float = 8.0,
+                 retry_after_max: float = 60.0, timeout: float = 120.0,
+                 breaker_threshold: int = 10, breaker_cooldown: float = 30.0,
+                 max_error_rate: float = 0.5, min_requests: int = 20, preflight: bool = True,
+                 cache_path: str | Path | None = None, temperature: float = 0.7,
+                 top_logprobs: int = 5, template: str = QWEN_TEMPLATE, seed: int = 0):
         if mode not in ("chat", "completions"):
             raise ValueError(f"mode must be 'chat' or 'completions', got {mode!r}")
         if confidence not in ("top1_prob", "max_logit"):
@@ -111,15 +187,28 @@ class OpenAIBackend:
         self.name, self.params, self.mode = model, params, mode
         self.price = price or costs.DEFAULT_PRICES.get(model, costs.Price(0, 0, 0))
         self.confidence = confidence
-        self.base_url, self.api_key = base_url, api_key
+        self.base_url = base_url
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY")
+        if self.api_key is None:
+            if base_url is None:
+                raise FatalBackendError(f"model {model!r} on the OpenAI API needs a key: set "
+                                        "OPENAI_API_KEY (or pass api_key)")
+            self.api_key = "EMPTY"  # a local server (vllm serve, the tiny-model server)
         self.concurrency, self.max_attempts = concurrency, max_attempts
         self.backoff_base, self.backoff_max, self.timeout = backoff_base, backoff_max, timeout
-        self.breaker_threshold = breaker_threshold
+        self.retry_after_max = retry_after_max
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
+        self.max_error_rate, self.min_requests = max_error_rate, min_requests
+        self._checked = not preflight
         self.cache = ResponseCache(cache_path) if cache_path else None
         self.temperature, self.top_logprobs, self.template = temperature, top_logprobs, template
         self._rng = random.Random(seed)
-        self._consecutive_failures = 0
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "failures": 0}
+        self.failure_reasons: collections.Counter = collections.Counter()
+
+    @property
+    def where(self) -> str:
+        return self.base_url or "the OpenAI API"
 
     # -- request building ----------------------------------------------------------------------
 
@@ -143,13 +232,18 @@ class OpenAIBackend:
     # -- response parsing ----------------------------------------------------------------------
 
     def parse(self, resp: dict, whole: bool) -> StepResult:
-        """StepResult from a raw response dict; raises ValueError on a malformed body."""
+        """StepResult from a raw response dict; raises ValueError on an invalid body: missing
+        fields, null content, or no log-probabilities for generated text (asked for on every
+        step request, and needed for the confidence feature)."""
         try:
             choice = resp["choices"][0]
             usage = resp.get("usage") or {}
             finish = choice.get("finish_reason") or "stop"
+            eos = False
             if self.mode == "chat":
-                text = choice["message"]["content"] or ""
+                text = choice["message"]["content"]
+                if text is None:
+                    raise ValueError("null message content")
                 content = (choice.get("logprobs") or {}).get("content") or []
                 tokens = [c["token"] for c in content]
                 conf = []
@@ -158,7 +252,9 @@ class OpenAIBackend:
                     best = max(tops) if tops else c["logprob"]
                     conf.append(best if self.confidence == "max_logit" else math.exp(best))
             else:
-                text = choice["text"] or ""
+                text = choice["text"]
+                if text is None:
+                    raise ValueError("null completion text")
                 lp = choice.get("logprobs") or {}
                 tokens = list(lp.get("tokens") or [])
                 tops = lp.get("top_logprobs") or [{} for _ in tokens]
@@ -168,6 +264,10 @@ class OpenAIBackend:
                     vals = list((top or {}).values())
                     best = max(vals) if vals else (ch if ch is not None else -math.inf)
                     conf.append(best if self.confidence == "max_logit" else math.exp(best))
+                # vLLM reports which stop ended a completion; None after "stop" means EOS.
+                eos = finish == "stop" and "stop_reason" in choice and choice["stop_reason"] is None
+            if text.strip() and not tokens:
+                raise ValueError("no log-probabilities for the generated text")
             details = usage.get("prompt_tokens_details") or {}
             prompt = int(usage.get("prompt_tokens") or 0)
             completion = int(usage.get("completion_tokens") or len(tokens))
@@ -179,67 +279,150 @@ class OpenAIBackend:
             text=text.strip("\n"), token_ids=[], tokens=tokens, confidence=conf,
             confidence_kind=self.confidence, prompt_tokens=prompt, cached_tokens=cached,
             completion_tokens=completion, finish_reason=finish,
-            is_final=whole or "\\boxed" in text or finish == "length")
+            is_final=whole or eos or "\\boxed" in text or finish == "length")
+
+    @staticmethod
+    def _valid_chat(resp: dict) -> None:
+        try:
+            if resp["choices"][0]["message"]["content"] is None:
+                raise ValueError("null message content")
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"malformed response body: {type(e).__name__}: {e}") from None
 
     # -- transport -----------------------------------------------------------------------------
 
-    def _client(self):
+    def _client(self, asynchronous: bool = True):
         import openai  # lazy: the SDK is only needed when this backend is used
 
-        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "EMPTY",
-                                  max_retries=0, timeout=self.timeout)
+        cls = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+        return cls(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+                   timeout=self.timeout)
 
-    async def _call(self, client, body: dict) -> dict:
+    def _fatal(self, e: Exception) -> FatalBackendError | None:
+        """The run-stopping failures, with the message that says what to fix."""
+        import openai
+
+        status = getattr(e, "status_code", None)
+        if isinstance(e, openai.AuthenticationError | openai.PermissionDeniedError):
+            return FatalBackendError(
+                f"{self.where} refused the API key for model {self.name!r} ({status}: "
+                f"{_msg(e)}): set OPENAI_API_KEY (or --api_key) to a key with access")
+        if isinstance(e, openai.NotFoundError):
+            return FatalBackendError(
+                f"{self.where} answered 404 for model {self.name!r} ({_msg(e)}): check the model "
+                "name and base URL in --models (or the preset)")
+        return None
+
+    def check(self) -> None:
+        """Preflight, once: the server answers, accepts the key and knows the model
+        (`GET /models`; a server without that route is let through). Raises
+        `FatalBackendError` naming what to fix."""
+        if self._checked:
+            return
+        import openai
+
+        try:
+            with self._client(asynchronous=False) as client:
+                ids = [m.id for m in client.models.list()]
+        except openai.APIConnectionError as e:
+            raise FatalBackendError(f"cannot reach {self.where} for model {self.name!r} "
+                                    f"({_msg(e)}): check the base URL in --models") from None
+        except openai.APIStatusError as e:
+            fatal = self._fatal(e)
+            if fatal is not None and not isinstance(e, openai.NotFoundError):
+                raise fatal from None
+            ids = []  # no /models route: the first request will tell
+        if ids and self.name not in ids:
+            raise FatalBackendError(f"{self.where} does not serve model {self.name!r} (it serves "
+                                    f"{sorted(ids)[:10]}): check --models")
+        self._checked = True
+
+    async def _send(self, client, body: dict, validate: Callable[[dict], object], key: str
+                    ) -> dict:
+        """One request under the one retry policy; returns the validated response body."""
         import openai
 
         retryable = (openai.RateLimitError, openai.APIConnectionError, openai.InternalServerError,
-                     openai.ConflictError, ValueError, json.JSONDecodeError)
+                     openai.ConflictError)
         last: Exception | None = None
         for attempt in range(self.max_attempts):
-            if self._consecutive_failures >= self.breaker_threshold:
-                raise CircuitOpen(f"circuit open after {self._consecutive_failures} consecutive "
-                                  f"failures (last: {last})")
+            if not self.breaker.allow():
+                raise CircuitOpen(f"circuit open after {self.breaker.failures} consecutive "
+                                  f"failed requests (last: {last})")
+            hint = None
             try:
-                if self.mode == "chat":
-                    raw = await client.chat.completions.with_raw_response.create(**body)
-                else:
-                    raw = await client.completions.with_raw_response.create(**body)
+                create = (client.chat.completions if "messages" in body
+                          else client.completions).with_raw_response.create
+                raw = await create(**body)
                 resp = json.loads(raw.text)
-                self.parse(resp, whole="stop" not in body)  # validate before caching
-                self._consecutive_failures = 0
+                validate(resp)  # never cache an invalid body
+                self.breaker.record(True)
                 return resp
             except openai.APIStatusError as e:
+                fatal = self._fatal(e)
+                if fatal is not None:
+                    raise fatal from None
                 if not isinstance(e, retryable) and e.status_code != 408:
-                    self._consecutive_failures += 1
-                    raise
-                last = e
-            except retryable as e:
+                    self.breaker.record(True)  # the server answered: the request's own failure
+                    raise  # (e.g. 400) is not retried
+                last, hint = e, retry_after_seconds(e.response.headers, self.retry_after_max)
+            except (*retryable, ValueError, json.JSONDecodeError) as e:
                 last = e
             if attempt + 1 < self.max_attempts:
                 self.stats["retries"] += 1
                 delay = min(self.backoff_max, self.backoff_base * 2**attempt)
-                await asyncio.sleep(delay * self._rng.uniform(0.5, 1.5))
-        self._consecutive_failures += 1
-        raise RuntimeError(f"gave up after {self.max_attempts} attempts: "
+                delay *= self._rng.uniform(0.5, 1.5)
+                await asyncio.sleep(max(delay, hint or 0.0))
+        self.breaker.record(False)
+        raise RuntimeError(f"request {key}: gave up after {self.max_attempts} attempts: "
                            f"{type(last).__name__}: {last}")
+
+    async def _request(self, client, sem, body: dict, validate, key: str) -> dict | Exception:
+        """Cache, semaphore and accounting around `_send`; a per-request failure is returned
+        (and counted), a fatal one raised."""
+        ckey = self.cache_key(body)
+        self.stats["requests"] += 1
+        if self.cache is not None and (hit := self.cache.get(ckey)) is not None:
+            try:
+                validate(hit)
+                self.stats["cache_hits"] += 1
+                return hit
+            except ValueError:
+                pass  # an invalid body cached by an older version: ask again
+        async with sem:
+            try:
+                resp = await self._send(client, body, validate, key)
+            except FatalBackendError:
+                raise
+            except Exception as e:  # recorded per request; the run goes on
+                self.stats["failures"] += 1
+                self.failure_reasons[type(e).__name__] += 1
+                self._check_error_rate()
+                return e
+        if self.cache is not None:
+            self.cache.put(ckey, resp)
+        return resp
+
+    def _check_error_rate(self) -> None:
+        n, f = self.stats["requests"], self.stats["failures"]
+        if n >= self.min_requests and f > self.max_error_rate * n:
+            raise FatalBackendError(
+                f"{f} of {n} requests to {self.where} ({self.name!r}) failed "
+                f"({dict(self.failure_reasons)}), above max_error_rate {self.max_error_rate}: "
+                "stopping instead of recording failures")
+
+    def summary(self) -> dict:
+        """Request counts and failure reasons, for the run's summary and manifest."""
+        return {**self.stats, "failure_reasons": dict(self.failure_reasons),
+                "model": self.name, "base_url": _redact(self.base_url)}
 
     async def _one(self, client, sem, req: StepRequest, whole: bool, max_tokens: int):
         body = self.request_body(req, whole, max_tokens)
-        key = self.cache_key(body)
-        self.stats["requests"] += 1
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            self.stats["cache_hits"] += 1
-            return self.parse(hit, whole)
-        async with sem:
-            try:
-                resp = await self._call(client, body)
-            except Exception as e:  # recorded per request; the run goes on
-                self.stats["failures"] += 1
-                return StepResult("", [], [], [], self.confidence, 0, 0, 0, "error", False,
-                                  error=f"{type(e).__name__}: {e}")
-        if self.cache is not None:
-            self.cache.put(key, resp)
-        return self.parse(resp, whole)
+        out = await self._request(client, sem, body, lambda r: self.parse(r, whole), req.key)
+        if isinstance(out, Exception):
+            return StepResult("", [], [], [], self.confidence, 0, 0, 0, "error", False,
+                              error=f"request {req.key}: {type(out).__name__}: {out}")
+        return self.parse(out, whole)
 
     async def agenerate(self, requests: Sequence[StepRequest], *, whole: bool = False,
                         max_tokens: int = 1024) -> list[StepResult]:
@@ -253,41 +436,15 @@ class OpenAIBackend:
 
     def generate(self, requests: Sequence[StepRequest], *, whole: bool = False,
                  max_tokens: int = 1024) -> list[StepResult]:
+        self.check()
         return asyncio.run(self.agenerate(requests, whole=whole, max_tokens=max_tokens))
-
-    async def _one_raw(self, client, sem, body: dict) -> dict | None:
-        key = self.cache_key(body)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            self.stats["cache_hits"] += 1
-            return hit
-        async with sem:
-            try:
-                import openai
-
-                resp = None
-                for attempt in range(self.max_attempts):
-                    try:
-                        raw = await client.chat.completions.with_raw_response.create(**body)
-                        resp = json.loads(raw.text)
-                        resp["choices"][0]["message"]  # noqa: B018 — validate the shape
-                        break
-                    except (openai.RateLimitError, openai.APIConnectionError,
-                            openai.InternalServerError, ValueError, KeyError, IndexError,
-                            TypeError):
-                        resp = None
-                        await asyncio.sleep(min(self.backoff_max, self.backoff_base * 2**attempt))
-                if resp is None:
-                    return None
-            except Exception:
-                return None
-        if self.cache is not None:
-            self.cache.put(key, resp)
-        return resp
 
     def chat_raw(self, messages: Sequence[list[dict]], *, max_tokens: int = 8,
                  temperature: float = 0.0, extra: dict | None = None) -> list[dict | None]:
-        """Chat completions as response bodies (choices, usage, …), cached and retried; None
-        where a request failed. `extra`: more request fields (e.g. logprobs, top_logprobs)."""
+        """Chat completions as response bodies (choices, usage, …), cached, under the same retry
+        policy; None where a request failed (counted in `stats`). `extra`: more request fields
+        (e.g. logprobs, top_logprobs)."""
+        self.check()
 
         async def run():
             sem = asyncio.Semaphore(self.concurrency)
@@ -296,8 +453,10 @@ class OpenAIBackend:
                 bodies = [{"model": self.name, "messages": m, "temperature": temperature,
                            "max_completion_tokens": max_tokens, **(extra or {})}
                           for m in messages]
-                return list(await asyncio.gather(*(self._one_raw(client, sem, b)
-                                                   for b in bodies)))
+                outs = await asyncio.gather(*(self._request(client, sem, b, self._valid_chat,
+                                                            f"chat[{i}]")
+                                              for i, b in enumerate(bodies)))
+                return [None if isinstance(o, Exception) else o for o in outs]
             finally:
                 await client.close()
 
@@ -312,3 +471,25 @@ class OpenAIBackend:
     def usd(self, result: StepResult) -> float:
         return costs.usd(result.prompt_tokens, result.cached_tokens, result.completion_tokens,
                          self.price)
+
+
+def _msg(e: Exception) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(e).splitlines()[0][:200]
+
+
+def _redact(url: str | None) -> str | None:
+    """A base URL without credentials (user:password@host) — safe for provenance."""
+    if url is None:
+        return None
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=host)
+    return urllib.parse.urlunsplit(parts)

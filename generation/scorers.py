@@ -1,7 +1,8 @@
 """Step scorers for the per-step baselines (`generation.online.ScoreRule`).
 
 - `VLLMRewardModel` — RSD's process reward model through vLLM's pooling runner
-  (`LLM(model=…, runner="pooling")`, `LLM.reward`). Native support: Qwen2.5-Math-PRM
+  (`LLM(model=…, runner="pooling")`; `LLM.encode(…, pooling_task="token_classify")` in vLLM
+  0.33, `LLM.reward` in 0.10). Native support: Qwen2.5-Math-PRM
   (`Qwen2ForProcessRewardModel`, steps separated by the `<extra_0>` tag; vLLM returns the
   softmaxed 2-class output at each tag, and P(good) of the last tag is the reward). The paper's
   Skywork-o1 PRM needs a vLLM plugin (`--prompt_format=skywork`, reward = sigmoid of the value at
@@ -17,6 +18,7 @@ USD where priced) — a separate column, never part of the generation cost.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 from collections.abc import Sequence
@@ -91,23 +93,41 @@ class VLLMRewardModel:
     `prompt_format="qwen"`: Qwen2.5-Math-PRM's chat layout with `<extra_0>` after every step;
     `"skywork"`: RSD's Skywork layout (BOS + question + "\\n", steps joined by "\\n\\n"),
     which needs the Skywork vLLM plugin.
+
+    The engine starts when the scorer is made (not at its first score, hours into a run), with
+    its own `gpu_memory_utilization` and `max_model_len` (it shares the GPU with the generation
+    engines) and without prefix caching, which vLLM does not support for STEP pooling
+    (decision 71).
     """
 
     model: str
     params: float = 7.6e9
     prompt_format: str = "qwen"
-    llm: object = None  # an injected `vllm.LLM` (tests pass a fake); built lazily otherwise
+    llm: object = None  # an injected `vllm.LLM` (tests pass a fake); built at construction
     tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.25
+    max_model_len: int | None = 4096
+    trust_remote_code: bool = False  # only the Skywork plugin needs it: ask for it explicitly
     name: str = "PRM"
 
-    def _engine(self):
+    def __post_init__(self):
+        if self.prompt_format not in ("qwen", "skywork"):
+            raise ValueError(f"prompt_format must be 'qwen' or 'skywork', got "
+                             f"{self.prompt_format!r}")
         if self.llm is None:
             from vllm import LLM  # lazy: only on a GPU machine
 
-            self.llm = LLM(model=self.model, runner="pooling", trust_remote_code=True,
-                           tensor_parallel_size=self.tensor_parallel_size,
-                           enable_prefix_caching=True)
-        return self.llm
+            self.llm = LLM(**self.engine_kwargs())
+
+    def engine_kwargs(self) -> dict:
+        """The reward model engine's `vllm.LLM` / `vllm.EngineArgs` keyword arguments."""
+        kw = dict(model=self.model, runner="pooling", enable_prefix_caching=False,
+                  tensor_parallel_size=self.tensor_parallel_size,
+                  gpu_memory_utilization=self.gpu_memory_utilization,
+                  trust_remote_code=self.trust_remote_code)
+        if self.max_model_len is not None:
+            kw["max_model_len"] = self.max_model_len
+        return kw
 
     def prompt(self, question: str, steps: Sequence[str]) -> str:
         if self.prompt_format == "qwen":
@@ -115,13 +135,18 @@ class VLLMRewardModel:
             return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
                     f"{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>"
                     "<|endoftext|>")
-        if self.prompt_format == "skywork":
-            return question + "\n" + "".join(s + "\n\n" for s in steps)
-        raise ValueError(f"prompt_format must be 'qwen' or 'skywork', got {self.prompt_format!r}")
+        return question + "\n" + "".join(s + "\n\n" for s in steps)
+
+    def _pool(self, prompts: list[str]):
+        """Per-token pooling outputs: `encode(pooling_task="token_classify")` where vLLM has it
+        (0.33), `reward` otherwise (0.10)."""
+        encode = getattr(self.llm, "encode", None)
+        if encode is not None and "pooling_task" in inspect.signature(encode).parameters:
+            return encode(prompts, use_tqdm=False, pooling_task="token_classify")
+        return self.llm.reward(prompts, use_tqdm=False)
 
     def score(self, items):
-        llm = self._engine()
-        outs = llm.reward([self.prompt(q, steps) for q, steps in items])
+        outs = self._pool([self.prompt(q, steps) for q, steps in items])
         scores, spent = [], []
         for out in outs:
             data = out.outputs.data
@@ -148,15 +173,19 @@ class VLLMJudge:
     top_logprobs: int = 5  # the backend's engine caps this at its max_logprobs (5)
     name: str = "SpecReason judge"
 
+    def sampling_kwargs(self) -> dict:
+        """One greedy token with its top log-probabilities."""
+        return dict(temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
+
     def score(self, items):
         be = self.backend
         prompts, params = [], []
+        from generation.vllm_backend import chat_ids
+
         for q, steps in items:
-            ids = be.tokenizer.apply_chat_template(judge_messages(q, steps),
-                                                   add_generation_prompt=True, tokenize=True)
-            prompts.append(be._vllm.inputs.TokensPrompt(prompt_token_ids=list(ids)))
-            params.append(be._vllm.SamplingParams(temperature=0.0, max_tokens=1,
-                                                  logprobs=self.top_logprobs))
+            ids = chat_ids(be.tokenizer, judge_messages(q, steps))
+            prompts.append(be._vllm.TokensPrompt(prompt_token_ids=ids))
+            params.append(be._vllm.SamplingParams(**self.sampling_kwargs()))
         outs = be.llm.generate(prompts, params, use_tqdm=False)
         scores, spent = [], []
         for out in outs:
@@ -169,13 +198,15 @@ class VLLMJudge:
         return scores, spent
 
 
-def from_spec(spec: str, backends, *, role: str, cache=None, seed: int = 0):
+def from_spec(spec: str, backends, *, role: str, cache=None, seed: int = 0,
+              prm_engine: dict | None = None):
     """A step scorer from a spec, or None for an empty spec.
 
     `tiny` (the embedded stand-ins: the tiny PRM for `role="prm"`, the tiny judge on the large
     tiny LM for `role="judge"`), `vllm-large` (SpecReason's judge on the large in-process vLLM
     engine), `vllm:MODEL[:qwen|skywork]` (a process reward model), `openai:MODEL[@BASE_URL]`
-    (a judge on any OpenAI-compatible chat endpoint)."""
+    (a judge on any OpenAI-compatible chat endpoint). `prm_engine`: the reward model engine's
+    `gpu_memory_utilization` / `max_model_len` (from the preset)."""
     if not spec:
         return None
     if spec == "tiny":
@@ -187,7 +218,9 @@ def from_spec(spec: str, backends, *, role: str, cache=None, seed: int = 0):
     kind, _, rest = spec.partition(":")
     if kind == "vllm":
         m = re.fullmatch(r"(.+?)(?::(qwen|skywork))?", rest)
-        return VLLMRewardModel(m.group(1), prompt_format=m.group(2) or "qwen")
+        fmt = m.group(2) or "qwen"
+        return VLLMRewardModel(m.group(1), prompt_format=fmt, trust_remote_code=fmt == "skywork",
+                               **(prm_engine or {}))
     if kind == "openai":
         from generation.backend import make_backend
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -49,8 +50,12 @@ class _Segment:
     path: str
     idx: int = 0  # position in the generator's segment list
     results: list[StepResult] = dataclasses.field(default_factory=list)
+    wasted: dict[int, list[StepResult]] = dataclasses.field(default_factory=dict)  # empty tries
     status: str = "ok"
     done: bool = False
+
+
+EMPTY_RETRIES = 2  # an empty step ("\\n\\n" first) is asked again at most twice
 
 
 def _key(*parts) -> str:
@@ -78,10 +83,20 @@ class _Tree:
 
 @dataclasses.dataclass
 class _Checks:
-    seg_ok: list[bool]  # per segment: its own answer is correct
-    leaf: dict[tuple[int, int], tuple[StepResult, bool]]  # (segment, step) → leaf and verdict
-    mid_ok: list  # verdicts of the intermediate models' solo runs, problem-major
+    seg: list[Verdict]  # per segment: the verdict of its own answer
+    leaf: dict[tuple[int, int], tuple[StepResult, Verdict]]  # (segment, step) → leaf, verdict
+    mid: list[Verdict]  # verdicts of the intermediate models' solo runs, problem-major
     labels: dict[tuple[int, int], bool | None]  # verifier label per (segment, step)
+
+
+def _status(verdict: Verdict, error: str | None = None, status: str = "ok") -> dict:
+    """The "status" field of a piece: a failed request or a check without a verdict (timed
+    out, failed) is an error, which makes the problem unusable (decisions 72, 73)."""
+    if error is not None:
+        return {"status": f"error: {error}"}
+    if not verdict.usable:
+        return {"status": f"error: answer check {verdict}"}
+    return {} if status == "ok" else {"status": status}
 
 
 class TraceGenerator:
@@ -130,16 +145,21 @@ class TraceGenerator:
                     ids = None
                     if s.prefix_ids is not None:
                         ids = tuple(s.prefix_ids + [i for r in s.results for i in r.token_ids])
+                    tries = len(s.wasted.get(len(s.results), []))
                     key = _key(s.problem.problem_id, s.path, len(s.results))
+                    # A retried empty step asks again with a new seed (the nudge, decision 75).
                     reqs.append(StepRequest(key, s.problem.question, tuple(steps), ids,
-                                            seed_for(key, cfg.seed)))
+                                            seed_for(key + "/retry" * tries, cfg.seed)))
                 outs = self.backends[k].generate(reqs, max_tokens=cfg.max_tokens_per_step)
                 for s, r in zip(group, outs, strict=True):
                     if r.error is not None:
                         s.status, s.done = f"error: {r.error}", True
                         continue
                     if not r.text.strip() and not r.is_final:
-                        s.status, s.done = "empty_step", True
+                        wasted = s.wasted.setdefault(len(s.results), [])
+                        wasted.append(r)  # paid for: its cost joins the step's
+                        if len(wasted) > EMPTY_RETRIES:
+                            s.status, s.done = "empty_step", True
                         continue
                     s.results.append(r)
                     total = sum(x.completion_tokens for x in s.results)
@@ -230,11 +250,11 @@ class TraceGenerator:
                                       seg.prefix + [x.text for x in seg.results[:t]], r.text))
                     ver_index.append((si, t))
         labels = dict(zip(ver_index, self.verifier(ver_items), strict=True)) if ver_items else {}
-        leaf_ok = [v == Verdict.CORRECT for v in verdicts[n_seg:n_seg + n_leaf]]
-        return _Checks(seg_ok=[v == Verdict.CORRECT for v in verdicts[:n_seg]],
-                       leaf={(si, t): (r, ok) for (si, t, _), r, ok in
-                             zip(tree.leaf_jobs, leaf_results, leaf_ok, strict=True)},
-                       mid_ok=verdicts[n_seg + n_leaf:], labels=labels)
+        return _Checks(seg=verdicts[:n_seg],
+                       leaf={(si, t): (r, v) for (si, t, _), r, v in
+                             zip(tree.leaf_jobs, leaf_results, verdicts[n_seg:n_seg + n_leaf],
+                                 strict=True)},
+                       mid=verdicts[n_seg + n_leaf:], labels=labels)
 
     def _segment_record(self, si: int, tree: _Tree, checks: _Checks) -> dict:
         k_models = len(self.backends)
@@ -250,10 +270,10 @@ class TraceGenerator:
             branches = {}
             for kp in range(seg.model + 1, k_models):
                 if kp == k_models - 1:
-                    lr, ok = checks.leaf[(si, t)]
-                    branches[str(kp)] = {"model": kp, "correct": ok,
+                    lr, v = checks.leaf[(si, t)]
+                    branches[str(kp)] = {"model": kp, "correct": v == Verdict.CORRECT,
                                          "cost": _cost(lr, self.backends[kp].params),
-                                         **({"status": f"error: {lr.error}"} if lr.error else {})}
+                                         **_status(v, lr.error)}
                 else:
                     branches[str(kp)] = self._segment_record(tree.children[si][(t, kp)].idx,
                                                              tree, checks)
@@ -261,12 +281,15 @@ class TraceGenerator:
                 "features": features.step_features(conf.value, seg.start + t,
                                                    r.completion_tokens, r.is_final,
                                                    seg.problem.difficulty),
-                "cost": _cost(r, backend.params),
+                "cost": _sum([_cost(x, backend.params)
+                              for x in [*seg.wasted.get(t, []), r]]),
                 "verifier_ok": checks.labels.get((si, t)),
                 "branches": branches,
                 "math_tokens": conf.math_tokens,
+                "confidence_all": conf.all_tokens,  # over every token, beside the maths-only S
             })
-        return {"model": seg.model, "correct": bool(checks.seg_ok[si]), "status": seg.status,
+        st = _status(checks.seg[si], None, seg.status).get("status", "ok")
+        return {"model": seg.model, "correct": checks.seg[si] == Verdict.CORRECT, "status": st,
                 "steps": steps}
 
     def _record(self, i: int, p: Problem, split: str, tree: _Tree, mid_solo,
@@ -275,18 +298,20 @@ class TraceGenerator:
         k_models = len(self.backends)
         root_ids = [i * self.cfg.roots + j for j in range(self.cfg.roots)]
         r0 = tree.segments[root_ids[0]]
-        solo = [{"correct": bool(checks.seg_ok[root_ids[0]]),
+        solo = [{"correct": checks.seg[root_ids[0]] == Verdict.CORRECT,
                  "cost": _sum([_cost(r, self.backends[0].params) for r in r0.results])}]
         for k in range(1, k_models - 1):
             r = mid_solo[(p.problem_id, k)]
-            solo.append({"correct": checks.mid_ok[i * (k_models - 2) + k - 1] == Verdict.CORRECT,
-                         "cost": _cost(r, self.backends[k].params)})
+            v = checks.mid[i * (k_models - 2) + k - 1]
+            solo.append({"correct": v == Verdict.CORRECT,
+                         "cost": _cost(r, self.backends[k].params), **_status(v, r.error)})
         if r0.results:
-            lr, ok = checks.leaf[(root_ids[0], 0)]
+            lr, v = checks.leaf[(root_ids[0], 0)]
         else:  # the root failed before its first step: run the large model on its own
             lr = self._leaves([(p, [], "solo")])[0]
-            ok = self.checker.check(lr.text, p.gold, p.dataset) == Verdict.CORRECT
-        solo.append({"correct": ok, "cost": _cost(lr, self.backends[-1].params)})
+            v = self.checker.check(lr.text, p.gold, p.dataset)
+        solo.append({"correct": v == Verdict.CORRECT, "cost": _cost(lr, self.backends[-1].params),
+                     **_status(v, lr.error)})
         return {"problem_id": p.problem_id, "dataset": p.dataset, "difficulty": p.difficulty,
                 "split": split, "solo": solo,
                 "roots": [self._segment_record(si, tree, checks) for si in root_ids]}
@@ -308,10 +333,41 @@ def shard_of(problem_id: str, num_shards: int) -> int:
     return int(hashlib.sha256(problem_id.encode()).hexdigest()[:8], 16) % num_shards
 
 
+@dataclasses.dataclass
+class RunSummary:
+    """What a `run` did: problems written, and those that failed (not written unless partial
+    sets are accepted; a re-run retries them) with their reasons."""
+
+    out: Path
+    written: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)  # problem ids
+    reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    backends: list[dict] = dataclasses.field(default_factory=list)  # per backend `summary()`
+
+    def line(self) -> str:
+        text = f"{self.written} problems written to {self.out}"
+        if self.failed:
+            why = ", ".join(f"{k}: {v}" for k, v in self.reasons.items())
+            text += f"; {len(self.failed)} failed ({why})"
+        return text
+
+
+def _reason(status: str) -> str:
+    """"error: request p/r0/1: RuntimeError: gave up …" → "RuntimeError" (a short reason)."""
+    text = re.sub(r"^request \S+: ", "", status.removeprefix("error: "))
+    return text.split(":")[0].strip()[:60] or "error"
+
+
 def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str], out: Path,
         provenance: dict, num_shards: int = 1, shard_index: int = 0,
-        spend: Callable[[list[dict]], dict[str, float]] | None = None) -> Path:
-    """Generate into `out` (a trace-set folder), skipping problems already written there."""
+        spend: Callable[[list[dict]], dict[str, float]] | None = None,
+        accept_partial: bool = False) -> RunSummary:
+    """Generate into `out` (a trace-set folder), skipping problems already written there.
+
+    A problem with a failed request anywhere in its tree (decision 72) is never a result: it is
+    not written — a re-run retries it — unless `accept_partial`, which writes it marked
+    unusable (`trace.problem_errors`; packing excludes it). The summary (counts, reasons, the
+    backends' request statistics) is returned and recorded in the manifest's provenance."""
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
     out = Path(out)
@@ -325,34 +381,54 @@ def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str]
                 old.provenance.get("model_versions") != manifest.provenance["model_versions"]:
             raise ValueError(f"{mpath}: existing trace set was made with other models, weights or "
                              "features; use a new --out folder")
+        manifest = old
     else:
         durable.atomic_write_text(mpath, json.dumps(manifest.to_json(), indent=2) + "\n")
     tpath = out / trace.TREES
     tpath.touch()
     dropped = durable.repair_tail(tpath)
-    done = set()
-    if tpath.exists():
-        done = {rec["problem_id"] for _, rec in trace.read_records(tpath)}
+    done = {rec["problem_id"] for _, rec in trace.read_records(tpath)}
     todo = [p for p in problems if shard_of(p.problem_id, num_shards) == shard_index
             and p.problem_id not in done]
-    bar = tqdm(total=len(todo) + 0, desc=f"generate (shard {shard_index}/{num_shards})",
+    summary = RunSummary(out)
+    bar = tqdm(total=len(todo), desc=f"generate (shard {shard_index}/{num_shards})",
                unit="problem")
     if dropped:
         bar.write(f"dropped a torn last line ({dropped} bytes) left by an interrupted run")
     totals: dict[str, float] = {}
-    for i in range(0, len(todo), gen.cfg.chunk):
-        chunk = todo[i:i + gen.cfg.chunk]
-        records = gen.generate(chunk, splits)
-        for r in records:
-            trace.validate_problem(r, manifest, where=f"{tpath}: generated")
-        durable.append_records(tpath, records)
-        if spend is not None:
-            for k, v in spend(records).items():
-                totals[k] = totals.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v:.4g}" for k, v in totals.items()})
-        bar.update(len(chunk))
-    bar.close()
-    return out
+    try:
+        for i in range(0, len(todo), gen.cfg.chunk):
+            chunk = todo[i:i + gen.cfg.chunk]
+            records, keep = gen.generate(chunk, splits), []
+            for r in records:
+                trace.validate_problem(r, manifest, where=f"{tpath}: generated")
+                errors = trace.problem_errors(r)
+                if errors:
+                    summary.failed.append(r["problem_id"])
+                    for e in errors:
+                        reason = _reason(e)
+                        summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
+                    if not accept_partial:
+                        continue
+                keep.append(r)
+            durable.append_records(tpath, keep)
+            summary.written += len(keep)
+            if spend is not None and records:
+                for k, v in spend(records).items():
+                    totals[k] = totals.get(k, 0.0) + v
+                bar.set_postfix({**{k: f"{v:.4g}" for k, v in totals.items()},
+                                 "failed": len(summary.failed)})
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        summary.backends = [b.summary() for b in gen.backends if hasattr(b, "summary")]
+        manifest = dataclasses.replace(manifest, provenance={
+            **manifest.provenance, "last_run": {"written": summary.written,
+                                                "failed": len(summary.failed),
+                                                "reasons": summary.reasons,
+                                                "requests": summary.backends}})
+        durable.atomic_write_text(mpath, json.dumps(manifest.to_json(), indent=2) + "\n")
+    return summary
 
 
 def merge(parts: Sequence[Path], out: Path) -> Path:

@@ -3,19 +3,24 @@
 - `LLM(..., logprobs_mode="raw_logits")`: the logprob values vLLM returns are the raw
   (pre-temperature, pre-softmax) logits, so with `logprobs=1` each position's dict holds the sampled
   token and the rank-1 token, and its maximum value is max_v z_v — S_os is read directly.
-- Prompts are token ids (`TokensPrompt`): the Appendix-A chat template through the tokenizer's own
-  chat template, then the ids generated so far (no re-tokenisation drift; exact prefix-cache hits).
+- Prompts are token ids (`vllm.TokensPrompt`): the Appendix-A chat template through the
+  tokenizer's own chat template (`chat_ids`: transformers ≥ 5 returns a `BatchEncoding` by
+  default), then the ids generated so far (no re-tokenisation drift; exact prefix-cache hits).
+  A prompt at or over the engine's `max_model_len` is that request's own error, never the
+  batch's (vLLM would fail the whole call).
 - Temperature 0.7 by default, stop on "\\n\\n", a per-request seed, all waiting problems in one
   `generate` call. `tensor_parallel_size` and memory share are constructor arguments.
 
 vLLM is imported lazily (and can be injected, which is how the tests run it through faithful
-fakes of `LLM`, `SamplingParams`, `TokensPrompt`, `RequestOutput`, `CompletionOutput`, `Logprob`).
+fakes of `LLM`, `SamplingParams`, `TokensPrompt`, `RequestOutput`, `CompletionOutput`, `Logprob`,
+checked against the real classes by tests/test_vllm_contract.py wherever vLLM is installed).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -30,12 +35,55 @@ from generation.backend import (
 )
 
 
+def engine_kwargs(model: str, *, gpu_memory_utilization: float, tensor_parallel_size: int = 1,
+                  max_model_len: int | None = None, dtype: str = "auto", seed: int = 0) -> dict:
+    """The generation engine's `vllm.LLM` / `vllm.EngineArgs` keyword arguments: raw logits as
+    "logprobs" (S_os), rank-1 alongside the sampled token, prefix caching, the model's own
+    generation defaults off (`generation_config="vllm"`)."""
+    kw = dict(model=model, logprobs_mode="raw_logits", max_logprobs=5, enable_prefix_caching=True,
+              gpu_memory_utilization=gpu_memory_utilization,
+              tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
+              generation_config="vllm")
+    if max_model_len is not None:
+        kw["max_model_len"] = max_model_len
+    return kw
+
+
+def sampling_kwargs(temperature: float, max_tokens: int, whole: bool, seed: int) -> dict:
+    """`vllm.SamplingParams` keyword arguments of one step (or, `whole`, the rest)."""
+    return dict(temperature=temperature, max_tokens=max_tokens,
+                stop=None if whole else [STEP_DELIMITER], logprobs=1, seed=seed)
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a chat rendered with the tokenizer's own template, the assistant turn open.
+
+    transformers ≥ 5 returns a `BatchEncoding` from `apply_chat_template(tokenize=True)` unless
+    `return_dict=False` — `list()` of it would be its keys — so ask for the list and accept either
+    shape."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    if isinstance(out, Mapping) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    ids = [int(i) for i in out]
+    if not ids:
+        raise ValueError("the chat template rendered no tokens")
+    return ids
+
+
+def engine_params(llm) -> float:
+    """N of the model an engine loaded, from its Hugging Face config (works for hub names)."""
+    cfg = llm.llm_engine.model_config.hf_config
+    return costs.params_from_config(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+
+
 class VLLMBackend:
     """A `generation.backend.Backend` over `vllm.LLM`.
 
     Args:
       model: local path (or hub name, online only).
-      params: N for FLOPs; default: from the model folder's config.json.
+      params: N for FLOPs; default: from the loaded engine's model config (local path or hub
+        name).
       temperature: sampling temperature (paper: 0.7).
       tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype: engine settings (two
         engines share a GPU by splitting `gpu_memory_utilization`, e.g. 0.25 + 0.6).
@@ -46,22 +94,17 @@ class VLLMBackend:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.45,
                  max_model_len: int | None = None, dtype: str = "auto", seed: int = 0,
                  name: str | None = None, vllm_module: ModuleType | None = None):
+        # A CUDA jaxlib in the same process would take 75 % of the GPU (decision 71).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         self._vllm = vllm_module or importlib.import_module("vllm")
         self.name = name or Path(model).name
-        if params is None:
-            if not Path(model).exists():
-                raise ValueError(f"params not given and {model!r} is not a local folder with a "
-                                 "config.json to read N from")
-            params = costs.params_from_config(model)
-        self.params = float(params)
         self.temperature = temperature
-        kwargs = dict(model=model, logprobs_mode="raw_logits", max_logprobs=5,
-                      enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,
-                      tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
-                      generation_config="vllm")
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
-        self.llm = self._vllm.LLM(**kwargs)
+        self.llm = self._vllm.LLM(**engine_kwargs(
+            model, gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
+            seed=seed))
+        self.params = float(params if params is not None else engine_params(self.llm))
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.tokenizer = self.llm.get_tokenizer()
         self._prompt_cache: dict[str, list[int]] = {}
 
@@ -69,8 +112,7 @@ class VLLMBackend:
         if question not in self._prompt_cache:
             msgs = [{"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": question}]
-            self._prompt_cache[question] = list(self.tokenizer.apply_chat_template(
-                msgs, add_generation_prompt=True, tokenize=True))
+            self._prompt_cache[question] = chat_ids(self.tokenizer, msgs)
         return self._prompt_cache[question]
 
     def _ids(self, req: StepRequest) -> list[int]:
@@ -86,14 +128,25 @@ class VLLMBackend:
                  max_tokens: int = 1024) -> list[StepResult]:
         if not requests:
             return []
-        prompts, params = [], []
-        for req in requests:
-            prompts.append(self._vllm.inputs.TokensPrompt(prompt_token_ids=self._ids(req)))
-            params.append(self._vllm.SamplingParams(
-                temperature=self.temperature, max_tokens=max_tokens,
-                stop=None if whole else [STEP_DELIMITER], logprobs=1, seed=req.seed))
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self._parse(out, whole) for out in outs]
+        results: list[StepResult | None] = [None] * len(requests)
+        prompts, params, index = [], [], []
+        for i, req in enumerate(requests):
+            ids = self._ids(req)
+            if len(ids) >= self.max_model_len:  # vLLM would fail every request of the call
+                results[i] = StepResult("", [], [], [], "max_logit", len(ids), 0, 0, "error",
+                                        True, error=f"request {req.key}: prompt of {len(ids)} "
+                                        f"tokens ≥ max_model_len {self.max_model_len}")
+                continue
+            prompts.append(self._vllm.TokensPrompt(prompt_token_ids=ids))
+            params.append(self._vllm.SamplingParams(**sampling_kwargs(
+                self.temperature, max(1, min(max_tokens, self.max_model_len - len(ids))), whole,
+                req.seed)))
+            index.append(i)
+        if prompts:
+            outs = self.llm.generate(prompts, params, use_tqdm=False)
+            for i, out in zip(index, outs, strict=True):
+                results[i] = self._parse(out, whole)
+        return results  # type: ignore[return-value]
 
     def _parse(self, out, whole: bool) -> StepResult:
         o = out.outputs[0]

@@ -235,6 +235,30 @@ def validate_problem(p: Any, manifest: Manifest, where: str) -> None:
         _check_segment(seg, k, len(manifest.feature_names), f"{where}.roots[{j}]", 0)
 
 
+def problem_errors(p: dict) -> list[str]:
+    """Every failed request recorded in a problem (statuses "error: …" of its roots, their
+    branches at any depth, its solo runs, or the problem itself): such a problem is unusable —
+    its outcomes or R_M would be wrong (decision 72)."""
+    out = []
+
+    def seg(s):
+        st = s.get("status", "ok")
+        if isinstance(st, str) and st.startswith("error"):
+            out.append(st)
+        for step in s.get("steps", []):
+            for br in step.get("branches", {}).values():
+                seg(br)
+
+    top = p.get("status", "ok")
+    if isinstance(top, str) and top.startswith("error"):
+        out.append(top)
+    for r in p.get("roots", []):
+        seg(r)
+    for o in p.get("solo", []):
+        seg(o)
+    return out
+
+
 def load_trace_set(folder: str | os.PathLike) -> tuple[Manifest, list[dict]]:
     """Read and validate a trace set; problems with a non-"ok" root status are kept (reported by
     `pack` via `PackedTrees.ok`)."""
@@ -357,7 +381,8 @@ def pack(manifest: Manifest, problems: Sequence[dict], cost_model: str = "flops"
         out["split"][i] = SPLITS.index(p["split"])
         if p.get("difficulty") is not None:
             out["difficulty"][i] = p["difficulty"]
-        out["ok"][i] = all(r.get("status", "ok") == "ok" for r in p["roots"])
+        out["ok"][i] = (all(r.get("status", "ok") == "ok" for r in p["roots"])
+                        and not problem_errors(p))
         for kk, o in enumerate(p["solo"]):
             out["solo_correct"][i, kk] = o["correct"]
             out["solo_cost"][i, kk] = cost_of(o["cost"], models[kk], cost_model)

@@ -40,3 +40,36 @@ def cost_model() -> str:
 def quiet() -> None:
     """Keep orbax's per-save INFO lines out of the progress output."""
     logging.set_verbosity(logging.WARNING)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Failures of input or environment that a user fixes: printed as one line, no traceback."""
+    from generation.answers import WorkerError
+    from generation.datasets import DatasetError
+    from generation.openai_backend import FatalBackendError
+    from jaxroute.export import RouterSpecError
+
+    return (FatalBackendError, WorkerError, DatasetError, trace.TraceFormatError,
+            RouterSpecError, flags.ValidationError, FileNotFoundError, ValueError,
+            FileExistsError, PermissionError)
+
+
+def run(main) -> None:
+    """`absl.app.run(main)`, with bad input and fatal backend failures reported as one line
+    (`error: …`, exit 2) and Ctrl-C as one line (exit 130) instead of tracebacks."""
+    import sys
+
+    from absl import app
+
+    def wrapped(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            sys.stderr.write("\ninterrupted: finished work is saved (re-run the same command to "
+                             "resume)\n")
+            sys.exit(130)
+        except user_errors() as e:
+            sys.stderr.write(f"error: {e}\n")
+            sys.exit(2)
+
+    app.run(wrapped)

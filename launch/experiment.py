@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from generation import answers, comparison, online
 from generation.tinylm import backend as tiny
@@ -120,4 +120,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from generation import answers, costs, datasets, tracegen
 from generation.backend import make_backend
@@ -53,6 +53,12 @@ _GPU_MEM = flags.DEFINE_list("gpu_memory_utilization", ["0.25", "0.6"],
                              "vLLM memory share per model.")
 _CACHE = flags.DEFINE_string("cache", None, "SQLite response cache for API calls "
                              "(default OUT/api_cache.sqlite).")
+_API_KEY = flags.DEFINE_string("api_key", None, "Key for OpenAI-style backends (default: the "
+                               "OPENAI_API_KEY environment variable).")
+_PARTIAL = flags.DEFINE_bool("accept_partial", False, "Write problems with failed requests too, "
+                             "marked unusable (default: leave them for a re-run and exit 1).")
+_ERROR_RATE = flags.DEFINE_float("max_error_rate", 0.5, "Stop once more than this share of "
+                                 "requests to one server has failed.")
 flags.mark_flags_as_required(["out"])
 
 
@@ -85,7 +91,9 @@ def main(argv):
 
     def backend(spec, i):
         return make_backend(spec, params=cfg.param(i), cache=cache, seed=_SEED.value,
-                            tensor_parallel_size=_TP.value, gpu_memory_utilization=cfg.memory(i))
+                            tensor_parallel_size=_TP.value, gpu_memory_utilization=cfg.memory(i),
+                            max_model_len=cfg.max_model_len, api_key=_API_KEY.value,
+                            max_error_rate=_ERROR_RATE.value)
 
     backends = [backend(s, i) for i, s in enumerate(cfg.models)]
     verifier = StepVerifier(backend(cfg.verifier, len(backends))) if cfg.verifier else None
@@ -99,10 +107,17 @@ def main(argv):
                       "models": list(cfg.models), "verifier": cfg.verifier or None,
                       "config": json.loads(json.dumps(gen_cfg.__dict__))}
         manifest = gen.manifest(provenance)
-        tracegen.run(gen, problems, splits, out, provenance, _SHARDS.value, _SHARD.value,
-                     lambda recs: trace.spend(manifest, recs))
-    print(f"trace set in {out}")
+        summary = tracegen.run(gen, problems, splits, out, provenance, _SHARDS.value,
+                               _SHARD.value, lambda recs: trace.spend(manifest, recs),
+                               accept_partial=_PARTIAL.value)
+    print(summary.line())
+    for b in summary.backends:
+        print(f"  {b['model']}: {b['requests']} requests, {b['cache_hits']} from cache, "
+              f"{b['retries']} retries, {b['failures']} failed {b['failure_reasons'] or ''}")
+    if summary.failed and not _PARTIAL.value:
+        raise SystemExit(f"{len(summary.failed)} problems failed and were not written; re-run "
+                         "the same command to retry them, or pass --accept_partial")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -28,6 +28,11 @@ class Preset:
     dataset: str = "gsm8k"
     cost_model: str = "flops"
     gpu_memory_utilization: tuple[float, ...] = (0.25, 0.45)
+    max_model_len: int | None = None  # vLLM context of every engine (None: the model's own)
+    prm_memory: float = 0.25  # vLLM memory share of the reward model's engine (RSD)
+    # Nominal N of (small, large, reward model), for the memory table only (0: not on the GPU);
+    # FLOPs use the count the loaded engine reports.
+    nominal_params: tuple[float, ...] = ()
     note: str = ""
 
     def merged(self, **overrides) -> Preset:
@@ -60,13 +65,15 @@ PRESETS = {
     "qwen_math": Preset(
         models=("vllm:Qwen/Qwen2.5-Math-1.5B-Instruct", "vllm:Qwen/Qwen2.5-Math-7B-Instruct"),
         prm="vllm:Qwen/Qwen2.5-Math-PRM-7B:qwen", judge="vllm-large", verifier="",
-        cost_model="flops", gpu_memory_utilization=(0.15, 0.4),
+        cost_model="flops", gpu_memory_utilization=(0.15, 0.4), max_model_len=4096,
+        prm_memory=0.25, nominal_params=(1.54e9, 7.62e9, 7.07e9),
         note="paper Table 1 (the paper's RSD used Skywork-o1-Open-PRM-Qwen-2.5-1.5B, which "
              "needs a vLLM plugin: pass --prm=vllm:PATH:skywork where it is installed)"),
     "qwen_gpt": Preset(
         models=("vllm:Qwen/Qwen2.5-Math-1.5B-Instruct", "openai:gpt-4.1-mini"),
         prm="vllm:Qwen/Qwen2.5-Math-PRM-7B:qwen", judge="openai:gpt-4.1-mini",
         verifier="openai:gpt-4o-mini", cost_model="usd_cents", gpu_memory_utilization=(0.3,),
+        max_model_len=4096, prm_memory=0.25, nominal_params=(1.54e9, 0.0, 7.07e9),
         note="paper Table 2 (API target, USD; needs OPENAI_API_KEY)"),
 }
 
@@ -75,3 +82,28 @@ def get(name: str) -> Preset:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def memory_table(gpu_gib: float) -> tuple[list[str], list[list]]:
+    """What each preset's vLLM engines take on one GPU of `gpu_gib` GiB: the share vLLM
+    reserves per engine (`gpu_memory_utilization`), the bf16 weights (2 bytes per parameter),
+    and what is left of the share for the KV cache and activations. Computed from the presets,
+    not measured."""
+    cols = ["preset", "engine", "share", "reserved GiB", "weights GiB", "left for KV cache GiB"]
+    rows = []
+    for name, p in PRESETS.items():
+        if not p.nominal_params:
+            continue
+        engines = [(f"small ({p.models[0]})", p.memory(0), p.nominal_params[0])]
+        if p.nominal_params[1]:
+            engines.append((f"large ({p.models[1]})", p.memory(1), p.nominal_params[1]))
+        if p.prm.startswith("vllm:"):
+            engines.append((f"reward model ({p.prm})", p.prm_memory, p.nominal_params[2]))
+        for eng, share, n in engines:
+            reserved, weights = share * gpu_gib, 2 * n / 2**30
+            rows.append([name, eng, share, f"{reserved:.1f}", f"{weights:.1f}",
+                         f"{reserved - weights:.1f}"])
+        total = sum(e[1] for e in engines)
+        rows.append([name, "all engines", round(total, 2), f"{total * gpu_gib:.1f}", "–",
+                     "fits" if total <= 0.95 else "does not fit"])
+    return cols, rows

@@ -103,6 +103,17 @@ def main_job(runs: Path) -> str | None:
             + md)
 
 
+def _presets_section() -> list[str]:
+    """The presets' GPU memory (computed from the presets, not measured; decision 71)."""
+    from launch import presets
+
+    lines = ["### GPU memory of the presets (computed by `launch.presets.memory_table`)", ""]
+    for gb in (80, 141):
+        cols, rows = presets.memory_table(gb * 1e9 / 2**30)
+        lines += [f"One {gb} GB GPU ({gb * 1e9 / 2**30:.1f} GiB):", "", table(cols, rows)]
+    return lines
+
+
 def render(runs: Path) -> tuple[str, str]:
     """(docs/results.md, the README block)."""
     main = main_job(runs)
@@ -112,6 +123,7 @@ def render(runs: Path) -> tuple[str, str]:
            "## Main job (embedded default)", ""]
     out.append(main if main else f"Not run yet: `{MAIN_COMMAND}`.\n")
     out += ["## Benchmarks", ""]
+    out += _presets_section()
     for name, cmd in BENCHMARKS.items():
         path = runs / "benchmarks" / f"{name}.json"
         if path.exists():

@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from generation import answers, comparison, costs, datasets, features, online, rules, scorers
 from generation.backend import make_backend
@@ -48,6 +48,8 @@ _OUT = flags.DEFINE_string("out", "runs/route", "Output folder.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Guard: steps per solution.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Guard: generated tokens per solution.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and split seed.")
+_API_KEY = flags.DEFINE_string("api_key", None, "Key for OpenAI-style backends and judges "
+                               "(default: the OPENAI_API_KEY environment variable).")
 _ALPHA = flags.DEFINE_float("alpha", 0.05, "Guarantee every thresholded rule is calibrated "
                             "to (coverage ≥ 1 − α on the calibration split).")
 
@@ -82,7 +84,9 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
     for rule, role, spec in (("rsd", "prm", _PRM.value if _PRM.value is not None else pre.prm),
                              ("specreason", "judge",
                               _JUDGE.value if _JUDGE.value is not None else pre.judge)):
-        scorer = scorers.from_spec(spec, backends, role=role, cache=cache, seed=_SEED.value) \
+        scorer = scorers.from_spec(spec, backends, role=role, cache=cache, seed=_SEED.value,
+                                   prm_engine={"gpu_memory_utilization": pre.prm_memory,
+                                               "max_model_len": pre.max_model_len}) \
             if rule in wanted else None
         if scorer is not None:
             name = "RSD" if rule == "rsd" else "SpecReason"
@@ -100,7 +104,8 @@ def main(argv):
     out = Path(_OUT.value)
     cache = out / "api_cache.sqlite"
     backends = [make_backend(s, params=pre.param(i), cache=cache, seed=_SEED.value,
-                             gpu_memory_utilization=pre.memory(i))
+                             gpu_memory_utilization=pre.memory(i),
+                             max_model_len=pre.max_model_len, api_key=_API_KEY.value)
                 for i, s in enumerate(pre.models)]
     prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
     infos = tuple(trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input, p.output)
@@ -137,4 +142,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -1,5 +1,7 @@
-"""A faithful fake of the parts of vLLM the backend uses (names as in vllm/outputs.py,
-vllm/logprobs.py, vllm/sampling_params.py, vllm/inputs; see generation.md §1).
+"""A faithful fake of the parts of vLLM 0.33 the backends use (names as in vllm/outputs.py,
+vllm/logprobs.py, vllm/sampling_params.py, vllm/inputs; see generation.md §1) — for the engine,
+which needs a GPU. Where vLLM is importable, tests/test_vllm_contract.py checks every field and
+signature used here against the real classes, so the fake cannot drift silently.
 
 The fake "model" answers "What is A+B?" in three steps with per-token raw logits.
 """
@@ -71,11 +73,18 @@ class TokensPrompt(TypedDict):
 
 
 class Tokenizer:
-    """Character-level tokenizer over a tiny vocabulary: id = ord(c)."""
+    """Character-level tokenizer over a tiny vocabulary: id = ord(c). `apply_chat_template`
+    returns what transformers ≥ 5 returns: a dict-like `BatchEncoding` when tokenizing, unless
+    `return_dict=False`."""
 
-    def apply_chat_template(self, msgs, add_generation_prompt=True, tokenize=True):
-        text = "".join(f"<{m['role']}>{m['content']}" for m in msgs) + "<assistant>"
-        return self.encode(text) if tokenize else text
+    def apply_chat_template(self, conversation, add_generation_prompt=False, tokenize=True,
+                            return_dict=True, **kw):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in conversation) + (
+            "<assistant>" if add_generation_prompt else "")
+        if not tokenize:
+            return text
+        ids = self.encode(text)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)} if return_dict else ids
 
     def encode(self, text, add_special_tokens=False):
         return [ord(c) for c in text]
@@ -89,19 +98,30 @@ class LLM:
     ENGINE_ARGS = {"model", "logprobs_mode", "max_logprobs", "enable_prefix_caching",
                    "gpu_memory_utilization", "tensor_parallel_size", "dtype", "seed",
                    "generation_config", "max_model_len", "runner", "trust_remote_code"}
+    HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 256,
+                 "intermediate_size": 128, "num_attention_heads": 4}
 
     def __init__(self, **kw):
         unknown = set(kw) - self.ENGINE_ARGS
         if unknown:
             raise TypeError(f"LLM got unexpected engine args {unknown}")
         self.kw, self.calls, self.seen = kw, [], set()
+        self.model_config = types.SimpleNamespace(
+            max_model_len=kw.get("max_model_len") or 4096,
+            hf_config=types.SimpleNamespace(to_dict=lambda: dict(self.HF_CONFIG)))
         LLM.instances.append(self)
 
     def get_tokenizer(self):
         return Tokenizer()
 
-    def generate(self, prompts, sampling_params, use_tqdm=True):
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None,
+                 priority=None, tokenization_kwargs=None, mm_processor_kwargs=None):
         assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
+        for p in prompts:  # as vLLM: one over-long prompt fails the whole call
+            if len(p["prompt_token_ids"]) >= self.model_config.max_model_len:
+                raise ValueError(f"The decoder prompt (length {len(p['prompt_token_ids'])}) is "
+                                 f"longer than the maximum model length of "
+                                 f"{self.model_config.max_model_len}.")
         self.calls.append((prompts, sampling_params))
         tok = Tokenizer()
         outs = []
@@ -132,12 +152,18 @@ class LLM:
         return outs
 
 
-    def reward(self, prompts, use_tqdm=True):
+    @property
+    def llm_engine(self):
+        return types.SimpleNamespace(model_config=self.model_config)
+
+    def encode(self, prompts, pooling_params=None, *, use_tqdm=True, lora_request=None,
+               pooling_task=None, tokenization_kwargs=None):
         """A fake Qwen2.5-Math-PRM (STEP pooling): one [P(bad), P(good)] row per <extra_0> tag;
-        a step containing "wrong" is bad."""
+        a step containing "wrong" is bad. (vLLM 0.33's pooling call; 0.10's `reward` is gone.)"""
         import numpy as np
 
-        assert self.kw.get("runner") == "pooling", "reward() needs LLM(runner='pooling')"
+        assert self.kw.get("runner") == "pooling", "encode() needs LLM(runner='pooling')"
+        assert pooling_task == "token_classify", pooling_task
         outs = []
         for i, p in enumerate(prompts):
             steps = p.split("<|im_start|>assistant\n")[1].split("<extra_0>")[:-1]
@@ -149,6 +175,6 @@ class LLM:
 
 def module() -> types.ModuleType:
     m = types.ModuleType("vllm")
-    m.LLM, m.SamplingParams = LLM, SamplingParams
+    m.LLM, m.SamplingParams, m.TokensPrompt = LLM, SamplingParams, TokensPrompt
     m.inputs = types.SimpleNamespace(TokensPrompt=TokensPrompt)
     return m

@@ -24,10 +24,11 @@ class ScriptedBackend:
     """
 
     def __init__(self, name: str, params: float, n_steps: int = 3, wrong_rate: float = 0.0,
-                 fail_on: str | None = None, never_final: bool = False):
+                 fail_on: str | None = None, never_final: bool = False, empty_first: int = 0):
         self.name, self.params, self.n_steps = name, params, n_steps
         self.wrong_rate, self.fail_on, self.never_final = wrong_rate, fail_on, never_final
-        self.calls = 0
+        self.empty_first = empty_first  # the first N requests per key come back empty ("\n\n")
+        self.calls, self.tries = 0, {}
 
     def _wrong(self, key: str) -> bool:
         return (_h(key + self.name) % 1000) / 1000 < self.wrong_rate
@@ -48,6 +49,11 @@ class ScriptedBackend:
             if self.fail_on and self.fail_on in req.question:
                 out.append(StepResult("", [], [], [], "max_logit", 0, 0, 0, "stop", False,
                                       error="server said no"))
+                continue
+            base = req.key.replace("/retry", "")
+            self.tries[base] = self.tries.get(base, 0) + 1
+            if not whole and self.tries[base] <= self.empty_first:
+                out.append(StepResult("", [0], [""], [1.0], "max_logit", 20, 0, 1, "stop", False))
                 continue
             t0 = len(req.steps)
             wrong = any("off" in s for s in req.steps) or self._wrong(req.key)

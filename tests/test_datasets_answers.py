@@ -76,3 +76,75 @@ def test_checker_keeps_unparsed_apart_from_incorrect():
         ])
     V = answers.Verdict
     assert got == [V.CORRECT, V.CORRECT, V.CORRECT, V.CORRECT, V.INCORRECT, V.UNPARSED]
+
+
+def test_an_unparseable_gold_fails_its_own_check_only():
+    with answers.AnswerChecker(workers=1, timeout=5) as checker:
+        got = checker.check_many([(r"\boxed{3}", "3", "math500"),
+                                  (r"\boxed{3}", "", "math500"),  # an empty gold answer
+                                  (r"\boxed{4}", "4", "gsm8k")])
+    V = answers.Verdict
+    assert got == [V.CORRECT, V.ERROR, V.CORRECT] and not V.ERROR.usable
+    assert checker.stats["errors"] == 1
+
+
+SLOW_WORKER = r"""
+import json, sys, time
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    if job["gold"] == "hang":
+        time.sleep(60)
+    print(json.dumps({"verdict": "correct"}), flush=True)
+"""
+
+
+def test_a_hung_check_is_retried_then_a_timeout_never_incorrect(tmp_path, monkeypatch):
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(SLOW_WORKER)
+    monkeypatch.setattr(answers._Worker, "command", (sys.executable, str(script)))
+    with answers.AnswerChecker(workers=2, timeout=1, retries=1) as checker:
+        got = checker.check_many([(r"\boxed{1}", "1", "gsm8k"), (r"\boxed{1}", "hang", "gsm8k"),
+                                  (r"\boxed{2}", "2", "gsm8k")])
+        assert got == [answers.Verdict.CORRECT, answers.Verdict.TIMEOUT, answers.Verdict.CORRECT]
+        assert checker.stats["timeouts"] == 1 and checker.stats["restarts"] == 2  # try + retry
+        assert checker.check(r"\boxed{5}", "5", "gsm8k") == answers.Verdict.CORRECT
+
+
+def test_workers_that_cannot_start_fail_loudly(monkeypatch):
+    monkeypatch.setattr(answers._Worker, "command", ("false",))
+    with pytest.raises(answers.WorkerError, match="did not start"):
+        answers.AnswerChecker(workers=1, start_timeout=5)
+
+
+def test_workers_die_with_their_parent(tmp_path):
+    """kill -9 of the process that owns a checker leaves no worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from generation import answers; c = answers.AnswerChecker(workers=2); "
+            "print(' '.join(str(w.proc.pid) for w in c._workers), flush=True); "
+            "import time; time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

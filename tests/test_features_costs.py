@@ -21,6 +21,24 @@ def test_math_mask_rule():
     assert not state.inside
 
 
+def test_punctuation_counts_as_maths_only_inside_a_span():
+    """The step delimiter fuses with punctuation (".\n\n"): outside a maths span such tokens
+    are prose (generation.md §4); inside `$…$` or `\\boxed{…}` they are maths."""
+    toks = ["So", " 3", " apples", ".", ".\n\n", ",", ":", " $", "1", ",", "2", "$", ";"]
+    mask, _ = features.math_mask(toks)
+    got = list(mask)
+    assert got[3:7] == [False, False, False, False]  # ".", ".\n\n", ",", ":" in prose
+    assert got[9] is np.True_ and not got[12]  # "," inside $…$; ";" after it
+    assert got[1] and got[8] and got[10]
+
+
+def test_s_all_is_logged_beside_the_maths_only_score():
+    c = features.s_os(np.array([10.0, 20.0, 30.0, 40.0]), np.array([False, True, True, False]))
+    assert c.value == 25.0 and c.all_tokens == 25.0
+    c = features.s_api(np.array([0.9, 0.4, 0.7, 0.1]), np.array([True, True, False, False]))
+    assert c.value == 0.4 and c.all_tokens == 0.1
+
+
 def test_math_span_carries_across_steps():
     _, state = features.math_mask(["$$", "x"])
     mask, state = features.math_mask(["y", "$$", " done"], state)

@@ -13,13 +13,18 @@ from jaxroute import trace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_generate_cli_writes_a_resumable_trace_set(tmp_path):
+def _data(tmp_path, n=6):
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {i}+{i + 1}?",
                                         "answer": f"... #### {2 * i + 1}"}) + "\n"
-                            for i in range(6)))
+                            for i in range(n)))
+    return data
+
+
+def test_generate_cli_writes_a_resumable_trace_set(tmp_path):
+    data = _data(tmp_path)
     out = tmp_path / "traces"
-    with FakeOpenAI() as srv:
+    with FakeOpenAI(api_key="test") as srv:
         cmd = [sys.executable, "-m", "launch.generate", "--dataset=gsm8k", f"--data_path={data}",
                f"--models=openai:small@{srv.base_url},openai:large@{srv.base_url}",
                f"--verifier=openai:judge@{srv.base_url}", f"--out={out}", "--chunk=4",
@@ -27,6 +32,7 @@ def test_generate_cli_writes_a_resumable_trace_set(tmp_path):
         env = dict(os.environ, OPENAI_API_KEY="test")
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
+        assert set(srv.auth_headers) == {"Bearer test"}  # OPENAI_API_KEY from the environment
         manifest, problems = trace.load_trace_set(out)
         assert len(problems) == 6 and [m.name for m in manifest.models] == ["small", "large"]
         steps = problems[0]["roots"][0]["steps"]
@@ -39,3 +45,38 @@ def test_generate_cli_writes_a_resumable_trace_set(tmp_path):
         assert res.returncode == 0 and len(srv.requests) == n
     packed = trace.pack(manifest, problems, "usd_cents")
     assert packed.step_cost.shape[0] == 6
+
+
+def _generate(tmp_path, srv, key, extra=()):
+    cmd = [sys.executable, "-m", "launch.generate", "--dataset=gsm8k",
+           f"--data_path={_data(tmp_path)}", f"--out={tmp_path / 'traces'}",
+           f"--models=openai:small@{srv.base_url},openai:large@{srv.base_url}",
+           "--params=1.5e9,7e9", "--chunk=2", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OPENAI_API_KEY=key),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_wrong_key_stops_at_once_with_a_clear_message_and_writes_no_records(tmp_path):
+    with FakeOpenAI(api_key="right") as srv:
+        res = _generate(tmp_path, srv, "wrong")
+        assert res.returncode == 2 and srv.requests == []
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "OPENAI_API_KEY" in last and "Traceback" not in res.stderr
+    trees = tmp_path / "traces" / "trees.jsonl"
+    assert not trees.exists() or trees.read_text() == ""
+
+
+def test_failed_requests_are_not_results_and_are_retried_on_resume(tmp_path):
+    with FakeOpenAI() as srv:
+        srv.faults = ["400"]  # one problem's first request fails (not retried: a 400)
+        res = _generate(tmp_path, srv, "k", ["--max_error_rate=0.9"])
+        assert res.returncode == 1 and "1 problems failed" in res.stderr, res.stderr[-2000:]
+        assert "BadRequestError" in res.stdout
+        _, done = trace.load_trace_set(tmp_path / "traces")
+        assert len(done) == 5  # the failed problem was not written
+        manifest = trace.read_manifest(tmp_path / "traces")
+        assert manifest.provenance["last_run"]["failed"] == 1
+        res = _generate(tmp_path, srv, "k")  # resume: only the failed problem is generated
+        assert res.returncode == 0, res.stderr[-2000:]
+        _, done = trace.load_trace_set(tmp_path / "traces")
+        assert len(done) == 6 and all(not trace.problem_errors(p) for p in done)

@@ -228,3 +228,22 @@ def test_vllm_reward_model_and_judge_through_fakes():
     assert 0.0 <= s[0] <= 1.0 and c[0]["output_tokens"] == 1
     sp = be.llm.calls[-1][1][0]
     assert sp.max_tokens == 1 and sp.temperature == 0.0 and sp.logprobs == 5
+
+
+@pytest.mark.parametrize("empties, status", [(2, "ok"), (3, "empty_step")])
+def test_an_empty_draft_is_asked_again_with_a_new_seed_and_paid_for(checker, empties, status):
+    small = Recording(ScriptedBackend("small", 1e9, n_steps=3, empty_first=empties))
+    large = Recording(ScriptedBackend("large", 7e9, n_steps=3))
+    recs = online.run_online(PROBLEMS[:4], [small, large], rules.FixedRule("small", 0), checker,
+                             online.OnlineConfig(max_steps=10))
+    for r in recs:
+        wasted = [p for p in r["pieces"] if p.get("empty")]
+        kept = [p for p in r["pieces"] if p["kept"]]
+        assert all(not p["kept"] for p in wasted) and r["status"] == status
+        if status == "ok":  # every step needed `empties` tries before it came
+            assert len(wasted) == empties * len(kept) and r["correct"]
+        else:  # the first step stayed empty: asked EMPTY_RETRIES more times, then given up
+            assert len(wasted) == online.EMPTY_RETRIES + 1 and not kept
+    # Every generated token is paid, the empty tries included (independent count).
+    assert _total_flops(recs) == pytest.approx(sum(2e9 * x.completion_tokens
+                                                   for x in small.results))

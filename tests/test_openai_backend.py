@@ -120,3 +120,142 @@ def test_step_verifier_prompt_and_strict_parsing(tmp_path):
         assert verifier.StepVerifier(backend(srv, tmp_path))([("What is 2+3?", [], "Step 1: x.")]
                                                              ) == [True]
         assert len(srv.requests) == n  # cached
+
+
+# -- credentials, fatal failures, the one retry policy (decision 71) --------------------------
+
+from generation.openai_backend import CircuitBreaker, FatalBackendError  # noqa: E402
+
+
+def test_the_key_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    with FakeOpenAI(api_key="sk-from-env") as srv:
+        be = OpenAIBackend("gpt-4.1-mini", base_url=srv.base_url, backoff_base=0.01)
+        assert be.generate([REQ])[0].error is None
+        assert set(srv.auth_headers) == {"Bearer sk-from-env"}
+
+
+def test_no_key_for_the_official_api_stops_before_any_request(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(FatalBackendError, match="OPENAI_API_KEY"):
+        OpenAIBackend("gpt-4.1-mini")
+
+
+@pytest.mark.parametrize("server_kw, be_kw, match", [
+    (dict(api_key="right"), dict(api_key="wrong"), "refused the API key.*OPENAI_API_KEY"),
+    (dict(models=["other-model"]), {}, "does not serve model 'gpt-4.1-mini'.*--models"),
+])
+def test_refused_key_or_unknown_model_stop_at_once(server_kw, be_kw, match):
+    with FakeOpenAI(**server_kw) as srv:
+        be = backend(srv, **be_kw)
+        with pytest.raises(FatalBackendError, match=match):
+            be.generate([REQ])
+        assert srv.requests == []  # the preflight stopped it: nothing was generated
+
+
+def test_a_404_mid_run_and_a_dead_server_are_fatal():
+    with FakeOpenAI() as srv:
+        srv.faults = ["404"]
+        with pytest.raises(FatalBackendError, match="404 for model.*--models"):
+            backend(srv).generate([REQ])
+        port = srv.server_address[1]
+    with pytest.raises(FatalBackendError, match="cannot reach.*--models"):
+        OpenAIBackend("m", base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                      timeout=1.0).generate([REQ])
+
+
+def test_breaker_closes_after_its_cooldown_with_one_probe():
+    now = [0.0]
+    br = CircuitBreaker(threshold=2, cooldown=10.0, clock=lambda: now[0])
+    assert br.allow()
+    br.record(False)
+    br.record(False)
+    assert br.state == "open" and not br.allow()
+    now[0] = 10.5
+    assert br.allow() and not br.allow()  # one probe while half-open
+    br.record(False)
+    assert br.state == "open"  # the probe failed: open again, a new cool-down
+    now[0] = 21.0
+    assert br.allow()
+    br.record(True)
+    assert br.state == "closed" and br.allow() and br.allow()
+
+
+def test_breaker_recovers_on_the_wire():
+    import time as _time
+
+    with FakeOpenAI() as srv:
+        srv.faults = ["500"] * 4
+        be = backend(srv, max_attempts=2, breaker_threshold=2, breaker_cooldown=0.3,
+                     concurrency=1)
+        out = be.generate([StepRequest(f"p{i}", f"What is {i}+1?", (), None, i)
+                           for i in range(3)])
+        assert all(r.error for r in out) and "circuit open" in out[-1].error
+        _time.sleep(0.35)
+        assert be.generate([REQ])[0].error is None  # the half-open probe succeeded
+        assert be.breaker.state == "closed"
+
+
+def test_retry_after_is_honoured():
+    import time as _time
+
+    with FakeOpenAI() as srv:
+        srv.faults = ["retry-after:1"]
+        be = backend(srv)
+        t0 = _time.perf_counter()
+        assert be.generate([REQ])[0].error is None
+        assert _time.perf_counter() - t0 >= 0.95 and be.stats["retries"] == 1
+
+
+@pytest.mark.parametrize("fault", ["nologprobs", "nullcontent"])
+def test_invalid_bodies_are_retried_and_never_cached(tmp_path, fault):
+    with FakeOpenAI() as srv:
+        srv.faults = [fault]
+        be = backend(srv, tmp_path, max_attempts=1)
+        r = be.generate([REQ])[0]
+        assert r.error is not None and REQ.key in r.error  # names the request
+        n = len(srv.requests)
+        again = backend(srv, tmp_path).generate([REQ])[0]  # not served from the cache
+        assert again.error is None and len(srv.requests) == n + 1
+        srv.faults = [fault]
+        be2 = backend(srv, tmp_path, max_attempts=2)
+        assert be2.generate([StepRequest("k2", "What is 3+3?", (), None, 3)])[0].error is None
+
+
+def test_an_error_rate_above_the_limit_stops_the_run():
+    with FakeOpenAI() as srv:
+        srv.faults = ["400"] * 50
+        be = backend(srv, max_error_rate=0.3, min_requests=5, concurrency=1)
+        reqs = [StepRequest(f"p{i}", f"What is {i}+1?", (), None, i) for i in range(20)]
+        with pytest.raises(FatalBackendError, match="failed.*max_error_rate"):
+            be.generate(reqs)
+        assert be.summary()["failure_reasons"] == {"BadRequestError": be.stats["failures"]}
+
+
+def test_judge_and_verifier_calls_share_the_retry_policy():
+    with FakeOpenAI() as srv:
+        srv.faults = ["500", "429"]
+        be = backend(srv)
+        got = be.chat_texts([[{"role": "user", "content": "Task: Determine x\nLast step:\nok"}]])
+        assert got == ["Correct."] and be.stats["retries"] == 2
+        srv.faults = ["401"]
+        with pytest.raises(FatalBackendError, match="OPENAI_API_KEY"):
+            be.chat_texts([[{"role": "user", "content": "Task: Determine y\nLast step:\nok"}]])
+
+
+def test_completions_eos_without_an_answer_ends_the_solution():
+    with FakeOpenAI() as srv:
+        be = backend(srv, mode="completions")
+        assert not be.generate([REQ])[0].is_final  # stopped by "\n\n" (stop_reason "\n\n")
+        srv.faults = ["eos"]
+        r = be.generate([StepRequest("k", "What is 1+1?", (), None, 5)])[0]
+        assert r.is_final and r.text == "The end"
+
+
+def test_raw_logit_servers_get_max_logit_confidence():
+    from generation.backend import make_backend
+
+    with FakeOpenAI() as srv:
+        be = make_backend(f"openai-completions-raw:tiny@{srv.base_url}", api_key="x")
+        assert be.confidence == "max_logit" and be.mode == "completions"
+        assert make_backend(f"openai:tiny@{srv.base_url}", api_key="x").confidence == "top1_prob"

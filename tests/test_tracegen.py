@@ -136,3 +136,38 @@ def test_three_models(checker):
     packed = trace.pack(manifest, recs)
     assert packed.num_models == 3 and (packed.branch_seg[:, 0, :3, 1] > 0).all()
     json.dumps(recs)  # records are plain JSON
+
+
+def test_an_empty_step_is_asked_again_and_its_cost_joins_the_step(checker):
+    gen, small, _ = make(checker, empty_first=1)
+    probs = problems(3)
+    recs = gen.generate(probs, {p.problem_id: "train" for p in probs})
+    plain, _, _ = make(checker)
+    base = plain.generate(probs, {p.problem_id: "train" for p in probs})
+    for r, b in zip(recs, base, strict=True):
+        for root, broot in zip(r["roots"], b["roots"], strict=True):
+            assert root["status"] == "ok" and len(root["steps"]) == len(broot["steps"])
+            for s, bs in zip(root["steps"], broot["steps"], strict=True):
+                # The wasted try (one token at 2N FLOPs) is paid inside the step's cost.
+                assert s["cost"]["output_tokens"] == bs["cost"]["output_tokens"] + 1
+                assert s["cost"]["flops"] == pytest.approx(bs["cost"]["flops"] + 2e9)
+
+
+def test_a_problem_with_a_failed_request_is_not_a_result(checker, tmp_path):
+    small = ScriptedBackend("small", 1e9, n_steps=3)
+    large = ScriptedBackend("large", 7e9, n_steps=2, fail_on="What is 1+")
+    gen = tracegen.TraceGenerator([small, large], checker, verifier,
+                                  tracegen.GenConfig(chunk=4))
+    probs = problems(4)
+    splits = {p.problem_id: "train" for p in probs}
+    summary = tracegen.run(gen, probs, splits, tmp_path / "t", {})
+    assert summary.failed == ["p1"] and summary.written == 3
+    # One per leaf of the 3 steps, and R_M (the leaf at step 0, recorded as the solo run too).
+    assert summary.reasons == {"server said no": 4}
+    _, done = trace.load_trace_set(tmp_path / "t")
+    assert [p["problem_id"] for p in done] == ["p0", "p2", "p3"]
+    # Accepting partial sets writes it, marked unusable: packing leaves it out.
+    summary = tracegen.run(gen, probs, splits, tmp_path / "t", {}, accept_partial=True)
+    m, done = trace.load_trace_set(tmp_path / "t")
+    packed = trace.pack(m, done)
+    assert len(done) == 4 and list(packed.ok) == [True, True, True, False]

@@ -51,6 +51,49 @@ def test_batches_all_waiting_problems_in_one_call():
     assert len(be.llm.calls) == 1 and len(out) == 5
 
 
-def test_params_from_config_required_for_remote_names():
-    with pytest.raises(ValueError, match="params not given"):
-        VLLMBackend("org/not-local", vllm_module=fake_vllm.module())
+def test_params_of_a_hub_name_come_from_the_loaded_engine():
+    from generation import costs
+
+    be = VLLMBackend("Qwen/Qwen2.5-Math-7B-Instruct", vllm_module=fake_vllm.module())
+    assert be.params == costs.params_from_config(fake_vllm.LLM.HF_CONFIG) > 0
+    assert be.name == "Qwen2.5-Math-7B-Instruct"
+
+
+def test_prompt_ids_are_ids_not_the_keys_of_a_batch_encoding():
+    be = make()
+    ids = be.prompt_ids("What is 2+3?")
+    assert all(isinstance(i, int) for i in ids) and ids[:3] == [ord("<"), ord("s"), ord("y")]
+
+
+def test_an_over_long_prompt_fails_alone_not_the_batch():
+    be = make(max_model_len=160)
+    reqs = [StepRequest("short", "What is 2+3?", (), (), 1),
+            StepRequest("long", "What is 2+3? " + "x" * 80, (), (), 2)]
+    out = be.generate(reqs)
+    assert out[0].error is None and out[0].text == "Step 1: think."
+    assert "long" in out[1].error and "max_model_len 160" in out[1].error
+
+
+def test_jax_in_the_vllm_process_does_not_preallocate(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    make()
+    import os
+
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+
+
+def test_reward_model_engine_starts_eagerly_with_its_own_limits(monkeypatch):
+    import sys
+
+    from generation import scorers
+
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.module())
+    prm = scorers.VLLMRewardModel("Qwen/Qwen2.5-Math-PRM-7B", gpu_memory_utilization=0.2,
+                                  max_model_len=2048)
+    kw = fake_vllm.LLM.instances[-1].kw
+    assert prm.llm is fake_vllm.LLM.instances[-1]  # built at construction, not at first score
+    assert kw["runner"] == "pooling" and kw["enable_prefix_caching"] is False
+    assert kw["gpu_memory_utilization"] == 0.2 and kw["max_model_len"] == 2048
+    assert kw["trust_remote_code"] is False
+    s, _ = prm.score([("Q?", ("a", "b")), ("Q?", ("a", "this is wrong"))])
+    assert s == [pytest.approx(0.8), pytest.approx(0.1)]  # through LLM.encode(token_classify)

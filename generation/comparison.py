@@ -50,6 +50,46 @@ class LiveMethod:
             raise ValueError(f"{self.name}: a thresholded family needs a grid")
 
 
+class SharedBackend:
+    """A backend whose results are remembered per request: the points of a thresholded family's
+    grid regenerate the same drafts, scores and large-model steps (every request carries its
+    own seed, so a repeated request has the same answer), and a threshold changes only which of
+    them are used (decision 76). Each point's records still count every cost it would pay."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.name, self.params = inner, inner.name, inner.params
+        self.price = getattr(inner, "price", None)
+        self._memo: dict = {}
+
+    def generate(self, requests, *, whole: bool = False, max_tokens: int = 1024):
+        todo = [r for r in requests if (r, whole, max_tokens) not in self._memo]
+        fresh = dict(zip(todo, self.inner.generate(todo, whole=whole, max_tokens=max_tokens),
+                         strict=True)) if todo else {}
+        out = []
+        for r in requests:
+            res = self._memo.get((r, whole, max_tokens)) or fresh[r]
+            if res.error is None:  # a failure is not remembered: it is asked again
+                self._memo[(r, whole, max_tokens)] = res
+            out.append(res)
+        return out
+
+
+class SharedScorer:
+    """A step scorer whose scores are remembered per (question, steps) (decision 76)."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+        self._memo: dict = {}
+
+    def score(self, items):
+        todo = [it for it in dict.fromkeys(items) if it not in self._memo]
+        if todo:
+            scores, spent = self.inner.score(todo)
+            self._memo.update(zip(todo, zip(scores, spent, strict=True), strict=True))
+        got = [self._memo[it] for it in items]
+        return [g[0] for g in got], [g[1] for g in got]
+
+
 @dataclasses.dataclass
 class LiveComparison:
     rows: list[dict[str, Any]]  # one table row per method (test problems)
@@ -79,9 +119,9 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
     out = LiveComparison(rows=[], curves={}, records={}, large_right={})
     k = len(backends)
 
-    def run(problems, rule, bar):
+    def run(problems, rule, bar, via=backends):
         start = bar.n
-        return online.run_online(problems, backends, rule, checker, cfg,
+        return online.run_online(problems, via, rule, checker, cfg,
                                  lambda n: bar.update(start + n - bar.n))
 
     def summarize(recs):
@@ -106,11 +146,13 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
                 recs = run(test, m.rule, bar)
             add(m.name, recs, summarize(recs), m.external, m.threshold)
             continue
+        shared = [SharedBackend(b) for b in backends]  # one family's grid shares its work
         with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
                   desc=f"      {m.name} ({len(m.grid)}-point grid, cal + test)") as bar:
             errors = np.array([[float(out.large_right[r["problem_id"]] and not r["correct"])
-                                for r in run(cal, m.family(g), bar)] for g in m.grid]).T
-            recs_test = [run(test, m.family(g), bar) for g in m.grid]
+                                for r in run(cal, m.family(g), bar, shared)]
+                               for g in m.grid]).T
+            recs_test = [run(test, m.family(g), bar, shared) for g in m.grid]
         idx, feasible = evaluate.conformal_choice(errors, alpha)
         curve = [dict(summarize(r), threshold=float(g)) for g, r in zip(m.grid, recs_test,
                                                                          strict=True)]

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from generation import costs, features, tracegen
 from generation.answers import AnswerChecker, Verdict
-from generation.backend import Backend, StepRequest, StepResult, prefix_text
+from generation.backend import STEP_DELIMITER, Backend, StepRequest, StepResult, prefix_text
 from generation.datasets import Problem
 from generation.rules import Rule, View
 
@@ -40,22 +41,6 @@ class OnlineConfig:
     seed: int = 0
 
 
-@dataclasses.dataclass
-class _Live:
-    problem: Problem
-    model: int
-    steps: list[str] = dataclasses.field(default_factory=list)
-    owners: list[int] = dataclasses.field(default_factory=list)  # model of each accepted step
-    ids: list[int] = dataclasses.field(default_factory=list)  # accepted token ids
-    span: features.MathSpanState = dataclasses.field(default_factory=features.MathSpanState)
-    pieces: list[dict] = dataclasses.field(default_factory=list)
-    scorer: list[dict] = dataclasses.field(default_factory=list)
-    tokens: int = 0
-    status: str = "ok"
-    done: bool = False
-    final_text: str | None = None
-
-
 EMPTY_RETRIES = tracegen.EMPTY_RETRIES
 
 
@@ -63,15 +48,41 @@ def _is_empty(r: StepResult) -> bool:
     return r.error is None and not r.is_final and not r.text.strip()
 
 
-def _request(s: _Live, model: int, round_: int, seed: int, attempt: int = 0) -> StepRequest:
+@dataclasses.dataclass
+class Live:
+    """One problem being routed: its current model, accepted steps and every generated piece."""
+
+    problem: Problem
+    model: int
+    seed: int = 0  # sampling seeds derive from it and the request keys
+    max_tokens: int = 4096  # generated tokens of the solution (a served request may ask fewer)
+    steps: list[str] = dataclasses.field(default_factory=list)
+    owners: list[int] = dataclasses.field(default_factory=list)  # model of each accepted step
+    ids: list[int] = dataclasses.field(default_factory=list)  # accepted token ids
+    span: features.MathSpanState = dataclasses.field(default_factory=features.MathSpanState)
+    pieces: list[dict] = dataclasses.field(default_factory=list)
+    scorer: list[dict] = dataclasses.field(default_factory=list)
+    tokens: int = 0
+    rounds: int = 0  # rounds this problem has been through (its request keys count them)
+    status: str = "ok"
+    done: bool = False
+    final_text: str | None = None
+    on_step: Callable[[dict], None] | None = None  # told of every accepted step (streaming)
+
+    def text(self) -> str:
+        """The solution so far: the accepted steps, or the largest model's rest of it."""
+        return self.final_text if self.final_text is not None else prefix_text(self.steps)
+
+
+def _request(s: Live, model: int, seed: int, attempt: int = 0) -> StepRequest:
     # Continue by token ids only when every accepted step came from this very model (no
     # re-tokenisation drift); otherwise by text, as a trace tree's child segment does.
     ids = tuple(s.ids) if all(o == model for o in s.owners) else None
-    key = f"{s.problem.problem_id}/{round_}/{model}" + "/retry" * attempt
+    key = f"{s.problem.problem_id}/{s.rounds}/{model}" + "/retry" * attempt
     return StepRequest(key, s.problem.question, tuple(s.steps), ids, tracegen.seed_for(key, seed))
 
 
-def _features_of(s: _Live, r: StepResult) -> tuple[np.ndarray, features.MathSpanState]:
+def _features_of(s: Live, r: StepResult) -> tuple[np.ndarray, features.MathSpanState]:
     """A draft's feature vector, computed as trace generation computes it, and the span state
     after the draft (the problem's own state is left as it is)."""
     span = copy.deepcopy(s.span)
@@ -88,26 +99,68 @@ def _piece(r: StepResult, model: int, params: float, **extra) -> dict:
     return {"model": model, "text": r.text, "cost": costs.generation_cost(r, params), **extra}
 
 
-def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: Rule,
-               checker: AnswerChecker, cfg: OnlineConfig = OnlineConfig(),
-               progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Route `problems` live with `rule`; one record per problem (see the module docstring)."""
-    k_models = len(backends)
-    last = k_models - 1
-    live = [_Live(p, rule.start_model) for p in problems]
-    for round_ in range(cfg.max_steps + 1):
-        active = [s for s in live if not s.done]
-        if not active:
-            break
+class Engine:
+    """The stepwise loop for any set of problems with one rule — problems may join between
+    rounds (the serving layer's continuous batching; `run_online` admits all at once).
+
+    Each `round()`: the current models write the next step of their live problems (one batched
+    call per model and limit; the largest model, under a sticky rule, the rest), empty drafts
+    are asked again, the rule decides for every draft in one call, and drafts are accepted or
+    handed to the larger model.
+    """
+
+    def __init__(self, backends: Sequence[Backend], rule: Rule, cfg: OnlineConfig):
+        self.backends, self.rule, self.cfg = list(backends), rule, cfg
+        self.last = len(self.backends) - 1
+        self.live: list[Live] = []
+        self.decide_seconds = 0.0  # time in the rule's decisions (the router's share)
+
+    def admit(self, problem: Problem, *, seed: int | None = None, max_tokens: int | None = None,
+              on_step: Callable[[dict], None] | None = None) -> Live:
+        s = Live(problem, self.rule.start_model, self.cfg.seed if seed is None else seed,
+                 min(max_tokens or self.cfg.max_tokens_per_solution,
+                     self.cfg.max_tokens_per_solution), on_step=on_step)
+        self.live.append(s)
+        return s
+
+    def active(self) -> list[Live]:
+        return [s for s in self.live if not s.done]
+
+    def collect(self) -> list[Live]:
+        """Remove and return the finished problems."""
+        done = [s for s in self.live if s.done]
+        self.live = [s for s in self.live if not s.done]
+        return done
+
+    def _generate(self, group: list[Live], m: int, whole: bool, attempt: int = 0,
+                  seed_offset: int = 0) -> list[StepResult]:
+        """Batched calls of model m for `group`, one per distinct token limit."""
+        cfg, out = self.cfg, {}
+        limits = {}
+        for s in group:
+            limits.setdefault(s.max_tokens if whole else min(cfg.max_tokens_per_step,
+                                                             s.max_tokens), []).append(s)
+        for limit, members in limits.items():
+            res = self.backends[m].generate(
+                [_request(s, m, s.seed + seed_offset, attempt) for s in members], whole=whole,
+                max_tokens=limit)
+            out.update({id(s): r for s, r in zip(members, res, strict=True)})
+        return [out[id(s)] for s in group]
+
+    def round(self) -> list[Live]:
+        """One round over every live problem; returns (and removes) those that finished."""
+        cfg, rule, backends, last = self.cfg, self.rule, self.backends, self.last
+        active = self.active()
+        for s in active:
+            if s.rounds > cfg.max_steps:
+                s.status, s.done = "max_steps", True
+        active = [s for s in active if not s.done]
         # 1. The current models write their next step (the largest, when sticky: the rest).
         drafts: dict[int, StepResult] = {}
         for m in sorted({s.model for s in active}):
             group = [s for s in active if s.model == m]
-            whole = m == last and rule.sticky
-            outs = backends[m].generate(
-                [_request(s, m, round_, cfg.seed) for s in group], whole=whole,
-                max_tokens=cfg.max_tokens_per_solution if whole else cfg.max_tokens_per_step)
-            for s, r in zip(group, outs, strict=True):
+            for s, r in zip(group, self._generate(group, m, m == last and rule.sticky),
+                            strict=True):
                 drafts[id(s)] = r
         # An empty draft ("\\n\\n" first) is asked again with a new seed, at most twice, and
         # paid for (decision 75); still empty, the solution ends there.
@@ -115,10 +168,7 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
             empty = [s for s in active if _is_empty(drafts[id(s)])]
             for m in sorted({s.model for s in empty}):
                 group = [s for s in empty if s.model == m]
-                outs = backends[m].generate(
-                    [_request(s, m, round_, cfg.seed, attempt) for s in group],
-                    max_tokens=cfg.max_tokens_per_step)
-                for s, r in zip(group, outs, strict=True):
+                for s, r in zip(group, self._generate(group, m, False, attempt), strict=True):
                     s.pieces.append(_piece(drafts[id(s)], m, backends[m].params, kept=False,
                                            empty=True))
                     drafts[id(s)] = r
@@ -139,13 +189,16 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
                 s.pieces.append(_piece(r, s.model, backends[s.model].params, kept=True,
                                        whole=True))
                 s.final_text, s.done = prefix_text(s.steps) + r.text, True
+                _tell(s, r.text, s.model)
                 continue
             f, span = _features_of(s, r)
             views.append(View(s.problem, tuple(s.steps), r, s.model, f))
             drafted.append((s, span))
+        t0 = time.perf_counter()
         decisions = rule.decide(views) if views else []
+        self.decide_seconds += time.perf_counter() - t0
         # 3. Apply: accept, or discard and let the larger model write the step.
-        redo: dict[int, list[_Live]] = {}
+        redo: dict[int, list[Live]] = {}
         for (s, span), v, d in zip(drafted, views, decisions, strict=True):
             if d.scorer_cost:
                 s.scorer.append(d.scorer_cost)
@@ -163,23 +216,31 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
             else:
                 redo.setdefault(d.model, []).append(s)
         for m, group in redo.items():
-            outs = backends[m].generate([_request(s, m, round_, cfg.seed + 1) for s in group],
-                                        max_tokens=cfg.max_tokens_per_step)
-            for s, r in zip(group, outs, strict=True):
+            for s, r in zip(group, self._generate(group, m, False, seed_offset=1), strict=True):
                 s.pieces.append(_piece(r, m, backends[m].params, kept=r.error is None,
                                        replaces=True))
                 if r.error is not None:
                     s.status, s.done = f"error: {r.error}", True
                 else:
                     _accept(s, r, m, cfg)
+        for s in active:
+            s.rounds += 1
+        return self.collect()
+
+
+def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: Rule,
+               checker: AnswerChecker, cfg: OnlineConfig = OnlineConfig(),
+               progress: Callable[[int], None] | None = None) -> list[dict]:
+    """Route `problems` live with `rule` (an `Engine` with every problem admitted at once); one
+    record per problem (see the module docstring)."""
+    engine = Engine(backends, rule, cfg)
+    live = [engine.admit(p) for p in problems]
+    finished = 0
+    while engine.active():
+        finished += len(engine.round())
         if progress:
-            progress(sum(s.done for s in live))
-    for s in live:
-        if not s.done:
-            s.status, s.done = "max_steps", True
-    texts = [s.final_text if s.final_text is not None else prefix_text(s.steps) for s in live]
-    verdicts = checker.check_many([(t, s.problem.gold, s.problem.dataset)
-                                   for t, s in zip(texts, live, strict=True)])
+            progress(finished)
+    verdicts = checker.check_many([(s.text(), s.problem.gold, s.problem.dataset) for s in live])
     return [{"problem_id": s.problem.problem_id, "dataset": s.problem.dataset,
              "difficulty": s.problem.difficulty, "method": rule.name,
              "correct": v == Verdict.CORRECT, "verdict": str(v), "status": s.status,
@@ -187,10 +248,17 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
             for s, v in zip(live, verdicts, strict=True)]
 
 
-def _accept(s: _Live, r: StepResult, model: int, cfg: OnlineConfig,
+def _tell(s: Live, text: str, model: int) -> None:
+    """Tell a streaming consumer of a piece of solution text just accepted."""
+    if s.on_step is not None:
+        s.on_step({"text": text, "model": model})
+
+
+def _accept(s: Live, r: StepResult, model: int, cfg: OnlineConfig,
             span: features.MathSpanState | None = None) -> None:
     """Append an accepted step; `span`: its span state if the draft's features were computed."""
     s.span = span if span is not None else _features_of(s, r)[1]
+    _tell(s, (STEP_DELIMITER if s.steps else "") + r.text, model)
     s.steps.append(r.text)
     s.owners.append(model)
     s.ids.extend(r.token_ids)
@@ -199,7 +267,7 @@ def _accept(s: _Live, r: StepResult, model: int, cfg: OnlineConfig,
         s.done = True
     elif len(s.steps) >= cfg.max_steps:
         s.status, s.done = "max_steps", True
-    elif s.tokens >= cfg.max_tokens_per_solution:
+    elif s.tokens >= s.max_tokens:
         s.status, s.done = "max_tokens", True
 
 

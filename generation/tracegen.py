@@ -370,8 +370,30 @@ def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str]
     backends' request statistics) is returned and recorded in the manifest's provenance."""
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with durable.exclusive(out):  # one writer per folder (decision 78)
+        return _run(gen, problems, splits, Path(out), provenance, num_shards, shard_index, spend,
+                    accept_partial)
+
+
+# Provenance fields a resume may change without changing what the trace set is.
+_RESUMABLE = ("last_run", "model_versions", "chunk")
+
+
+def _same_run(old: dict, new: dict) -> list[str]:
+    """The differences between two provenances that make them different trace sets."""
+    def strip(d):
+        d = {k: v for k, v in d.items() if k not in _RESUMABLE}
+        if isinstance(d.get("config"), dict):
+            d["config"] = {k: v for k, v in d["config"].items() if k not in _RESUMABLE}
+        return d
+
+    a, b = strip(old), strip(new)
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, spend,
+         accept_partial) -> RunSummary:
     manifest = gen.manifest(provenance)
     mpath = out / trace.MANIFEST
     if mpath.exists():
@@ -381,6 +403,10 @@ def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str]
                 old.provenance.get("model_versions") != manifest.provenance["model_versions"]:
             raise ValueError(f"{mpath}: existing trace set was made with other models, weights or "
                              "features; use a new --out folder")
+        diffs = _same_run(old.provenance, manifest.provenance)
+        if diffs:
+            raise FileExistsError(f"{mpath}: existing trace set was made with other settings "
+                                  f"({'; '.join(diffs[:5])}); use a new --out folder")
         manifest = old
     else:
         durable.atomic_write_text(mpath, json.dumps(manifest.to_json(), indent=2) + "\n")

@@ -6,6 +6,8 @@ reader never sees a half-written file and a crash loses at most the record in fl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -23,6 +25,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -58,4 +61,36 @@ def repair_tail(path: str | os.PathLike) -> int:
         f.truncate(keep)
     return len(data) - keep
 
-__all__ = ["append_records", "atomic_write_text", "repair_tail"]
+__all__ = ["FolderInUse", "append_records", "atomic_write_text", "exclusive", "repair_tail"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class FolderInUse(FileExistsError):
+    """Another process holds the folder's lock (one writer per folder)."""
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | os.PathLike):
+    """Hold `folder`'s writer lock (an exclusive `flock` on `folder/.lock`) for the block, or
+    refuse at once, naming the holder's pid: two runs writing one folder would duplicate records
+    or interleave checkpoints (decision 78). The lock dies with its process."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise FolderInUse(f"{folder} is in use by process {holder} (one writer per folder:"
+                              " wait for it, or use another folder)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock

@@ -360,14 +360,25 @@ def train_and_export(trees: PackedTrees, manifest, config: ExactConfig, workdir,
     """Train one router per seed (`train_exact`), calibrate each κ, record the run in
     `workdir/train_config.json` and export the first seed's router (`export.export_trained`,
     the one export path) to `router_dir` (default `workdir/router`)."""
+    from pathlib import Path
+
+    from jaxroute.durable import exclusive
+
+    trees.require_splits("train", "cal", where=source)
+    workdir = Path(workdir)
+    with exclusive(workdir):
+        return _train_and_export(trees, manifest, config, workdir, seeds, source, cost_model,
+                                 router_dir)
+
+
+def _train_and_export(trees, manifest, config, workdir, seeds, source, cost_model,
+                      router_dir) -> ExactFit:
     import json
     from pathlib import Path
 
     from jaxroute import export
     from jaxroute.durable import atomic_write_text
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     record = {"trainer": "exact", "config": dataclasses.asdict(config), "seeds": list(seeds),
               "source": source, "cost_model": cost_model}
     atomic_write_text(workdir / "train_config.json", json.dumps(record, indent=2) + "\n")

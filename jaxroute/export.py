@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,8 @@ from jaxroute.core import threshold
 from jaxroute.durable import atomic_write_text
 
 ROUTER_SCHEMA = 1
+# κ is compared with probabilities; calibration puts it in [0, just above the largest score].
+KAPPA_RANGE = (0.0, 1.0 + 1e-6)
 
 
 class RouterSpecError(ValueError):
@@ -55,17 +59,37 @@ class Router:
             return jnp.exp(self.networks.log_probs(params, norm, features, model))
 
         self._probs = jax.jit(escalation_prob)
+        self._host = _host_policy(self.policy_params, self.normalizer, self.networks.num_models)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(self.meta["feature_names"])
 
-    def decide(self, features, model) -> jax.Array:
+    def decide(self, features, model) -> np.ndarray:
         """Eq. 6: the model for the next segment, `[...]` int, from features `[..., D]` and the
-        current model `[...]`."""
+        current model `[...]`. Up to `HOST_BATCH` decisions run in numpy on the host (no
+        host↔device transfer — the serving path), larger batches in the jitted function
+        (decision 79; `python -m launch.benchmark_router` measures the crossover)."""
+        f = np.asarray(features, np.float32)
+        m = np.asarray(model, np.int32)
+        if f.size // max(f.shape[-1], 1) <= HOST_BATCH:
+            return self.decide_host(f, m)
+        return np.asarray(self.decide_jit(f, m))
+
+    def decide_jit(self, features, model) -> jax.Array:
+        """Eq. 6 in one jitted call (the batched path)."""
         return self._decide(self.policy_params, self.normalizer.mean, self.normalizer.std,
                             jnp.float32(self.kappa), jnp.asarray(features, jnp.float32),
                             jnp.asarray(model, jnp.int32))
+
+    def decide_host(self, features: np.ndarray, model: np.ndarray) -> np.ndarray:
+        """Eq. 6 in numpy, the normaliser folded into the first layer (the small-batch path)."""
+        probs = self._host.probs(features, model)
+        k = probs.shape[-1]
+        ids = np.arange(k)
+        ok = (ids > model[..., None]) & (probs >= np.float32(self.kappa))
+        best = np.max(np.where(ok, ids, -1), axis=-1)
+        return np.where(best >= 0, best, model).astype(np.int32)
 
     def log_probs(self, features, model) -> jax.Array:
         """log π(·|o) `[..., K]` (traceable; used by the offline evaluation)."""
@@ -77,20 +101,70 @@ class Router:
                            jnp.asarray(features, jnp.float32), jnp.asarray(model, jnp.int32))
 
 
+HOST_BATCH = 64  # decisions up to this batch size run in numpy (decision 79)
+
+
+class _HostPolicy(NamedTuple):
+    """The policy MLP as numpy arrays: the first layer absorbs the feature normaliser and, per
+    current model, the one-hot input (decision 79)."""
+
+    first: np.ndarray  # [D, H] kernel on the raw features
+    first_bias: np.ndarray  # [K, H] bias per current model
+    layers: tuple  # ((kernel, bias), ...) of the further layers, the last one linear
+
+    def probs(self, features: np.ndarray, model: np.ndarray) -> np.ndarray:
+        """π(·|o) `[..., K]`, zero on actions below the current model."""
+        h = np.tanh(features @ self.first + self.first_bias[model])
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i + 1 < len(self.layers):
+                h = np.tanh(h)
+        valid = np.arange(h.shape[-1]) >= model[..., None]
+        h = np.where(valid, h, -np.inf)
+        h = h - h.max(axis=-1, keepdims=True)
+        e = np.exp(h)
+        return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _host_policy(params, normalizer: nets_lib.Normalizer, num_models: int) -> _HostPolicy:
+    dense = params["params"]
+    names = sorted(dense, key=lambda n: int(n.split("_")[-1]))  # Dense_0, Dense_1, …
+    w0 = np.asarray(dense[names[0]]["kernel"], np.float64)
+    b0 = np.asarray(dense[names[0]]["bias"], np.float64)
+    mean = np.asarray(normalizer.mean, np.float64)
+    std = np.asarray(normalizer.std, np.float64)
+    d = len(mean)
+    first = w0[:d] / std[:, None]
+    bias = b0 - (mean / std) @ w0[:d]
+    per_model = bias[None] + w0[d:d + num_models]
+    layers = tuple((np.asarray(dense[n]["kernel"], np.float32),
+                    np.asarray(dense[n]["bias"], np.float32)) for n in names[1:])
+    return _HostPolicy(first.astype(np.float32), per_model.astype(np.float32), layers)
+
+
 def export_router(path: str | Path, networks: nets_lib.RouterNetworks, policy_params,
                   normalizer: nets_lib.Normalizer, kappa: float, *, feature_names: Sequence[str],
                   model_names: Sequence[str], alpha: float, hidden: Sequence[int],
                   extra: dict | None = None) -> Path:
-    """Write a router folder (overwrites an existing one at `path`)."""
+    """Write a router folder as one unit (decision 78): parameters and router.json go to a
+    temporary folder beside `path`, which then replaces `path` (an existing router is moved
+    aside first and removed after), so a reader finds the old router or the new one, never a
+    mix."""
+    import shutil
+    import tempfile
+
     path = Path(path).absolute()
     if len(feature_names) != networks.num_features:
         raise RouterSpecError(f"{len(feature_names)} feature names for a policy over "
                               f"{networks.num_features} features")
-    path.mkdir(parents=True, exist_ok=True)
+    if not (math.isfinite(kappa) and KAPPA_RANGE[0] <= kappa <= KAPPA_RANGE[1]):
+        raise RouterSpecError(f"κ = {kappa} is outside {list(KAPPA_RANGE)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     tree = {"policy": policy_params, "norm_mean": np.asarray(normalizer.mean),
             "norm_std": np.asarray(normalizer.std)}
     with ocp.PyTreeCheckpointer() as ckpt:
-        ckpt.save(path / "params", tree, force=True)
+        ckpt.save(tmp / "params", tree, force=True)
     meta = {
         "schema_version": ROUTER_SCHEMA,
         "feature_names": list(feature_names),
@@ -101,8 +175,22 @@ def export_router(path: str | Path, networks: nets_lib.RouterNetworks, policy_pa
         "kappa": float(kappa),
         **(extra or {}),
     }
-    atomic_write_text(path / "router.json", json.dumps(meta, indent=2, default=str) + "\n")
+    atomic_write_text(tmp / "router.json", json.dumps(meta, indent=2, default=str) + "\n")
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_router(path: str | Path, feature_names: Sequence[str] | None = None,
@@ -112,7 +200,24 @@ def load_router(path: str | Path, feature_names: Sequence[str] | None = None,
     meta_file = path / "router.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{meta_file}: not found (is {path} an exported router?)")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RouterSpecError(f"{meta_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise RouterSpecError(f"{meta_file}: expected a JSON object")
+    for key, kind in (("feature_names", list), ("model_names", list), ("num_models", int),
+                      ("hidden", list), ("alpha", float), ("kappa", float)):
+        val = meta.get(key)
+        if not isinstance(val, kind) and not (kind is float and isinstance(val, int)):
+            raise RouterSpecError(f"{meta_file}: field {key!r} missing or not a "
+                                  f"{kind.__name__}")
+    kappa = float(meta["kappa"])
+    if not (math.isfinite(kappa) and KAPPA_RANGE[0] <= kappa <= KAPPA_RANGE[1]):
+        raise RouterSpecError(f"{meta_file}: field 'kappa' = {meta['kappa']!r} is outside "
+                              f"{list(KAPPA_RANGE)} (eq. 6 compares it with a probability)")
+    if not 0 < float(meta["alpha"]) < 1:
+        raise RouterSpecError(f"{meta_file}: field 'alpha' = {meta['alpha']!r} not in (0, 1)")
     if meta.get("schema_version") != ROUTER_SCHEMA:
         raise RouterSpecError(f"{meta_file}: schema_version {meta.get('schema_version')} is not "
                               f"supported (expected {ROUTER_SCHEMA})")

@@ -48,6 +48,13 @@ COST_MODELS = ("flops", "mflops", "usd_cents")
 FLOP_UNITS = {"flops": 1e12, "mflops": 1e6}  # FLOPs per unit of each FLOPs cost model
 
 
+# Largest sane values: beyond them a number is corruption, and it would overflow the float32
+# arrays packing makes (decision 77).
+F32_MAX = float(np.finfo(np.float32).max)
+FIELD_MAX = {"params": 1e15, "price_input": 1e6, "price_cached_input": 1e6,
+             "price_output": 1e6, "flops": 1e40, "tokens": 1e12, "feature": 1e30}
+
+
 class TraceFormatError(ValueError):
     """A trace file that does not follow the format; the message names file, problem and field."""
 
@@ -81,6 +88,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict, path: str = MANIFEST) -> Manifest:
+        if not isinstance(d, dict):
+            raise TraceFormatError(f"{path}: expected a JSON object, got {type(d).__name__}")
         try:
             version = int(d["schema_version"])
             if version != SCHEMA_VERSION:
@@ -94,6 +103,13 @@ class Manifest:
             raise TraceFormatError(f"{path}: bad model entry: {e}") from None
         if len(models) < 2:
             raise TraceFormatError(f"{path}: field 'models' needs at least 2 models")
+        for i, m in enumerate(models):
+            for f in ("params", "price_input", "price_cached_input", "price_output"):
+                v = getattr(m, f)
+                if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                        or v < 0 or v > FIELD_MAX[f]:
+                    raise TraceFormatError(f"{path}: models[{i}].{f} must be a number in "
+                                           f"[0, {FIELD_MAX[f]:g}], got {v!r}")
         if not feats:
             raise TraceFormatError(f"{path}: field 'feature_names' is empty")
         return cls(models=models, feature_names=feats, provenance=d.get("provenance", {}),
@@ -124,13 +140,20 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
         d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TraceFormatError(f"{path}: invalid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise TraceFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return Manifest.from_json(d, str(path))
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) from a JSON-lines file, with clear errors."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TraceFormatError(f"{path}: line {n}: not UTF-8 ({e.reason} at byte "
+                                       f"{e.start})") from None
             if not line.strip():
                 continue
             if not line.endswith("\n"):
@@ -149,14 +172,15 @@ def _need(d: Any, key: str, kind, where: str):
         raise TraceFormatError(f"{where}: missing field {key!r}")
     val = d[key]
     if kind is float:
-        ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val)
+        ok = isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val) \
+            and abs(val) <= FIELD_MAX["flops"]
     elif kind is int:
-        ok = isinstance(val, int) and not isinstance(val, bool) and val >= 0
+        ok = isinstance(val, int) and not isinstance(val, bool) and 0 <= val <= FIELD_MAX["tokens"]
     else:
         ok = isinstance(val, kind)
     if not ok:
         raise TraceFormatError(f"{where}: field {key!r} must be {getattr(kind, '__name__', kind)}"
-                               f" (finite, non-negative for counts), got {val!r}")
+                               f" (finite and sane, non-negative for counts), got {val!r}")
     return val
 
 
@@ -184,8 +208,9 @@ def _check_segment(seg: Any, k_models: int, n_feat: int, where: str, depth: int)
         feats = _need(step, "features", list, w)
         if len(feats) != n_feat or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                for x in feats):
-            raise TraceFormatError(f"{w}: field 'features' must be {n_feat} finite numbers")
+                and abs(x) <= FIELD_MAX["feature"] for x in feats):
+            raise TraceFormatError(f"{w}: field 'features' must be {n_feat} finite numbers "
+                                   f"of magnitude ≤ {FIELD_MAX['feature']:g}")
         _check_cost(_need(step, "cost", dict, w), f"{w}.cost")
         v = step.get("verifier_ok")
         if v is not None and not isinstance(v, bool):
@@ -317,6 +342,25 @@ class PackedTrees(NamedTuple):
     def subset(self, idx: np.ndarray) -> PackedTrees:
         return PackedTrees(*(np.asarray(a)[idx] for a in self))
 
+    def fingerprint(self) -> str:
+        """sha256 of every packed array: the identity of the data a run trained on."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for a in self:
+            a = np.ascontiguousarray(a)
+            h.update(str((a.dtype, a.shape)).encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def require_splits(self, *names: str, where: str = "the trace set") -> None:
+        """Refuse, before any work, a trace set without usable problems in these splits."""
+        missing = [n for n in names if len(self.split_indices(n)) == 0]
+        if missing:
+            counts = {n: int(len(self.split_indices(n))) for n in SPLITS}
+            raise TraceFormatError(f"{where} has no usable problems in the split(s) {missing} "
+                                   f"(usable per split: {counts})")
+
     def split_indices(self, name: str) -> np.ndarray:
         return np.flatnonzero((self.split == SPLITS.index(name)) & self.ok)
 
@@ -413,3 +457,39 @@ def spend(manifest: Manifest, problems: Sequence[dict]) -> dict[str, float]:
     flops = pack(manifest, problems, "flops")
     return {"$": float(usd.step_cost.sum() + usd.branch_cost.sum()) / 100,
             "PFLOPs": float(flops.step_cost.sum() + flops.branch_cost.sum()) / 1e3}
+
+
+def repair(folder: str | os.PathLike) -> dict[str, Any]:
+    """Make a damaged trace set loadable again (decision 78): drop a torn last line, records
+    that are not valid JSON or fail validation, and duplicate problem ids (the first valid
+    record of an id is kept — two writers appended the same problems). The old file is kept as
+    `trees.jsonl.bak`; the repaired one is written atomically. Returns what was dropped."""
+    import shutil
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    path = folder / TREES
+    report: dict[str, Any] = {"kept": 0, "torn_bytes": 0, "invalid": [], "duplicates": []}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        report["torn_bytes"] = len(data) - (data.rfind(b"\n") + 1)
+        data = data[:data.rfind(b"\n") + 1]
+    keep, seen = [], set()
+    for n, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            validate_problem(rec, manifest, where=f"{path}: line {n}")
+        except (ValueError, UnicodeDecodeError) as e:  # TraceFormatError is a ValueError
+            report["invalid"].append(f"line {n}: {str(e)[:160]}")
+            continue
+        if rec["problem_id"] in seen:
+            report["duplicates"].append(f"line {n}: {rec['problem_id']}")
+            continue
+        seen.add(rec["problem_id"])
+        keep.append(raw.decode("utf-8"))
+    shutil.copyfile(path, path.with_name(TREES + ".bak"))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    report["kept"] = len(keep)
+    return report

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from jaxroute import env, tcpo
 from jaxroute import networks as nets_lib
@@ -132,9 +133,8 @@ def train(
       workdir: if given, checkpoints go to `workdir/checkpoints` and training resumes from them.
       progress: called after every chunk with (iterations done, mean metrics of the chunk).
     """
+    trees.require_splits(*(("train", "cal") if config.final_calibration else ("train",)))
     train_idx = trees.split_indices("train")
-    if len(train_idx) == 0:
-        raise ValueError("no usable problems in the 'train' split")
     train_trees = trees.subset(train_idx)
     networks = nets_lib.make_networks(trees.num_models, trees.features.shape[-1], config.hidden)
     key = jax.random.PRNGKey(config.seed)
@@ -146,15 +146,22 @@ def train(
     if workdir is not None:
         workdir = Path(workdir)
         manager = _checkpoint_manager(workdir)
-        latest = manager.latest_step()
-        if latest is not None:
-            restored = manager.restore(latest, args=ocp.args.StandardRestore(
-                {"state": state, "key": key}))
-            state, key, done = restored["state"], restored["key"], int(latest)
-            hist_file = workdir / "history.npz"
+        # The newest intact checkpoint (a truncated one — a kill mid-save — falls back to the
+        # one before it) with the history saved beside it for that same step (decision 78).
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                restored = manager.restore(step, args=ocp.args.StandardRestore(
+                    {"state": state, "key": key}))
+            except Exception as e:  # noqa: BLE001 — any damage: try the previous one
+                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one",
+                                step, workdir, type(e).__name__)
+                continue
+            state, key, done = restored["state"], restored["key"], int(step)
+            hist_file = _history_file(workdir, done)
             if hist_file.exists():
                 with np.load(hist_file) as h:
                     history.append({k: h[k][:done] for k in h.files})
+            break
     dev = env.to_device(train_trees)
     chunks: dict[int, Callable] = {}
     while done < config.iterations:
@@ -171,9 +178,12 @@ def train(
         history.append(metrics)
         done += n
         if manager is not None:
+            _save_history(_history_file(workdir, done), history)  # before its checkpoint
             manager.save(done, args=ocp.args.StandardSave({"state": state, "key": key}))
             manager.wait_until_finished()
-            _save_history(workdir / "history.npz", history)
+            for old in workdir.glob("history-*.npz"):  # keep the histories of kept steps
+                if int(old.stem.split("-")[1]) not in set(manager.all_steps()) | {done}:
+                    old.unlink(missing_ok=True)
         if progress is not None:
             progress(done, {k: float(np.mean(v)) for k, v in metrics.items()})
     hist = {k: np.concatenate([h[k] for h in history]) for k in history[0]} if history else {}
@@ -215,23 +225,80 @@ def train_many(trees: PackedTrees, config: TrainConfig, seeds: Sequence[int]
     return networks, states
 
 
+def run_fingerprint(trees: PackedTrees, config: TrainConfig, cost_model: str) -> dict:
+    """What a resumable run is: its config (but the length, which a resume may extend), the cost
+    unit and the trace set (`PackedTrees.fingerprint`)."""
+    cfg = dataclasses.asdict(config)
+    for k in ("iterations", "chunk"):
+        cfg.pop(k)
+    # Through JSON, as it is recorded (tuples become lists).
+    return json.loads(json.dumps({"config": cfg, "cost_model": cost_model,
+                                  "trace_set": trees.fingerprint()}, default=str))
+
+
+def check_workdir(workdir: Path, fingerprint: dict, overwrite: bool) -> None:
+    """A workdir belongs to one run (decision 78): resume only when `fingerprint` matches the
+    one recorded there; otherwise refuse, naming the differences — or, with `overwrite`, delete
+    its checkpoints and start over."""
+    import shutil
+
+    ckpts = workdir / "checkpoints"
+    record = workdir / "train_config.json"
+    if not (ckpts.exists() and any(ckpts.iterdir())):
+        return
+    old = json.loads(record.read_text()).get("fingerprint") if record.exists() else None
+    if old == fingerprint:
+        return
+    if overwrite:
+        shutil.rmtree(ckpts)
+        for f in workdir.glob("history-*.npz"):
+            f.unlink()
+        return
+    diffs = _differences(old or {}, fingerprint)
+    raise FileExistsError(f"{workdir} holds checkpoints of another run ({'; '.join(diffs[:6])}):"
+                          " use another --workdir, or pass --overwrite to start over")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            short = lambda x: x[:12] + "…" if isinstance(x, str) and len(x) > 16 else x  # noqa
+            out.append(f"{prefix}{k}: {short(a)!r} → {short(b)!r}")
+    return out
+
+
 def train_and_export(trees: PackedTrees, manifest, config: TrainConfig, workdir: str | Path, *,
                      source: str, cost_model: str, router_dir: str | Path | None = None,
-                     show_progress: bool = True) -> TrainResult:
+                     show_progress: bool = True, overwrite: bool = False) -> TrainResult:
     """The one "train a router and export it" path of every entry point: records the run
     (`workdir/train_config.json`: config, trace source, cost unit — what `launch.export` needs
     to re-export), trains resumably with checkpoints in `workdir`, and exports the router with
     `export.export_trained` to `router_dir` (default `workdir/router`)."""
+
+    from jaxroute.durable import atomic_write_text, exclusive
+
+    workdir = Path(workdir)
+    with exclusive(workdir):
+        trees.require_splits("train", "cal", where=source)
+        fingerprint = run_fingerprint(trees, config, cost_model)
+        check_workdir(workdir, fingerprint, overwrite)
+        atomic_write_text(workdir / "train_config.json", json.dumps(
+            {"config": dataclasses.asdict(config), "source": source, "cost_model": cost_model,
+             "fingerprint": fingerprint}, indent=2, default=str) + "\n")
+        return _train_and_export(trees, manifest, config, workdir, source, cost_model,
+                                 router_dir, show_progress)
+
+
+def _train_and_export(trees, manifest, config, workdir, source, cost_model, router_dir,
+                      show_progress) -> TrainResult:
     from tqdm import tqdm
 
     from jaxroute import export
-    from jaxroute.durable import atomic_write_text
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(workdir / "train_config.json", json.dumps(
-        {"config": dataclasses.asdict(config), "source": source, "cost_model": cost_model},
-        indent=2, default=str) + "\n")
     bar = tqdm(total=config.iterations, desc="      train", unit="it", disable=not show_progress)
 
     def progress(done, m):
@@ -252,8 +319,57 @@ def train_and_export(trees: PackedTrees, manifest, config: TrainConfig, workdir:
     return result
 
 
+def _history_file(workdir: Path, step: int) -> Path:
+    return workdir / f"history-{step:09d}.npz"
+
+
 def _save_history(path: Path, history: list[dict[str, np.ndarray]]) -> None:
     merged = {k: np.concatenate([h[k] for h in history]) for k in history[0]}
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **merged)
     tmp.replace(path)
+
+
+def reexport(workdir: Path, record: dict, trees: PackedTrees, manifest, source: str,
+             out: Path) -> dict[str, float]:
+    """Re-export the router of the run in `workdir` (its `train_config.json` is `record`) and
+    check the copy: a TCPO run resumes from its checkpoints (nothing is retrained when it
+    finished; they must be of this config and trace set), an exact-trainer run is retrained
+    (deterministic, seconds). The exported copy must give the run's π on every cal node
+    (max |Δπ| ≤ 1e-5), else `RuntimeError`. Returns κ, α, the nodes checked and the gap."""
+    from jaxroute import evaluate, exact, export
+
+    cost_model = record.get("cost_model", "flops")
+    if record.get("trainer") == "exact":
+        config = exact.config_from_dict(record["config"])
+        fit = exact.train_and_export(trees, manifest, config, workdir,
+                                     seeds=tuple(record.get("seeds", (0,))), source=source,
+                                     cost_model=cost_model, router_dir=out)
+        policy, kappa, alpha = fit.result.log_prob_fn(0), fit.kappas[0], config.alpha
+    else:
+        config = config_from_dict(record["config"])
+        if not (workdir / "checkpoints").exists():
+            raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoints to export")
+        check_workdir(workdir, run_fingerprint(trees, config, cost_model), overwrite=False)
+        result = train(trees, config, workdir)  # resumes; trains only what is missing
+        export.export_trained(
+            out, networks=result.networks, policy_params=result.state.policy_params,
+            normalizer=result.state.normalizer, kappa=result.kappa, manifest=manifest,
+            alpha=config.tcpo.alpha, hidden=config.hidden,
+            train_config={"trainer": "tcpo", **dataclasses.asdict(config)},
+            extra={"kappa_online": result.kappa_online,
+                   "calibration_feasible": result.calibration_feasible,
+                   "cost_model": cost_model, "source": source})
+        policy = evaluate.policy_fn(result.networks, result.state)
+        kappa, alpha = result.kappa, config.tcpo.alpha
+    router = export.load_router(out, feature_names=manifest.feature_names,
+                                model_names=[m.name for m in manifest.models])
+    cal = trees.subset(trees.split_indices("cal"))
+    feats = cal.features.reshape(-1, cal.features.shape[-1])
+    models = np.repeat(cal.seg_model.reshape(-1), cal.features.shape[-2])
+    mine = np.exp(np.asarray(policy(feats, models)))
+    theirs = np.asarray(router.probs(feats, models))
+    gap = float(np.max(np.abs(mine - theirs))) if mine.size else 0.0
+    if not gap <= 1e-5:
+        raise RuntimeError(f"{out}: exported router disagrees with the run (max |Δπ| = {gap})")
+    return {"kappa": kappa, "alpha": alpha, "nodes": len(feats), "gap": gap}

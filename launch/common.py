@@ -33,6 +33,10 @@ def load_trees() -> tuple[trace.Manifest, trace.PackedTrees, str]:
     return manifest, trace.pack(manifest, problems, _COST.value), source
 
 
+def traces_folder() -> str:
+    return _TRACES.value
+
+
 def cost_model() -> str:
     return _COST.value
 
@@ -73,3 +77,26 @@ def run(main) -> None:
             sys.exit(2)
 
     app.run(wrapped)
+
+
+def check_flags(**rules) -> None:
+    """Validate flags before any work starts (absl reports a failure as one line naming the
+    flag): `name=(predicate, "what it must be")`, the predicate skipped for an unset flag."""
+    for name, (pred, what) in rules.items():
+        flags.register_validator(name, lambda v, p=pred: v is None or p(v),
+                                 message=f"--{name} must be {what}")
+
+
+def positive(v) -> bool:
+    return v >= 1
+
+
+def probability(v) -> bool:
+    return 0.0 < v < 1.0
+
+
+def widths(v) -> bool:
+    try:
+        return len(v) > 0 and all(int(x) >= 1 for x in v)
+    except ValueError:
+        return False

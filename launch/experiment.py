@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 
 import jax
 from absl import flags
 
-from generation import answers, comparison, online
+from generation import answers
 from generation.tinylm import backend as tiny
 from generation.tinylm import embedded
-from jaxroute import evaluate, exact, export, records, suite, trace, trainer
-from jaxroute.durable import atomic_write_text
+from jaxroute import exact, suite, trace, trainer
+from jaxroute.durable import atomic_write_text, exclusive
 from launch import common, report
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/experiment", "Output folder.")
@@ -48,13 +47,22 @@ _LARGE = flags.DEFINE_string("large", "large", "Built-in model for the large rol
 _ONLINE = flags.DEFINE_bool("online", True, "Run the online stage (router live, RSD, SpecReason).")
 
 UNIT = "FLOPs ×1e6"
+common.check_flags(alpha=(common.probability, "in (0, 1)"),
+                   iterations=(lambda v: v >= 0, "≥ 0"), train_seeds=(common.positive, "≥ 1"),
+                   problems=(lambda v: len(v) == 3 and all(x.isdigit() and int(x) > 0
+                                                           for x in v),
+                             "three positive counts (train, cal, test)"))
 
 
 def main(argv):
     del argv
     common.quiet()
+    with exclusive(Path(_WORKDIR.value)):  # one run per workdir at a time (decision 78)
+        run(Path(_WORKDIR.value), _SEED.value, _ALPHA.value)
+
+
+def run(work: Path, seed: int, alpha: float) -> None:
     clock = {"start": time.perf_counter()}
-    work, seed, alpha = Path(_WORKDIR.value), _SEED.value, _ALPHA.value
     sizes = dict(zip(embedded.SPLIT_NAMES, map(int, _N.value), strict=True))
     problems, splits = embedded.problems_and_splits(sizes, seed)
     backends = [tiny.load(_SMALL.value), tiny.load(_LARGE.value)]
@@ -76,33 +84,13 @@ def main(argv):
     print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; "
           f"{clock['train'] - clock['traces']:.0f} s")
     print("[3/5] every method at the same guarantee on the test split")
-    routers = {f"router (ours), seed {s}": fit.result.log_prob_fn(i) for i, s in enumerate(seeds)}
-    routers["TCPO (paper settings)"] = evaluate.policy_fn(
-        paper_nets, jax.tree.map(lambda a: a[0], paper_states))
-    result = evaluate.evaluate_all(trees, routers, alpha, manifest.feature_names, seed)
-    result["rows"].insert(_SEEDS.value + 2, evaluate.mean_row(
-        [r for r in result["rows"] if r["method"].startswith("router (ours), seed ")],
-        f"router (ours), mean ± sd of {_SEEDS.value} seeds"))
-    result["alpha"] = alpha
+    result = embedded.offline_result(trees, manifest, fit, (paper_nets, jax.tree.map(
+        lambda a: a[0], paper_states)), alpha, seed)
     clock["evaluate"] = time.perf_counter()
     if _ONLINE.value:
         print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
-        router = export.load_router(work / "router", feature_names=manifest.feature_names,
-                                    model_names=[m.name for m in manifest.models])
-        with answers.AnswerChecker(workers=2) as checker:
-            live = comparison.compare_live(
-                embedded.live_methods(router, backends),
-                *(([p for p in problems if splits[p.problem_id] == s]) for s in ("cal", "test")),
-                backends, checker, online.OnlineConfig(seed=seed, **embedded.GEN_CONFIG),
-                manifest.models, "mflops", alpha=alpha, seed=seed,
-                large_right={r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in recs})
-        for name, rs in live.records.items():
-            records.write_paths(work / "online" / re.sub(r"[^a-z0-9]+", "_", name.lower()),
-                                manifest, rs)
-        result["rows"] += live.rows
-        result["curves"].update(live.curves)
-        result["matched"] = evaluate.matched_costs(result["rows"], result["curves"],
-                                                   next(iter(routers)))
+        embedded.live_result(result, work, manifest, recs, backends, problems, splits, alpha,
+                             seed)
     clock["online"] = time.perf_counter()
     print(f"      {clock['online'] - clock['evaluate']:.0f} s")
     print("[5/5] report")

@@ -60,6 +60,13 @@ _PARTIAL = flags.DEFINE_bool("accept_partial", False, "Write problems with faile
 _ERROR_RATE = flags.DEFINE_float("max_error_rate", 0.5, "Stop once more than this share of "
                                  "requests to one server has failed.")
 flags.mark_flags_as_required(["out"])
+common.check_flags(roots=(common.positive, "≥ 1"), max_steps=(common.positive, "≥ 1"),
+                   max_tokens=(common.positive, "≥ 1"), chunk=(common.positive, "≥ 1"),
+                   num_shards=(common.positive, "≥ 1"), limit=(common.positive, "≥ 1"),
+                   tensor_parallel_size=(common.positive, "≥ 1"),
+                   max_error_rate=(lambda v: 0 < v <= 1, "in (0, 1]"),
+                   gpu_memory_utilization=(lambda v: all(0 < float(x) <= 1 for x in v),
+                                           "shares in (0, 1]"))
 
 
 def settings() -> presets.Preset:

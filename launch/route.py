@@ -54,6 +54,12 @@ _ALPHA = flags.DEFINE_float("alpha", 0.05, "Guarantee every thresholded rule is 
                             "to (coverage ≥ 1 − α on the calibration split).")
 
 DEFAULT_TRACES = Path("runs/experiment/traces")  # the main job's trace set (embedded default)
+common.check_flags(alpha=(common.probability, "in (0, 1)"), limit=(common.positive, "≥ 1"),
+                   max_steps=(common.positive, "≥ 1"), max_tokens=(common.positive, "≥ 1"),
+                   threshold=(lambda v: 0 <= v <= 1.5, "in [0, 1.5]"),
+                   problems=(lambda v: len(v) == 2 and all(x.isdigit() and int(x) > 0
+                                                           for x in v),
+                             "two positive counts (cal, test)"))
 
 
 def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
@@ -89,6 +95,7 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
                                                "max_model_len": pre.max_model_len}) \
             if rule in wanted else None
         if scorer is not None:
+            scorer = comparison.SharedScorer(scorer)  # its grid points share the scores
             name = "RSD" if rule == "rsd" else "SpecReason"
             out.append(family(name, lambda t, s=scorer, n=name: rules.ScoreRule(s, t, k, name=n),
                               "yes"))
@@ -125,6 +132,12 @@ def main(argv):
                                       cfg, infos, cost_model, alpha=_ALPHA.value,
                                       seed=_SEED.value,
                                       large_name=f"model {len(backends) - 1} only")
+    requests = [b.summary() for b in backends if hasattr(b, "summary")]
+    manifest = trace.Manifest(models=manifest.models, feature_names=manifest.feature_names,
+                              provenance={**manifest.provenance, "requests": requests})
+    for b in requests:
+        print(f"{b['model']}: {b['requests']} requests, {b['cache_hits']} from cache, "
+              f"{b['retries']} retries, {b['failures']} failed {b['failure_reasons'] or ''}")
     if "large" not in _RULES.value:
         res.rows = [r for r in res.rows if r["method"] != f"model {len(backends) - 1} only"]
     for name, recs in res.records.items():

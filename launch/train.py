@@ -34,7 +34,14 @@ _KAPPA_STEP = flags.DEFINE_float("kappa_step", None, "tcpo: κ step size η₀."
 _EPS = flags.DEFINE_float("softmask_eps", None, "tcpo: softmask temperature ε.")
 _EVENT = flags.DEFINE_enum("coverage_event", None, ["verifier", "outcome", "given"],
                            "tcpo: coverage event of the online κ update.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "tcpo: start over in a --workdir that holds "
+                               "another run's checkpoints (default: refuse, naming differences).")
 flags.mark_flags_as_required(["workdir"])
+common.check_flags(alpha=(common.probability, "in (0, 1)"),
+                   iterations=(lambda v: v >= 0, "≥ 0"), seeds=(common.positive, "≥ 1"),
+                   batch_size=(lambda v: v >= 0, "≥ 0"), hidden=(common.widths, "widths ≥ 1"),
+                   max_kl=(lambda v: v > 0, "> 0"), learning_rate=(lambda v: v > 0, "> 0"),
+                   kappa_step=(lambda v: v > 0, "> 0"), softmask_eps=(lambda v: v > 0, "> 0"))
 
 
 def _given(**kw):
@@ -63,7 +70,8 @@ def run(config, workdir: Path):
         kappa, ok = fit.kappas[0], fit.feasible[0]
     else:
         res = trainer.train_and_export(trees, manifest, config, workdir, source=source,
-                                       cost_model=common.cost_model())
+                                       cost_model=common.cost_model(),
+                                       overwrite=_OVERWRITE.value)
         kappa, ok = res.kappa, res.calibration_feasible
     print(f"κ deployed {kappa:.4g} (calibration {'feasible' if ok else 'INFEASIBLE'}); "
           f"router exported to {workdir / 'router'} ({dataclasses.asdict(config)})")

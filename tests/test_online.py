@@ -247,3 +247,29 @@ def test_an_empty_draft_is_asked_again_with_a_new_seed_and_paid_for(checker, emp
     # Every generated token is paid, the empty tries included (independent count).
     assert _total_flops(recs) == pytest.approx(sum(2e9 * x.completion_tokens
                                                    for x in small.results))
+
+
+def test_grid_points_share_their_work_without_changing_any_result(checker):
+    models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
+    cal, test = PROBLEMS[:10], PROBLEMS[10:20]
+    large, _ = _run(rules.FixedRule("large", 1), checker)
+    right = {r["problem_id"]: r["correct"] for r in large}
+    backends = _backends()
+    scorer = OffScorer()
+    res = comparison.compare_live(
+        [comparison.LiveMethod("RSD", family=lambda d: rules.ScoreRule(
+            comparison.SharedScorer(scorer), d, 2), grid=(1.0, 0.5, 0.0), external="yes")],
+        cal, test, backends, checker, online.OnlineConfig(), models, "flops", alpha=0.2,
+        large_right=right)
+    unshared = 0
+    for g, point in zip((1.0, 0.5, 0.0), res.curves["RSD"], strict=True):
+        for split in (cal, test):
+            fresh = _backends()
+            alone = online.run_online(split, fresh, rules.ScoreRule(OffScorer(), g, 2),
+                                      checker, online.OnlineConfig())
+            unshared += len(fresh[0].results)
+        want = evaluate.summarize_records(alone, right, models, "flops")  # the test split
+        assert point["cost"] == pytest.approx(want["cost"]) and point["accuracy"] == want[
+            "accuracy"]
+    # Shared: each distinct small-model draft was generated once for the whole grid.
+    assert len(backends[0].results) * 2 < unshared

@@ -57,6 +57,13 @@ def corrupt(tmp_path, manifest, problems, edit):
      r"line 5 .*branches\[1\]: missing escalation branch to model 1"),
     (lambda b: b[0].update(split="dev"), r"field 'split' must be one of"),
     (lambda b: b[1].update(problem_id=b[0]["problem_id"]), r"line 2: duplicate problem_id"),
+    # Finite in JSON, but beyond float32 once packed (decision 77).
+    (lambda b: b[3]["roots"][0]["steps"][0]["features"].__setitem__(0, 1e39),
+     r"line 4 .*steps\[0\]: field 'features' must be 5 finite numbers of magnitude"),
+    (lambda b: b[2]["roots"][0]["steps"][0]["cost"].update(flops=1e300),
+     r"line 3 .*steps\[0\]\.cost: field 'flops'"),
+    (lambda b: b[2]["solo"][0]["cost"].update(output_tokens=10**20),
+     r"line 3 .*solo\[0\]\.cost: field 'output_tokens'"),
 ])
 def test_errors_name_file_record_and_field(tmp_path, small_set, edit, pattern):
     manifest, problems = small_set
@@ -76,6 +83,65 @@ def test_manifest_errors(tmp_path, small_set):
         trace.load_trace_set(tmp_path)
     with pytest.raises(trace.TraceFormatError, match="not found"):
         trace.load_trace_set(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("write, pattern", [
+    (lambda p: p.write_text("[1, 2]"), r"manifest.json: expected a JSON object, got list"),
+    (lambda p: p.write_bytes(b"\xff\xfe{}"), r"manifest.json: not UTF-8"),
+])
+def test_a_manifest_that_is_not_a_manifest_names_its_file(tmp_path, small_set, write, pattern):
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems[:3])
+    write(tmp_path / "manifest.json")
+    with pytest.raises(trace.TraceFormatError, match=pattern):
+        trace.load_trace_set(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("params", -1.0), ("price_output", float("nan")),
+                                          ("price_input", 1e300)])
+def test_manifest_prices_and_params_are_validated(tmp_path, small_set, field, value):
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems[:3])
+    d = manifest.to_json()
+    d["models"][1][field] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(trace.TraceFormatError, match=rf"models\[1\]\.{field} must be"):
+        trace.load_trace_set(tmp_path)
+
+
+def test_non_utf8_records_name_file_and_line(tmp_path, small_set):
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems[:3])
+    with open(tmp_path / "trees.jsonl", "ab") as f:
+        f.write(b'{"problem_id": "\xff"}\n')
+    with pytest.raises(trace.TraceFormatError, match=r"trees.jsonl: line 4: not UTF-8"):
+        trace.load_trace_set(tmp_path)
+
+
+def test_repair_drops_torn_invalid_and_duplicate_records(tmp_path, small_set):
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems[:4])
+    path = tmp_path / "trees.jsonl"
+    durable.append_records(path, problems[2:6])  # a second writer appended 2 and 3 again
+    with open(path, "ab") as f:
+        f.write(b'{"problem_id": "x", "broken": \n')  # invalid JSON
+        f.write(json.dumps(problems[6])[:40].encode())  # torn
+    report = trace.repair(tmp_path)
+    assert report["kept"] == 6 and len(report["duplicates"]) == 2
+    assert len(report["invalid"]) == 1 and report["torn_bytes"] == 40
+    _, loaded = trace.load_trace_set(tmp_path)
+    assert [p["problem_id"] for p in loaded] == [p["problem_id"] for p in problems[:6]]
+    assert (tmp_path / "trees.jsonl.bak").exists()
+
+
+def test_missing_splits_are_refused_before_any_work(small_set):
+    manifest, problems = small_set
+    only_train = [dict(p, split="train") for p in problems]
+    packed = trace.pack(manifest, only_train)
+    with pytest.raises(trace.TraceFormatError, match=r"split\(s\) \['cal'\]"):
+        packed.require_splits("train", "cal")
+    assert packed.fingerprint() != trace.pack(manifest, problems).fingerprint()
+    assert packed.fingerprint() == trace.pack(manifest, only_train).fingerprint()
 
 
 def test_torn_last_line_is_reported_and_repaired(tmp_path, small_set):

@@ -171,3 +171,14 @@ def test_a_problem_with_a_failed_request_is_not_a_result(checker, tmp_path):
     m, done = trace.load_trace_set(tmp_path / "t")
     packed = trace.pack(m, done)
     assert len(done) == 4 and list(packed.ok) == [True, True, True, False]
+
+
+def test_a_trace_folder_belongs_to_one_set_of_settings(checker, tmp_path):
+    gen, _, _ = make(checker)
+    probs = problems(2)
+    splits = {p.problem_id: "train" for p in probs}
+    tracegen.run(gen, probs, splits, tmp_path / "t", {"dataset": "a", "config": {"chunk": 3}})
+    # A resume may change the chunk size, not what the set is.
+    tracegen.run(gen, probs, splits, tmp_path / "t", {"dataset": "a", "config": {"chunk": 9}})
+    with pytest.raises(FileExistsError, match="dataset: 'a' → 'b'"):
+        tracegen.run(gen, probs, splits, tmp_path / "t", {"dataset": "b", "config": {}})

@@ -81,3 +81,37 @@ def test_learnability_on_an_informative_synthetic_tree():
     # It learned to route (escalating everything costs ≥ large-only); beating the baselines at
     # the guarantee is the default trainer's test (tests/test_exact.py), not the paper's.
     assert router["cost"] < 0.75 * large["cost"]
+
+
+def test_a_workdir_belongs_to_one_run(tmp_path, trees):
+    manifest, packed = trees
+    cfg = trainer.TrainConfig(tcpo=tcpo.TCPOConfig(alpha=0.1), iterations=20, chunk=10)
+    trainer.train_and_export(packed, manifest, cfg, tmp_path, source="s", cost_model="flops",
+                             show_progress=False)
+    other = dataclasses.replace(cfg, tcpo=tcpo.TCPOConfig(alpha=0.3))
+    with pytest.raises(FileExistsError, match=r"tcpo.alpha: 0.1 → 0.3.*--overwrite"):
+        trainer.train_and_export(packed, manifest, other, tmp_path, source="s",
+                                 cost_model="flops", show_progress=False)
+    # A longer run of the same config resumes; --overwrite starts the other one over.
+    longer = dataclasses.replace(cfg, iterations=30)
+    res = trainer.train_and_export(packed, manifest, longer, tmp_path, source="s",
+                                   cost_model="flops", show_progress=False)
+    assert res.history["kappa"].shape == (30,)
+    res = trainer.train_and_export(packed, manifest, other, tmp_path, source="s",
+                                   cost_model="flops", show_progress=False, overwrite=True)
+    assert export.load_router(tmp_path / "router").meta["alpha"] == 0.3
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, trees):
+    _, packed = trees
+    cfg = trainer.TrainConfig(iterations=20, chunk=10, final_calibration=False)
+    straight = trainer.train(packed, cfg)
+    trainer.train(packed, cfg, tmp_path)
+    latest = tmp_path / "checkpoints" / "20"
+    for f in latest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a kill mid-save
+    resumed = trainer.train(packed, cfg, tmp_path)  # from step 10, retrains 10 → 20
+    chex.assert_trees_all_close(resumed.state.policy_params, straight.state.policy_params,
+                                atol=1e-6)
+    np.testing.assert_allclose(resumed.history["kappa"], straight.history["kappa"], rtol=1e-6)

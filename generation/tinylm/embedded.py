@@ -58,9 +58,57 @@ def live_methods(router, backends) -> list[comparison.LiveMethod]:
            comparison.LiveMethod("TCPO router (ours, online)",
                                  rules.RouterRule(router, name="TCPO router (ours, online)"),
                                  threshold=router.kappa)]
-    for name, scorer in (("RSD", scorers.load_prm()), ("SpecReason", scorers.TinyJudge(backends[-1]))):
+    for name, scorer in (("RSD", comparison.SharedScorer(scorers.load_prm())),
+                         ("SpecReason", comparison.SharedScorer(scorers.TinyJudge(backends[-1])))):
         out.append(comparison.LiveMethod(
             f"{name} (online, {scorer.name})", external="yes",
             grid=tuple(reversed(baselines.GRID)),
             family=lambda t, s=scorer, n=name: rules.ScoreRule(s, t, k, name=n)))
     return out
+
+
+def offline_result(trees, manifest, fit, paper, alpha: float, seed: int) -> dict:
+    """Every method at the same guarantee on the test split (`evaluate.evaluate_all`): the
+    routers of `fit` (one row per seed, plus their mean ± sd) and the paper's TCPO `paper`
+    (networks, state)."""
+    from jaxroute import evaluate
+
+    n = len(fit.result.seeds)
+    routers = {f"router (ours), seed {s}": fit.result.log_prob_fn(i)
+               for i, s in enumerate(fit.result.seeds)}
+    routers["TCPO (paper settings)"] = evaluate.policy_fn(*paper)
+    result = evaluate.evaluate_all(trees, routers, alpha, manifest.feature_names, seed)
+    result["rows"].insert(n + 2, evaluate.mean_row(
+        [r for r in result["rows"] if r["method"].startswith("router (ours), seed ")],
+        f"router (ours), mean ± sd of {n} seeds"))
+    result["alpha"] = alpha
+    return result
+
+
+def live_result(result: dict, work: Path, manifest, records: list[dict], backends, problems,
+                splits: dict[str, str], alpha: float, seed: int) -> dict:
+    """Add the live rows (`live_methods` through `comparison.compare_live`, R_M from the trees)
+    to `result`, and write each method's records to `work/online/<method>`."""
+    import re
+
+    from generation import online
+    from jaxroute import evaluate, export
+    from jaxroute import records as records_lib
+
+    router = export.load_router(work / "router", feature_names=manifest.feature_names,
+                                model_names=[m.name for m in manifest.models])
+    cal, test = ([p for p in problems if splits[p.problem_id] == s] for s in ("cal", "test"))
+    with AnswerChecker(workers=2) as checker:
+        live = comparison.compare_live(
+            live_methods(router, backends), cal, test, backends, checker,
+            online.OnlineConfig(seed=seed, **GEN_CONFIG), manifest.models, "mflops",
+            alpha=alpha, seed=seed,
+            large_right={r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in records})
+    for name, rs in live.records.items():
+        records_lib.write_paths(work / "online" / re.sub(r"[^a-z0-9]+", "_", name.lower()),
+                                manifest, rs)
+    result["rows"] += live.rows
+    result["curves"].update(live.curves)
+    first = next(r["method"] for r in result["rows"] if r.get("kind") == "router")
+    result["matched"] = evaluate.matched_costs(result["rows"], result["curves"], first)
+    return result

@@ -26,7 +26,7 @@ class TaskProblem:
     solution_steps: tuple[str, ...]  # reference steps, the last one holds \boxed{}
 
 
-def _make(rng: np.random.Generator, level: int, index: int, split: str) -> TaskProblem:
+def _make(rng: np.random.Generator, level: int, index: int, split: str, seed: int) -> TaskProblem:
     name, item = NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))]
     value = int(rng.integers(2, 50))
     sentences = [f"{name} has {value} {item}."]
@@ -51,7 +51,7 @@ def _make(rng: np.random.Generator, level: int, index: int, split: str) -> TaskP
         value = new
     steps[-1] = steps[-1] + f" \\boxed{{{value}}}"
     question = " ".join(sentences) + " How many?"
-    pid = f"arith-{split}-{index:05d}"
+    pid = f"arith-s{seed}-{split}-{index:05d}"  # the seed too: a workdir holds one task
     return TaskProblem(Problem(pid, question, str(value), "arith", float(level)), tuple(steps))
 
 
@@ -61,7 +61,7 @@ def generate(n: int, seed: int, split: str = "test",
     stream = {"train": 0, "cal": 1, "test": 2, "lm": 3}.get(split, 4)
     rng = np.random.default_rng([seed, stream])
     levels = rng.choice(LEVELS, size=n, p=level_probs)
-    return [_make(rng, int(lv), i, split) for i, lv in enumerate(levels)]
+    return [_make(rng, int(lv), i, split, seed) for i, lv in enumerate(levels)]
 
 
 def check_step(step: str) -> bool | None:

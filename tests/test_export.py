@@ -1,0 +1,82 @@
+"""Router export: one atomic unit, and a router.json that is checked before it is trusted."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxroute import export
+from jaxroute import networks as nets_lib
+
+FEATS = ("confidence", "step_index", "step_length", "is_final", "difficulty")
+
+
+def _export(path, kappa=0.3):
+    nets = nets_lib.make_networks(2, 5, (8,))
+    params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(0))
+    norm = nets_lib.Normalizer(np.zeros(5, np.float32), np.ones(5, np.float32))
+    return export.export_router(path, nets, params, norm, kappa, feature_names=FEATS,
+                                model_names=["s", "l"], alpha=0.05, hidden=(8,))
+
+
+def test_export_replaces_a_router_as_one_unit(tmp_path):
+    path = _export(tmp_path / "router", kappa=0.3)
+    _export(tmp_path / "router", kappa=0.7)
+    assert export.load_router(path).kappa == 0.7
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "router"]
+    assert leftovers == []  # no temporary or old folder remains
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(kappa=float("nan")), "'kappa'"),
+    (lambda m: m.update(kappa=5.0), "'kappa' = 5.0 is outside"),
+    (lambda m: m.update(alpha=2), "'alpha'"),
+    (lambda m: m.pop("feature_names"), "'feature_names' missing"),
+])
+def test_a_damaged_router_json_is_refused_by_name(tmp_path, edit, match):
+    path = _export(tmp_path / "router")
+    meta = json.loads((path / "router.json").read_text())
+    edit(meta)
+    (path / "router.json").write_text(json.dumps(meta))
+    with pytest.raises(export.RouterSpecError, match=match):
+        export.load_router(path)
+
+
+def test_an_unreadable_router_json_names_the_file(tmp_path):
+    path = _export(tmp_path / "router")
+    (path / "router.json").write_bytes(b"\xff\xfe{not json")
+    with pytest.raises(export.RouterSpecError, match="router.json: not valid JSON"):
+        export.load_router(path)
+    (path / "router.json").write_text("[1, 2]")
+    with pytest.raises(export.RouterSpecError, match="router.json: expected a JSON object"):
+        export.load_router(path)
+
+
+def test_an_out_of_range_kappa_is_never_exported(tmp_path):
+    with pytest.raises(export.RouterSpecError, match="outside"):
+        _export(tmp_path / "r", kappa=float("nan"))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_host_path_decides_exactly_as_the_jitted_one(tmp_path, k):
+    nets = nets_lib.make_networks(k, 5, (16, 16))
+    params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(k))
+    # Larger output weights than a fresh policy, so decisions vary.
+    params = jax.tree.map(lambda a: a * 30.0, params)
+    rng = np.random.default_rng(k)
+    norm = nets_lib.Normalizer(rng.normal(size=5).astype(np.float32),
+                               rng.uniform(0.5, 2, 5).astype(np.float32))
+    path = export.export_router(tmp_path / "r", nets, params, norm, 0.4, feature_names=FEATS,
+                                model_names=[f"m{i}" for i in range(k)], alpha=0.05,
+                                hidden=(16, 16))
+    router = export.load_router(path)
+    f = rng.normal(size=(500, 5)).astype(np.float32) * 3
+    m = rng.integers(0, k - 1, 500).astype(np.int32)
+    host, jit = router.decide_host(f, m), np.asarray(router.decide_jit(f, m))
+    np.testing.assert_allclose(router._host.probs(f, m), np.asarray(router.probs(f, m)),
+                               atol=1e-5)
+    assert (host == jit).mean() > 0.998  # ties at κ within float rounding aside
+    assert len(set(host.tolist())) > 1
+    np.testing.assert_array_equal(router.decide(f[:1], m[:1]), host[:1])
+    np.testing.assert_array_equal(router.decide(f, m), jit)  # a large batch: the jitted path

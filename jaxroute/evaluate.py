@@ -10,6 +10,7 @@ way a method's knob is chosen on the calibration split by one conformal rule
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -193,13 +194,15 @@ def walk_grid(trees: PackedTrees, dev: PackedTrees, family: Family, problems: np
     instances (grid values walked `chunk` at a time in one vmapped call)."""
     h = env.horizon(trees)
     p_dev, r_dev = jnp.asarray(problems), jnp.asarray(roots)
-    walk = jax.jit(jax.vmap(lambda a: env.walk(dev, p_dev, r_dev, a, h)))
     out = ([], [], [])
     for i in range(0, len(family.grid), chunk):
         acts = np.stack([family.actions(g)[problems] for g in family.grid[i:i + chunk]])
-        w = walk(jnp.asarray(acts, jnp.int32))
+        if len(acts) < chunk:  # one compiled shape for every chunk
+            acts = np.concatenate([acts, np.repeat(acts[-1:], chunk - len(acts), 0)])
+        w = _walk_many(dev, p_dev, r_dev, jnp.asarray(acts, jnp.int32), h)
+        n = min(chunk, len(family.grid) - i)
         for lst, x in zip(out, (w.correct, w.total_cost, w.escalation), strict=True):
-            lst.append(np.asarray(x))
+            lst.append(np.asarray(x)[:n])
     return tuple(np.concatenate(x) for x in out)  # type: ignore[return-value]
 
 
@@ -230,6 +233,13 @@ def walk_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, test=
     pt, rt = test
     return FamilyWalks(family, errors, walk_grid(trees, dev, family, pt, rt), pt,
                        trees.solo_correct[pt, -1])
+
+
+@functools.partial(jax.jit, static_argnames="h")
+def _walk_many(dev: PackedTrees, problems, roots, actions, h: int) -> env.Walk:
+    """`env.walk` of stacked node actions `[G, N, S, T]` in one call (compiled once per shape,
+    for every family)."""
+    return jax.vmap(lambda a: env.walk(dev, problems, roots, a, h))(actions)
 
 
 def calibrate_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, alpha: float

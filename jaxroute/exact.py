@@ -21,6 +21,7 @@ same conformal calibration as every other method (decision 68).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -42,6 +43,9 @@ class Expectation(NamedTuple):
 def expected_outcome(trees: PackedTrees, node_probs: jax.Array, roots: jax.Array) -> Expectation:
     """Exact E[cost] and P(correct) of the policy `node_probs` on each instance.
 
+    One backward scan over steps per model level: every segment of model m is evaluated at once
+    (its children, of larger models, already are), so K − 1 scans evaluate every node.
+
     Args:
       trees: device arrays of the instances' problems, gathered per instance (`env.gather`),
         leading axis N.
@@ -51,46 +55,46 @@ def expected_outcome(trees: PackedTrees, node_probs: jax.Array, roots: jax.Array
     """
     n, s_n, t_n = trees.step_cost.shape
     k_n = node_probs.shape[-1]
-    rows = jnp.arange(n)
-    v = jnp.zeros((n, s_n, t_n), node_probs.dtype)  # cost-to-go, the node's own step paid
-    c = jnp.zeros((n, s_n, t_n), node_probs.dtype)  # probability of ending correct
-    for s in reversed(range(s_n)):  # children have larger indices than their parents
-        length = trees.seg_len[:, s]
-        model = trees.seg_model[:, s]
-        # Escalations, per target model: a leaf (largest) or a child segment's first node.
-        esc_cost = trees.branch_cost[:, s]  # [N, T, K]
-        esc_ok = trees.branch_correct[:, s].astype(v.dtype)
-        child = jnp.maximum(trees.branch_seg[:, s], 0)  # [N, T, K]
-        is_seg = trees.branch_seg[:, s] >= 0
-        child_first_cost = trees.step_cost[rows[:, None, None], child, 0]
-        esc_cost = jnp.where(is_seg, child_first_cost + v[rows[:, None, None], child, 0],
-                             esc_cost)
-        esc_ok = jnp.where(is_seg, c[rows[:, None, None], child, 0], esc_ok)
-        q = node_probs[:, s]  # [N, T, K]
-        q_cont = jnp.take_along_axis(q, model[:, None, None], axis=-1)[..., 0]  # [N, T]
-        higher = jnp.arange(k_n)[None, None] > model[:, None, None]
-        esc_v = jnp.sum(jnp.where(higher, q * esc_cost, 0.0), -1)  # [N, T]
-        esc_c = jnp.sum(jnp.where(higher, q * esc_ok, 0.0), -1)
+    dtype = node_probs.dtype
+    rows = jnp.arange(n)[:, None, None, None]
+    model = trees.seg_model  # [N, S]
+    length = trees.seg_len  # [N, S]
+    child = jnp.maximum(trees.branch_seg, 0)  # [N, S, T, K]
+    is_seg = trees.branch_seg >= 0
+    child_first_cost = trees.step_cost[rows, child, 0]
+    q_cont = jnp.take_along_axis(node_probs, model[:, :, None, None], axis=-1)[..., 0]
+    higher = jnp.arange(k_n)[None, None, None] > model[:, :, None, None]
+    nxt = jnp.concatenate([trees.step_cost[:, :, 1:], jnp.zeros((n, s_n, 1), dtype)], 2)
+    seg_ok = trees.seg_correct.astype(dtype)
+    v = jnp.zeros((n, s_n, t_n), dtype)  # cost-to-go, the node's own step paid
+    c = jnp.zeros((n, s_n, t_n), dtype)  # probability of ending correct
+    for m in reversed(range(k_n - 1)):  # children are of larger models than their parents
+        esc_cost = jnp.where(is_seg, child_first_cost + v[rows, child, 0], trees.branch_cost)
+        esc_ok = jnp.where(is_seg, c[rows, child, 0], trees.branch_correct.astype(dtype))
+        esc_v = jnp.sum(jnp.where(higher, node_probs * esc_cost, 0.0), -1)  # [N, S, T]
+        esc_c = jnp.sum(jnp.where(higher, node_probs * esc_ok, 0.0), -1)
 
-        def back(carry, xs, length=length, s=s):
-            v_next, c_next = carry  # of node t+1
+        def back(carry, xs):
+            v_next, c_next = carry  # of node t+1, [N, S]
             t, q_c, e_v, e_c, nxt_cost = xs
             last = t == length - 1
             cont_v = jnp.where(last, 0.0, nxt_cost + v_next)
-            cont_c = jnp.where(last, trees.seg_correct[:, s].astype(v_next.dtype), c_next)
+            cont_c = jnp.where(last, seg_ok, c_next)
             live = t < length
             v_t = jnp.where(live, q_c * cont_v + e_v, 0.0)
             c_t = jnp.where(live, q_c * cont_c + e_c, 0.0)
             return (v_t, c_t), (v_t, c_t)
 
-        nxt = jnp.concatenate([trees.step_cost[:, s, 1:], jnp.zeros((n, 1), v.dtype)], 1)
-        init = (jnp.zeros(n, v.dtype), jnp.zeros(n, v.dtype))
-        _, (vs, cs) = jax.lax.scan(back, init, (jnp.arange(t_n), q_cont.T, esc_v.T, esc_c.T,
-                                                nxt.T), reverse=True)
-        v = v.at[:, s].set(vs.T)
-        c = c.at[:, s].set(cs.T)
-    cost = trees.step_cost[rows, roots, 0] + v[rows, roots, 0]
-    return Expectation(cost=cost, correct=c[rows, roots, 0])
+        tm = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731 — time-major for the scan
+        init = (jnp.zeros((n, s_n), dtype), jnp.zeros((n, s_n), dtype))
+        _, (vs, cs) = jax.lax.scan(back, init, (jnp.arange(t_n), tm(q_cont), tm(esc_v),
+                                                tm(esc_c), tm(nxt)), reverse=True)
+        level = (model == m)[..., None]
+        v = jnp.where(level, jnp.moveaxis(vs, 0, 2), v)
+        c = jnp.where(level, jnp.moveaxis(cs, 0, 2), c)
+    r = jnp.arange(n)
+    cost = trees.step_cost[r, roots, 0] + v[r, roots, 0]
+    return Expectation(cost=cost, correct=c[r, roots, 0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,50 +197,56 @@ def cpo_update(networks, normalizer, config: ExactConfig, cost_scale: float, par
     return unravel(flat_k + step), metrics
 
 
-def make_train(trees: PackedTrees, config: ExactConfig):
-    """`(networks, normalizer, train)` where `train(key, alpha) -> (policy params, history)` is
-    pure and jittable — a `lax.scan` over iterations — so seeds and α vmap (`train_exact`)."""
+def train_batch(trees: PackedTrees) -> tuple[Batch, nets_lib.Normalizer, float]:
+    """The train split as one `Batch` (every instance, each problem weighing 1 however many
+    roots it has — the calibration's exchangeable unit), its feature normaliser, and the cost
+    scale (mean large-only cost)."""
     from jaxroute import env, trainer
 
     train_idx = trees.split_indices("train")
     if len(train_idx) == 0:
         raise ValueError("no usable problems in the 'train' split")
-    networks = nets_lib.make_networks(trees.num_models, trees.features.shape[-1], config.hidden)
-    normalizer = trainer.fit_normalizer(trees.subset(train_idx))
     problems, roots = env.instances(trees, train_idx)
     sub = env.gather(env.to_device(trees), jnp.asarray(problems))
-    # Each problem weighs 1 however many roots it has (the calibration's exchangeable unit).
     _, inv, counts = np.unique(problems, return_inverse=True, return_counts=True)
     full = Batch(sub, jnp.asarray(roots), jnp.asarray(trees.solo_correct[problems, -1],
                                                       jnp.float32),
                  jnp.asarray(1.0 / counts[inv], jnp.float32))
     cost_scale = float(np.mean(trees.solo_cost[train_idx, -1])) or 1.0
-    n, bsz = len(problems), config.batch_size
+    return full, trainer.fit_normalizer(trees.subset(train_idx)), cost_scale
+
+
+@functools.lru_cache(maxsize=32)
+def trainer_fn(config: ExactConfig, num_models: int, num_features: int):
+    """The jitted `train(keys [S, 2], alpha, batch, normalizer, cost_scale) -> (params, history)`
+    for `config`, vmapped over seeds — cached, so every world of the same shapes reuses one
+    compiled program. α is an argument, so it needs no recompilation either."""
+    networks = nets_lib.make_networks(num_models, num_features, config.hidden)
     opt = optax.adam(config.learning_rate)
+    bsz = config.batch_size
 
-    def sample(key):
-        if not bsz or bsz >= n:
-            return full
-        pick = jax.random.choice(key, n, (bsz,), replace=False)
-        return jax.tree.map(lambda a: a[pick], full)
+    def train(key, alpha, full: Batch, normalizer, cost_scale):
+        n = full.roots.shape[0]
 
-    def train(key, alpha):
+        def sample(k):
+            if not bsz or bsz >= n:
+                return full
+            pick = jax.random.choice(k, n, (bsz,), replace=False)
+            return jax.tree.map(lambda a: a[pick], full)
+
         key, init_key = jax.random.split(key)
         params, _, _ = nets_lib.init_params(networks, init_key)
         if config.optimizer == "cpo":
             def body(carry, k):
-                p, m = cpo_update(networks, normalizer, config, cost_scale, carry, sample(k),
+                return cpo_update(networks, normalizer, config, cost_scale, carry, sample(k),
                                   alpha)
-                return p, m
 
-            params, hist = jax.lax.scan(body, params, jax.random.split(key, config.iterations))
-            return params, hist
+            return jax.lax.scan(body, params, jax.random.split(key, config.iterations))
 
         def lagr_body(carry, k):
             p, s, lam = carry
-            batch = sample(k)
             flat, unravel = ravel_pytree(p)
-            _, surrogates, _ = _surrogates(networks, normalizer, unravel, batch, cost_scale)
+            _, surrogates, _ = _surrogates(networks, normalizer, unravel, sample(k), cost_scale)
 
             def lagrangian(f):
                 cost, miss = surrogates(f)
@@ -252,7 +262,7 @@ def make_train(trees: PackedTrees, config: ExactConfig):
             jax.random.split(key, config.iterations))
         return params, hist
 
-    return networks, normalizer, train
+    return networks, jax.jit(jax.vmap(train, in_axes=(0, None, None, None, None)))
 
 
 class ExactResult(NamedTuple):
@@ -281,10 +291,13 @@ def train_exact(trees: PackedTrees, config: ExactConfig = ExactConfig(),
     keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
     runs = [config] + [dataclasses.replace(config, cg_iters=c, iterations=n, restarts=())
                        for c, n in (config.restarts if config.optimizer == "cpo" else ())]
+    full, normalizer, cost_scale = train_batch(trees)
     results = []
     for cfg in runs:
-        networks, normalizer, train = make_train(trees, cfg)
-        params, hist = jax.jit(jax.vmap(train, in_axes=(0, None)))(keys, target)
+        # α is an argument of the compiled trainer: the config's own α must not key the cache.
+        networks, train = trainer_fn(dataclasses.replace(cfg, alpha=0.5, alpha_scale=1.0),
+                                     trees.num_models, trees.features.shape[-1])
+        params, hist = train(keys, target, full, normalizer, jnp.float32(cost_scale))
         history = {k: np.asarray(v) for k, v in hist.items()}
         if not np.all(np.isfinite(history["cost"])):
             raise FloatingPointError("non-finite expected cost during exact training")

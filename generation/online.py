@@ -73,6 +73,12 @@ class Live:
         """The solution so far: the accepted steps, or the largest model's rest of it."""
         return self.final_text if self.final_text is not None else prefix_text(self.steps)
 
+    def answer(self) -> str:
+        """The solution as an application receives it (and a stream delivers it): the accepted
+        steps joined by the delimiter, without the trailing one a continuation prompt needs."""
+        return self.final_text if self.final_text is not None else \
+            STEP_DELIMITER.join(self.steps)
+
 
 def _request(s: Live, model: int, seed: int, attempt: int = 0) -> StepRequest:
     # Continue by token ids only when every accepted step came from this very model (no
@@ -189,7 +195,7 @@ class Engine:
                 s.pieces.append(_piece(r, s.model, backends[s.model].params, kept=True,
                                        whole=True))
                 s.final_text, s.done = prefix_text(s.steps) + r.text, True
-                _tell(s, r.text, s.model)
+                _tell(s, (STEP_DELIMITER if s.steps else "") + r.text, s.model)
                 continue
             f, span = _features_of(s, r)
             views.append(View(s.problem, tuple(s.steps), r, s.model, f))

@@ -74,8 +74,10 @@ class RouterRule:
             return []
         feats = np.stack([v.features for v in views]).astype(np.float32)
         models = np.array([v.model for v in views], np.int32)
-        targets = np.asarray(self.router.decide(feats, models))
-        return [Decision(int(t)) for t in targets]
+        if hasattr(self.router, "decide_scored"):  # the escalation probability is recorded
+            targets, esc = self.router.decide_scored(feats, models)
+            return [Decision(int(t), float(e)) for t, e in zip(targets, esc, strict=True)]
+        return [Decision(int(t)) for t in np.asarray(self.router.decide(feats, models))]
 
 
 @dataclasses.dataclass

@@ -16,9 +16,10 @@ The response is a normal chat/completions response (the assembled solution, `fin
 `usage` summed over models) plus a `jaxroute` object with the routing trace: every step, which
 model wrote it, the router's escalation probability per decision, where it escalated, the cost in
 FLOPs and in US dollars. `stream: true` streams accepted steps as server-sent events in OpenAI's
-chunk format. Failures answer in OpenAI's error shape: 400 (bad request), 401 (key), 413 (body),
-429 (too many in flight, with `Retry-After`), 502 (an upstream failed), 503 (shutting down),
-504 (an upstream too slow).
+chunk format. Failures answer in OpenAI's error shape (`generation.asgi`): 400 (bad request, or
+a field the server would otherwise ignore), 401 (key), 404 (model), 408 (body too slow), 413
+(body too large), 429 (too many in flight, with `Retry-After`), 502 (an upstream failed), 503
+(shutting down), 504 (an upstream too slow).
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import threading
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from generation import online
+from generation import asgi, online
+from generation.asgi import RequestError
 from generation.datasets import Problem
 from jaxroute import trace
 
@@ -50,29 +51,24 @@ class ServeConfig:
     api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>"
     max_body_bytes: int = 1 << 20
     max_steps: int = 30  # steps per solution
-    max_tokens: int = 4096  # generated tokens per solution (a request may ask for fewer)
-    max_tokens_per_step: int = 1024
+    # Generated tokens per solution (a request may ask for fewer) and per step; None: 4096 and
+    # 1024, or 160 and 64 for the tiny models (their context is 320 tokens) — see `build`.
+    max_tokens: int | None = None
+    max_tokens_per_step: int | None = None
     max_concurrent: int = 256  # requests in flight; beyond → 429
     retry_after_s: int = 1
     request_timeout_s: float = 300.0  # an answer later than this is a 504
+    read_timeout_s: float = 30.0  # a body slower than this to arrive is a 408
     batch_window_s: float = 0.002  # the engine waits this long to gather a round's newcomers
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_steps", "max_tokens", "max_tokens_per_step",
                      "max_concurrent"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.request_timeout_s <= 0 or self.batch_window_s < 0:
-            raise ValueError("request_timeout_s > 0 and batch_window_s ≥ 0 are required")
-
-
-class RequestError(Exception):
-    """A failure answered in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+        if self.request_timeout_s <= 0 or self.read_timeout_s <= 0 or self.batch_window_s < 0:
+            raise ValueError("request_timeout_s > 0, read_timeout_s > 0 and batch_window_s ≥ 0 "
+                             "are required")
 
 
 def problem_id(question: str) -> str:
@@ -90,7 +86,15 @@ class RoutingService:
 
     def __init__(self, backends: Sequence, rule, models: Sequence[trace.ModelInfo],
                  config: ServeConfig = ServeConfig()):
+        if config.max_tokens is None or config.max_tokens_per_step is None:
+            config = dataclasses.replace(config, max_tokens=config.max_tokens or 4096,
+                                         max_tokens_per_step=config.max_tokens_per_step or 1024)
         self.backends, self.rule, self.models, self.config = list(backends), rule, models, config
+        temps = {getattr(b, "temperature", None) for b in self.backends}
+        # Fields a client may send only with the value the upstreams already use.
+        self.fixed: dict[str, Any] = {"n": 1, "top_p": 1.0}
+        if len(temps) == 1 and None not in temps:
+            self.fixed["temperature"] = float(temps.pop())
         self.engine = online.Engine(self.backends, rule, online.OnlineConfig(
             max_steps=config.max_steps, max_tokens_per_step=config.max_tokens_per_step,
             max_tokens_per_solution=config.max_tokens))
@@ -161,58 +165,47 @@ def _resolve(fut: asyncio.Future, value) -> None:
 # -- request parsing --------------------------------------------------------------------------
 
 
-def _int(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    v = body.get(name, default)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v % 1:
-        raise RequestError(400, f"'{name}' must be an integer, got {v!r}")
-    v = int(v)
-    if not lo <= v <= hi:
-        raise RequestError(400, f"'{name}' must be in [{lo}, {hi}], got {v}")
-    return v
+_HONOURED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "seed",
+             "stream", "stream_options", "user"}
 
 
-def parse_request(raw: bytes, chat: bool, config: ServeConfig) -> dict:
-    """The fields a routed request uses, or a `RequestError` (400) naming what is wrong."""
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise RequestError(400, "the body is not UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise RequestError(400, f"the body is not JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, "the body must be a JSON object")
+def parse_request(body: dict, chat: bool, config: ServeConfig,
+                  fixed: dict[str, Any] | None = None) -> dict:
+    """The fields a routed request uses, or a `RequestError` (400; 404 for an unknown model)
+    naming what is wrong. Every other field is refused (`asgi.check_fields`) unless it has the
+    value in `fixed` — sampling settings are the upstreams', not the request's."""
     model = body.get("model")
     if model != config.model_name:
         raise RequestError(404 if isinstance(model, str) else 400,
                            f"model {model!r} not found; this server routes "
-                           f"{config.model_name!r}", "model_not_found")
+                           f"{config.model_name!r}", "model_not_found", param="model")
+    asgi.check_fields(body, _HONOURED, fixed if fixed is not None else {"n": 1})
     if chat:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
-            raise RequestError(400, "'messages' must be a non-empty list of {role, content}")
+            raise RequestError(400, "'messages' must be a non-empty list of {role, content}",
+                               param="messages")
         users = [m.get("content") for m in msgs if m["role"] == "user"]
         if not users or not isinstance(users[-1], str) or not users[-1].strip():
-            raise RequestError(400, "'messages' needs a user message with text content")
+            raise RequestError(400, "'messages' needs a user message with text content",
+                               param="messages")
         question = users[-1]
     else:
         question = body.get("prompt")
         if isinstance(question, list) and len(question) == 1:
             question = question[0]
         if not isinstance(question, str) or not question.strip():
-            raise RequestError(400, "'prompt' must be a non-empty string")
-    n = _int(body, "n", 1, 1, 1_000_000)
-    if n != 1:
-        raise RequestError(400, "'n' must be 1: a routed solution is one sample")
+            raise RequestError(400, "'prompt' must be a non-empty string", param="prompt")
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
-    max_tokens = _int(body, limit, config.max_tokens, 1, config.max_tokens)
-    seed = _int(body, "seed", 0, -(2**31), 2**31 - 1)
+    max_tokens = asgi.integer(body, limit, config.max_tokens, 1, config.max_tokens)
+    seed = asgi.integer(body, "seed", 0, -(2**31), 2**31 - 1)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise RequestError(400, "'stream' must be true or false")
+        raise RequestError(400, "'stream' must be true or false", param="stream")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise RequestError(400, "'stream_options' must be an object", param="stream_options")
     return {"question": question, "max_tokens": max_tokens, "seed": seed, "stream": stream,
             "model": model}
 
@@ -250,10 +243,6 @@ def usage(live: online.Live) -> dict[str, int]:
 
 def finish_reason(live: online.Live) -> str:
     return "length" if live.status in ("max_steps", "max_tokens") else "stop"
-
-
-def error_body(message: str, kind: str, code: int) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 def upstream_error(live: online.Live) -> RequestError:
@@ -297,24 +286,85 @@ def make_metrics():
     }
 
 
+# -- building a server ----------------------------------------------------------------------------
+
+RULES = ("router", "large", "small")
+
+
+def build(router_dir: str, upstreams: Sequence[str] | None = None, rule: str = "router",
+          config: ServeConfig = ServeConfig(), *, upstream_api_key: str | None = None,
+          params: Sequence[float] | None = None):
+    """(app, service) for an exported router and upstream specs (small → large).
+
+    Without `upstreams` the router's own models are served when they are the built-in tiny
+    models. The router must have been trained for exactly these models (by name, in order) and
+    for the generation layer's features, or this refuses with both lists. `rule`: "router", or
+    one model alone through the same stack ("large", "small": the benchmark's baselines).
+    `params`: parameter counts of OpenAI-style upstreams (their FLOPs in the trace)."""
+    from generation import costs, features, rules
+    from generation.backend import make_backend
+    from jaxroute import export
+
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    names = export.load_router(router_dir).meta["model_names"]
+    if not upstreams:
+        if not all(n.startswith("tinylm-") for n in names):
+            raise ValueError(f"{router_dir}: the router was trained for {names}; give the "
+                             "upstreams for them (small → large)")
+        upstreams = [f"tinylm:{n.removeprefix('tinylm-')}" for n in names]
+    if params is not None and len(params) != len(upstreams):
+        raise ValueError(f"{len(params)} parameter counts for {len(upstreams)} upstreams")
+    # A server outlives an upstream's outage: each failed request is a 502 (no error-rate
+    # stop, which suits batch jobs); a bad key, URL or model stops it at start (`check`).
+    backends = [make_backend(spec, api_key=upstream_api_key, max_error_rate=1.0,
+                             params=None if params is None else params[i])
+                for i, spec in enumerate(upstreams)]
+    for b in backends:
+        if hasattr(b, "check"):
+            b.check()
+    router = export.load_router(router_dir, feature_names=features.FEATURE_NAMES,
+                                model_names=[b.name for b in backends])
+    if all(spec.startswith("tinylm:") for spec in upstreams):
+        config = dataclasses.replace(config, max_tokens=config.max_tokens or 160,
+                                     max_tokens_per_step=config.max_tokens_per_step or 64)
+    prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
+    models = [trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input, p.output)
+              for b, p in zip(backends, prices, strict=True)]
+    k = len(backends)
+    the_rule = {"router": lambda: rules.RouterRule(router),
+                "large": lambda: rules.FixedRule("large only", k - 1),
+                "small": lambda: rules.FixedRule("small only", 0)}[rule]()
+    service = RoutingService(backends, the_rule, models, config)
+    return make_app(service), service
+
+
 # -- the application ------------------------------------------------------------------------------
 
 
-def make_app(service: RoutingService, config: ServeConfig):
-    """The Starlette application around `service`."""
+def make_app(service: RoutingService):
+    """The Starlette application around `service` (its `config` holds the limits)."""
+    from prometheus_client import Gauge
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
+    config = service.config
     registry, m = make_metrics()
-    state = {"in_flight": 0, "draining": False}
+    admission = asgi.Admission(config.max_concurrent, config.retry_after_s)
+    # Read at scrape time: the router's share of the engine's time, and the load.
+    Gauge("jaxroute_router_seconds", "Seconds in router decisions (cumulative)",
+          registry=registry).set_function(lambda: service.engine.decide_seconds)
+    Gauge("jaxroute_engine_seconds", "Seconds the engine spent in rounds (cumulative)",
+          registry=registry).set_function(lambda: service.stats["round_seconds"])
+    Gauge("jaxroute_in_flight", "Requests in flight",
+          registry=registry).set_function(lambda: admission.in_flight)
 
     def fail(e: RequestError, endpoint: str) -> JSONResponse:
         m["requests"].labels(endpoint, str(e.status)).inc()
         m["errors"].labels(e.kind).inc()
-        return JSONResponse(error_body(e.message, e.kind, e.status), status_code=e.status,
-                            headers=e.headers)
+        return asgi.error_response(e)
 
     def authorize(request: Request) -> None:
         if config.api_key is None:
@@ -322,26 +372,6 @@ def make_app(service: RoutingService, config: ServeConfig):
         if request.headers.get("authorization") != f"Bearer {config.api_key}":
             raise RequestError(401, "a valid API key is needed (Authorization: Bearer …)",
                                "authentication_error")
-
-    async def read_body(request: Request) -> bytes:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > config.max_body_bytes:
-            raise RequestError(413, f"the body is larger than {config.max_body_bytes} bytes")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > config.max_body_bytes:
-                raise RequestError(413, f"the body is larger than {config.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def admit() -> None:
-        if state["draining"]:
-            raise RequestError(503, "the server is shutting down", "server_shutting_down")
-        if state["in_flight"] >= config.max_concurrent:
-            raise RequestError(429, f"{config.max_concurrent} requests are in flight; retry "
-                               "later", "rate_limit_error",
-                               {"Retry-After": str(config.retry_after_s)})
 
     def record(live, t0: float, rid: str, endpoint: str, status: int) -> None:
         lat = time.perf_counter() - t0
@@ -366,31 +396,34 @@ def make_app(service: RoutingService, config: ServeConfig):
         t0 = time.perf_counter()
         try:
             authorize(request)
-            admit()
-            req = parse_request(await read_body(request), chat, config)
+            admission.enter()
         except RequestError as e:
+            return fail(e, endpoint)
+        try:
+            body = await asgi.read_json(request, config.max_body_bytes, config.read_timeout_s)
+            req = parse_request(body, chat, config, service.fixed)
+        except RequestError as e:
+            admission.leave()
             return fail(e, endpoint)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         loop = asyncio.get_running_loop()
-        state["in_flight"] += 1
-        if req["stream"]:
-            queue: asyncio.Queue = asyncio.Queue()
-            fut = service.submit(req["question"], req["seed"], req["max_tokens"], loop,
-                                 queue.put_nowait)
+        queue: asyncio.Queue | None = asyncio.Queue() if req["stream"] else None
+        fut = service.submit(req["question"], req["seed"], req["max_tokens"], loop,
+                             None if queue is None else queue.put_nowait)
+        # In flight until the engine is done with it — also after a 504 or a client that left.
+        fut.add_done_callback(lambda _: admission.leave())
+        if queue is not None:
             return StreamingResponse(_stream(fut, queue, rid, created, chat, t0, endpoint),
                                      media_type="text/event-stream")
-        fut = service.submit(req["question"], req["seed"], req["max_tokens"], loop)
         try:
-            live = await asyncio.wait_for(fut, config.request_timeout_s)
+            live = await asyncio.wait_for(asyncio.shield(fut), config.request_timeout_s)
         except TimeoutError:
-            state["in_flight"] -= 1
             return fail(RequestError(504, f"no answer within {config.request_timeout_s} s",
                                      "timeout"), endpoint)
-        state["in_flight"] -= 1
         if live.status.startswith("error"):
             return fail(upstream_error(live), endpoint)
-        text = live.text()
+        text = live.answer()
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": finish_reason(live), "logprobs": None} if chat else
                   {"index": 0, "text": text, "finish_reason": finish_reason(live),
@@ -403,6 +436,7 @@ def make_app(service: RoutingService, config: ServeConfig):
 
     async def _stream(fut, queue, rid, created, chat, t0, endpoint):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        sent = {"role": False}
 
         def chunk(delta_text=None, finish=None, extra=None):
             if chat:
@@ -417,36 +451,34 @@ def make_app(service: RoutingService, config: ServeConfig):
                     "choices": [choice], **(extra or {})}
             return f"data: {json.dumps(body)}\n\n"
 
-        sent = {"role": False}
-        try:
-            deadline = time.perf_counter() + config.request_timeout_s
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, fut}, return_when=asyncio.FIRST_COMPLETED,
-                                             timeout=max(0.0, deadline - time.perf_counter()))
-                if getter in done:
-                    yield chunk(getter.result()["text"])
-                    continue
-                getter.cancel()
-                if not done:
-                    yield f"data: {json.dumps(error_body('timed out', 'timeout', 504))}\n\n"
-                    m["errors"].labels("timeout").inc()
-                    return
-                while not queue.empty():
-                    yield chunk(queue.get_nowait()["text"])
-                live = fut.result()
-                if live.status.startswith("error"):
-                    e = upstream_error(live)
-                    m["errors"].labels(e.kind).inc()
-                    yield f"data: {json.dumps(error_body(e.message, e.kind, e.status))}\n\n"
-                    return
-                yield chunk(None, finish_reason(live), {"usage": usage(live), "jaxroute":
-                                                        routing_trace(live, service.models)})
-                yield "data: [DONE]\n\n"
-                record(live, t0, rid, endpoint, 200)
+        def error_event(e: RequestError) -> str:
+            m["errors"].labels(e.kind).inc()
+            return f"data: {json.dumps(asgi.error_body(e.message, e.kind, e.status))}\n\n"
+
+        deadline = time.perf_counter() + config.request_timeout_s
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, fut}, return_when=asyncio.FIRST_COMPLETED,
+                                         timeout=max(0.0, deadline - time.perf_counter()))
+            if getter in done:
+                yield chunk(getter.result()["text"])
+                continue
+            getter.cancel()
+            if not done:
+                yield error_event(RequestError(504, f"no answer within "
+                                               f"{config.request_timeout_s} s", "timeout"))
                 return
-        finally:
-            state["in_flight"] -= 1
+            while not queue.empty():
+                yield chunk(queue.get_nowait()["text"])
+            live = fut.result()
+            if live.status.startswith("error"):
+                yield error_event(upstream_error(live))
+                return
+            yield chunk(None, finish_reason(live), {"usage": usage(live), "jaxroute":
+                                                    routing_trace(live, service.models)})
+            yield "data: [DONE]\n\n"
+            record(live, t0, rid, endpoint, 200)
+            return
 
     async def chat_route(request):
         return await completions(request, chat=True)
@@ -464,28 +496,14 @@ def make_app(service: RoutingService, config: ServeConfig):
              "upstreams": [m_.name for m_ in service.models]}]})
 
     async def health(request):
-        body = {"status": "draining" if state["draining"] else "ok",
-                "in_flight": state["in_flight"], "rounds": service.stats["rounds"]}
-        return JSONResponse(body, status_code=503 if state["draining"] else 200)
+        body = {"status": "draining" if admission.draining else "ok",
+                "in_flight": admission.in_flight, "rounds": service.stats["rounds"]}
+        return JSONResponse(body, status_code=503 if admission.draining else 200)
 
     async def metrics(request):
         from prometheus_client import generate_latest
 
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
-
-    async def not_found(request, exc):
-        return JSONResponse(error_body(f"no route {request.url.path}", "invalid_request_error",
-                                       404), status_code=404)
-
-    async def not_allowed(request, exc):
-        return JSONResponse(error_body(f"{request.method} is not allowed on "
-                                       f"{request.url.path}", "invalid_request_error", 405),
-                            status_code=405)
-
-    async def crashed(request, exc):  # never a traceback to the client
-        log.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
-                                       500), status_code=500)
 
     app = Starlette(routes=[
         Route("/v1/chat/completions", chat_route, methods=["POST"]),
@@ -493,22 +511,13 @@ def make_app(service: RoutingService, config: ServeConfig):
         Route("/v1/models", models_route, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-    ], exception_handlers={404: not_found, 405: not_allowed, Exception: crashed})
-    app.state.serving = state
+    ], exception_handlers=asgi.exception_handlers())
+    app.state.admission = admission
     app.state.service = service
     return app
 
 
-def drain(app, timeout: float = 60.0) -> bool:
-    """Graceful shutdown: new requests get 503 from now on; wait (up to `timeout` seconds) for
-    the ones in flight to finish. True when none is left."""
-    state = app.state.serving
-    state["draining"] = True
-    deadline = time.monotonic() + timeout
-    while state["in_flight"] > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return state["in_flight"] == 0
-
-
-def finite(x: float) -> float | None:
-    return x if isinstance(x, float) and math.isfinite(x) else None
+def drain(app, timeout_s: float = 60.0) -> bool:
+    """Graceful shutdown: new requests get 503 from now on; wait (up to `timeout_s`) for those
+    in flight to finish. True when none is left."""
+    return app.state.admission.drain(timeout_s)

@@ -84,12 +84,21 @@ class Router:
 
     def decide_host(self, features: np.ndarray, model: np.ndarray) -> np.ndarray:
         """Eq. 6 in numpy, the normaliser folded into the first layer (the small-batch path)."""
-        probs = self._host.probs(features, model)
-        k = probs.shape[-1]
-        ids = np.arange(k)
-        ok = (ids > model[..., None]) & (probs >= np.float32(self.kappa))
+        return self.decide_scored(features, model)[0]
+
+    def decide_scored(self, features, model) -> tuple[np.ndarray, np.ndarray]:
+        """Eq. 6 and the escalation probability max_{a>k} π(a|o) it compared with κ, `[...]`
+        each (numpy up to `HOST_BATCH` decisions, else one jitted call for π)."""
+        f = np.asarray(features, np.float32)
+        m = np.asarray(model, np.int32)
+        small = f.size // max(f.shape[-1], 1) <= HOST_BATCH
+        probs = self._host.probs(f, m) if small else np.asarray(self.probs(f, m))
+        ids = np.arange(probs.shape[-1])
+        higher = ids > m[..., None]
+        ok = higher & (probs >= np.float32(self.kappa))
         best = np.max(np.where(ok, ids, -1), axis=-1)
-        return np.where(best >= 0, best, model).astype(np.int32)
+        return (np.where(best >= 0, best, m).astype(np.int32),
+                np.max(np.where(higher, probs, 0.0), axis=-1))
 
     def log_probs(self, features, model) -> jax.Array:
         """log π(·|o) `[..., K]` (traceable; used by the offline evaluation)."""

@@ -17,6 +17,7 @@ refuses to start. SIGTERM/SIGINT drain: in-flight requests finish, new ones get 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,15 +26,13 @@ import threading
 
 from absl import flags
 
-from generation import costs, features, rules, serving
-from generation.backend import make_backend
-from jaxroute import export, trace
+from generation import serving
 from launch import common
 
 _ROUTER = flags.DEFINE_string("router", None, "Exported router folder.")
 _UPSTREAMS = flags.DEFINE_list("upstreams", None, "Backend specs small → large (default: the "
                                "router's built-in tiny models).")
-_RULE = flags.DEFINE_enum("rule", "router", ["router", "large", "small"], "Serve the router, or "
+_RULE = flags.DEFINE_enum("rule", "router", list(serving.RULES), "Serve the router, or "
                           "one model alone through the same stack (the benchmark's baseline).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port.")
@@ -41,9 +40,13 @@ _API_KEY = flags.DEFINE_string("api_key", None, "Key clients must send (default:
                                "JAXROUTE_API_KEY environment variable; none: open).")
 _UPSTREAM_KEY = flags.DEFINE_string("upstream_api_key", None, "Key for OpenAI-style upstreams "
                                     "(default: OPENAI_API_KEY).")
+_PARAMS = flags.DEFINE_list("params", None, "Parameter counts of OpenAI-style upstreams, small → "
+                            "large (their FLOPs in the routing trace).")
 _NAME = flags.DEFINE_string("model_name", serving.ServeConfig.model_name, "Model id served.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", serving.ServeConfig.max_body_bytes,
                                  "Largest request body.")
+_READ_TIMEOUT = flags.DEFINE_float("read_timeout", serving.ServeConfig.read_timeout_s,
+                                   "Seconds a request body may take to arrive (beyond: 408).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", serving.ServeConfig.max_steps,
                                   "Steps per solution.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "Generated tokens per solution "
@@ -60,34 +63,8 @@ common.check_flags(port=(lambda v: 0 <= v < 65536, "a port"),
                    max_tokens=(common.positive, "≥ 1"),
                    max_tokens_per_step=(common.positive, "≥ 1"),
                    max_concurrent=(common.positive, "≥ 1"),
-                   request_timeout=(lambda v: v > 0, "> 0"))
-
-
-def build(router_dir: str, upstreams: list[str] | None, rule: str = "router",
-          config: serving.ServeConfig | None = None, upstream_api_key: str | None = None):
-    """(app, service) for a router folder and upstream specs; refuses a mismatch."""
-    meta = export.load_router(router_dir).meta
-    names = meta["model_names"]
-    if not upstreams:
-        if not all(n.startswith("tinylm-") for n in names):
-            raise ValueError(f"{router_dir}: the router was trained for {names}; give "
-                             "--upstreams for them (small → large)")
-        upstreams = [f"tinylm:{n.removeprefix('tinylm-')}" for n in names]
-    backends = [make_backend(s, api_key=upstream_api_key) for s in upstreams]
-    router = export.load_router(router_dir, feature_names=features.FEATURE_NAMES,
-                                model_names=[b.name for b in backends])
-    tiny = all(s.startswith("tinylm:") for s in upstreams)
-    config = config or serving.ServeConfig(max_tokens=160 if tiny else 4096,
-                                           max_tokens_per_step=64 if tiny else 1024)
-    prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
-    models = [trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input, p.output)
-              for b, p in zip(backends, prices, strict=True)]
-    k = len(backends)
-    the_rule = {"router": lambda: rules.RouterRule(router),
-                "large": lambda: rules.FixedRule("large only", k - 1),
-                "small": lambda: rules.FixedRule("small only", 0)}[rule]()
-    service = serving.RoutingService(backends, the_rule, models, config)
-    return serving.make_app(service, config), service
+                   request_timeout=(lambda v: v > 0, "> 0"),
+                   read_timeout=(lambda v: v > 0, "> 0"))
 
 
 def main(argv):
@@ -98,26 +75,30 @@ def main(argv):
     cfg = serving.ServeConfig(
         model_name=_NAME.value, api_key=_API_KEY.value or os.environ.get("JAXROUTE_API_KEY"),
         max_body_bytes=_MAX_BODY.value, max_steps=_MAX_STEPS.value,
+        max_tokens=_MAX_TOKENS.value, max_tokens_per_step=_MAX_STEP_TOKENS.value,
         max_concurrent=_MAX_CONCURRENT.value, request_timeout_s=_TIMEOUT.value,
-        **{k: v for k, v in (("max_tokens", _MAX_TOKENS.value),
-                             ("max_tokens_per_step", _MAX_STEP_TOKENS.value)) if v})
-    tiny_defaults = not _UPSTREAMS.value and _MAX_TOKENS.value is None
-    if tiny_defaults:
-        cfg = serving.ServeConfig(**{**cfg.__dict__, "max_tokens": 160,
-                                     "max_tokens_per_step": _MAX_STEP_TOKENS.value or 64})
-    application, service = build(_ROUTER.value, _UPSTREAMS.value, _RULE.value, cfg,
-                                 _UPSTREAM_KEY.value)
+        read_timeout_s=_READ_TIMEOUT.value)
+    params = None if _PARAMS.value is None else [float(p) for p in _PARAMS.value]
+    application, service = serving.build(_ROUTER.value, _UPSTREAMS.value, _RULE.value, cfg,
+                                         upstream_api_key=_UPSTREAM_KEY.value, params=params)
+    cfg = service.config
     server = uvicorn.Server(uvicorn.Config(application, host=_HOST.value, port=_PORT.value,
                                            log_level="warning", timeout_graceful_shutdown=60))
 
-    def shutdown(signum, frame):  # drain, then stop the server
+    def shutdown(signum, frame):  # drain, then stop the server; a second signal: at once
+        if application.state.admission.draining:
+            server.should_exit = server.force_exit = True
+            return
+        print("draining: in-flight requests finish, new ones get 503 (again to stop now)",
+              file=sys.stderr, flush=True)
+
         def go():
             serving.drain(application, cfg.request_timeout_s)
             server.should_exit = True
 
         threading.Thread(target=go, daemon=True).start()
 
-    server.install_signal_handlers = lambda: None  # ours drain first
+    server.capture_signals = contextlib.nullcontext  # uvicorn's own handlers would not drain
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     print(f"serving {cfg.model_name!r} ({_RULE.value}: {[m.name for m in service.models]}) at "

@@ -6,27 +6,35 @@
 
 from __future__ import annotations
 
-import time
+from absl import flags
 
-from absl import app, flags
-
-from generation.tinylm import backend
-from generation.tinylm.server import TinyLMServer
+from generation.tinylm import backend, server
+from launch import common
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address.")
 _PORT = flags.DEFINE_integer("port", 8011, "Port.")
 _MODE = flags.DEFINE_enum("logprobs_mode", "logprobs", ["logprobs", "raw_logits"],
                           "Return log-probabilities or raw logits.")
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", server.TinyServerConfig.max_body_bytes,
+                                 "Largest request body.")
+_MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", server.TinyServerConfig.max_concurrent,
+                                       "Requests in flight (beyond: 429).")
+common.check_flags(port=(lambda v: 0 <= v < 65536, "a port"),
+                   max_body_bytes=(common.positive, "≥ 1"),
+                   max_concurrent=(common.positive, "≥ 1"))
 
 
 def main(argv):
     del argv
+    import uvicorn
+
     models = {b.name: b for b in (backend.load("small"), backend.load("large"))}
-    with TinyLMServer(models, _HOST.value, _PORT.value, _MODE.value) as srv:
-        print(f"serving {sorted(models)} at {srv.base_url}")
-        while True:
-            time.sleep(3600)
+    app = server.make_app(models, _MODE.value, server.TinyServerConfig(
+        max_body_bytes=_MAX_BODY.value, max_concurrent=_MAX_CONCURRENT.value))
+    print(f"serving {sorted(models)} at http://{_HOST.value}:{_PORT.value}/v1", flush=True)
+    uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="warning",
+                timeout_keep_alive=30, timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

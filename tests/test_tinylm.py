@@ -149,8 +149,9 @@ def test_openai_backend_against_the_tiny_model_server(random_backend):
 
     with TinyLMServer({"tiny": random_backend}) as srv:
         for mode in ("chat", "completions"):
+            # The server samples at the model's own temperature and refuses any other.
             be = OpenAIBackend("tiny", base_url=srv.base_url, api_key="x", mode=mode,
-                               backoff_base=0.01)
+                               backoff_base=0.01, temperature=random_backend.temperature)
             req = StepRequest("k", "Ada has 3 coins. How many?", ("3 + 1 = 4",), None, seed=5)
             r = be.generate([req], max_tokens=16)[0]
             assert r.error is None and r.completion_tokens > 0
@@ -159,7 +160,7 @@ def test_openai_backend_against_the_tiny_model_server(random_backend):
             direct = random_backend.generate([req], max_tokens=16)[0]
             assert r.text == direct.text
         raw = OpenAIBackend("tiny", base_url=srv.base_url, api_key="x", mode="completions",
-                            confidence="max_logit")
+                            confidence="max_logit", temperature=random_backend.temperature)
         bad = raw.generate([StepRequest("k", "What?", (), None, 1)], max_tokens=8)[0]
         assert bad.error is None
     q, steps = parse_completion_prompt("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"

@@ -214,7 +214,11 @@ class TinyLMBackend:
         if longest >= self.cfg.max_len - 1:
             raise ValueError(f"prompt of {longest} tokens exceeds the tiny model's "
                              f"context ({self.cfg.max_len})")
-        max_new = _bucket(max_tokens, 32)  # output buffer; per-row budgets are the real limit
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be ≥ 1, got {max_tokens}")
+        # Output buffer, sized after the clamp to the context (a request for 1e9 tokens must not
+        # allocate for them); per-row budgets are the real limit.
+        max_new = _bucket(min(max_tokens, self.cfg.max_len), 32)
         seeds = np.zeros(_rows(len(requests)), np.uint32)
         seeds[:len(requests)] = [r.seed % 2**32 for r in requests]
         keys = _keys(jnp.asarray(seeds))

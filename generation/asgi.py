@@ -1,0 +1,202 @@
+"""What jaxroute's two OpenAI-compatible HTTP servers share (decision 80): the routing server
+(`generation.serving`) and the tiny-model server (`generation.tinylm.server`) are Starlette
+applications served by uvicorn, and both answer every bad request in OpenAI's error shape.
+
+Here: `RequestError` and `error_body` (the error shape), `read_json(request, …)` (a body capped in
+bytes and in seconds, UTF-8, one JSON object), `check_fields` (refuse what a server would
+otherwise ignore silently), `integer`, `Admission` (requests in flight → 429 with `Retry-After`,
+503 while draining), `exception_handlers()` (404/405 in the error shape, never a traceback), and
+`BackgroundServer` (uvicorn in a thread on a pre-bound port: tests, benchmarks, programs that
+embed a server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("jaxroute.http")
+
+
+class RequestError(Exception):
+    """A failure answered in OpenAI's error shape with HTTP `status`."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.headers, self.param = headers or {}, param
+
+
+def error_body(message: str, kind: str, code: int, param: str | None = None) -> dict:
+    """OpenAI's error object: `{"error": {"message", "type", "param", "code"}}`."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(e: RequestError):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status,
+                        headers=e.headers)
+
+
+async def read_json(request, max_bytes: int, timeout_s: float) -> dict:
+    """The request body as a JSON object: 413 beyond `max_bytes` (by header or as it streams
+    in), 408 when it takes longer than `timeout_s` to arrive, 400 when it is not UTF-8, not JSON
+    or not an object."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > max_bytes:
+        raise RequestError(413, f"the body is larger than {max_bytes} bytes")
+
+    async def receive() -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise RequestError(413, f"the body is larger than {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        raw = await asyncio.wait_for(receive(), timeout_s)
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {timeout_s} s") from None
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RequestError(400, "the body is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def check_fields(body: dict, honoured: set[str], fixed: dict[str, Any]) -> None:
+    """Refuse every field the server would otherwise ignore: a field must be `honoured`, or be
+    one of `fixed` with its fixed value (or null) — e.g. a temperature the server does not
+    sample at."""
+    for name, value in body.items():
+        if name in honoured or value is None:
+            continue
+        if name not in fixed:
+            raise RequestError(400, f"unsupported field {name!r}", param=name)
+        want = fixed[name]
+        same = (abs(value - want) <= 1e-6 if isinstance(want, float)
+                and isinstance(value, int | float) and not isinstance(value, bool)
+                else value == want)
+        if not same:
+            raise RequestError(400, f"{name!r} must be {want!r} here (got {value!r}): this "
+                               "server does not change it per request", param=name)
+
+
+def integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    """An integer field in [lo, hi] (integral floats accepted), or 400 naming it."""
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v in (
+            float("inf"), float("-inf")) or v % 1:
+        raise RequestError(400, f"{name!r} must be an integer, got {v!r}", param=name)
+    v = int(v)
+    if not lo <= v <= hi:
+        raise RequestError(400, f"{name!r} must be in [{lo}, {hi}], got {v}", param=name)
+    return v
+
+
+class Admission:
+    """Requests in flight: beyond `limit` a request gets 429 with `Retry-After`; once `drain`
+    has begun every new one gets 503 and the call waits for those in flight."""
+
+    def __init__(self, limit: int, retry_after_s: int = 1):
+        self.limit, self.retry_after_s = limit, retry_after_s
+        self.in_flight = 0
+        self.draining = False
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self.draining:
+                raise RequestError(503, "the server is shutting down", "server_shutting_down")
+            if self.in_flight >= self.limit:
+                raise RequestError(429, f"{self.limit} requests are in flight; retry later",
+                                   "rate_limit_error", {"Retry-After": str(self.retry_after_s)})
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def drain(self, timeout_s: float = 60.0) -> bool:
+        """Refuse new requests; wait up to `timeout_s` for those in flight. True when none is
+        left."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.in_flight == 0
+
+
+def exception_handlers() -> dict:
+    """404, 405 and any uncaught exception in OpenAI's error shape (the last logged here, never
+    sent to the client as a traceback)."""
+    from starlette.responses import JSONResponse
+
+    async def not_found(request, exc):
+        return JSONResponse(error_body(f"no route {request.url.path}", "invalid_request_error",
+                                       404), status_code=404)
+
+    async def not_allowed(request, exc):
+        return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}",
+                                       "invalid_request_error", 405), status_code=405)
+
+    async def crashed(request, exc):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error",
+                                       500), status_code=500)
+
+    return {404: not_found, 405: not_allowed, Exception: crashed}
+
+
+class BackgroundServer:
+    """uvicorn serving `app` in a daemon thread on a port bound before it starts (`port=0`: a
+    free one), so `base_url` is known at once. A context manager; `close()` stops it."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_config):
+        import uvicorn
+
+        self._sock = socket.create_server((host, port))
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, log_level="warning", lifespan="off", **uvicorn_config))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on port {self.port} did not start")
+            time.sleep(0.005)
+        return self
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,129 @@
+"""Throughput and latency of the routing server on the embedded default, against the large
+model alone through the same server stack.
+
+    python -m launch.benchmark_serve --router=runs/experiment/router [--clients=1,8,32,128]
+
+Starts `python -m launch.serve` as its own process twice — `--rule=router` and `--rule=large`
+(the large tiny model answering every step, through the same engine, HTTP layer and SDK client:
+the ratio is what routing costs or saves) — and drives each with closed-loop clients
+(`generation.loadgen`, the `openai` async SDK) at each concurrency. The router's share of time
+is the server's own count: seconds in router decisions over seconds in engine rounds (a
+request's wall time is the rounds it waits through), from `/metrics`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from absl import flags
+
+from generation import loadgen, serving
+from generation.tinylm import task
+from launch import common
+from launch.results import save
+
+_ROUTER = flags.DEFINE_string("router", "runs/experiment/router", "Exported router folder (the "
+                              "main job's by default).")
+_CLIENTS = flags.DEFINE_list("clients", ["1", "8", "32", "128"], "Concurrent clients per level.")
+_REQUESTS = flags.DEFINE_integer("requests", 256, "Requests per level (at least 2 per client).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and the requests.")
+common.check_flags(requests=(common.positive, "≥ 1"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(root: str, name: str) -> float:
+    text = urllib.request.urlopen(root + "/metrics", timeout=30).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def start_server(router: str, rule: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(log_path, "w")  # noqa: SIM115 — the child writes to it until it is stopped
+    proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--router={router}",
+                             f"--rule={rule}", f"--port={port}", "--max_concurrent=4096"],
+                            stdout=log, stderr=log)
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"launch.serve --rule={rule} exited: {log_path.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(root + "/health", timeout=2)
+            return proc, root
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"launch.serve --rule={rule} did not start within 300 s")
+
+
+def main(argv):
+    del argv
+    if not (Path(_ROUTER.value) / "router.json").exists():
+        raise FileNotFoundError(f"--router={_ROUTER.value}: no exported router there; run the "
+                                "main job first (python -m launch.experiment)")
+    levels = [int(c) for c in _CLIENTS.value]
+    questions = [p.problem.question for p in task.generate(512, _SEED.value, "test")]
+    name = serving.ServeConfig.model_name
+    rows, by = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rule in ("router", "large"):
+            proc, root = start_server(_ROUTER.value, rule, Path(tmp) / f"{rule}.log")
+            try:
+                loadgen.run_load(root + "/v1", name, questions, 8, 2, seed=10**6)  # warm-up
+                for n in levels:
+                    per = max(2, -(-_REQUESTS.value // n))
+                    r0, e0 = (scrape(root, "jaxroute_router_seconds"),
+                              scrape(root, "jaxroute_engine_seconds"))
+                    res = loadgen.run_load(root + "/v1", name, questions, n, per,
+                                           seed=_SEED.value)
+                    router_s = scrape(root, "jaxroute_router_seconds") - r0
+                    engine_s = scrape(root, "jaxroute_engine_seconds") - e0
+                    ok = len(res.latencies_s)
+                    by[rule, n] = res
+                    rows.append([rule, n, res.requests, res.errors, round(res.throughput, 2),
+                                 round(1e3 * res.latency(0.5), 1),
+                                 round(1e3 * res.latency(0.99), 1),
+                                 round(res.flops / max(ok, 1) / 1e9, 3),
+                                 f"{res.escalated / max(ok, 1):.0%}",
+                                 f"{router_s / engine_s:.2%}" if engine_s > 0 else "–"])
+                    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    for n in levels:
+        a, b = by["router", n], by["large", n]
+        rows.append(["router ÷ large", n, "", "", f"{a.throughput / b.throughput:.2f}×",
+                     f"{a.latency(0.5) / b.latency(0.5):.2f}×",
+                     f"{a.latency(0.99) / b.latency(0.99):.2f}×",
+                     f"{(a.flops / len(a.latencies_s)) / (b.flops / len(b.latencies_s)):.2f}×",
+                     "", ""])
+    save("serve", "Routing server on the embedded default: closed-loop clients (openai async "
+         "SDK) against `launch.serve --rule=router` and `--rule=large` (same stack)",
+         ["rule", "clients", "requests", "errors", "req/s", "p50 ms", "p99 ms",
+          "GFLOPs/request", "escalated", "router share of engine time"], rows,
+         notes=f"Each server is its own process on this machine, as are the clients; {os.cpu_count()} "
+               "cores shared by both. Requests per level: "
+               f"max(2, ⌈{_REQUESTS.value}/clients⌉) per client; after a warm-up of 16 requests. "
+               "The ratio rows divide the router's figures by large-only's at the same "
+               "concurrency (below 1× for latency and FLOPs: routing is cheaper and faster).")
+
+
+if __name__ == "__main__":
+    common.run(main)

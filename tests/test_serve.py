@@ -1,0 +1,445 @@
+"""The routing server on loopback, with the OpenAI SDK as the client: answers and routing traces
+equal `generation.online`'s, streaming, auth, every error in OpenAI's shape, draining, metrics,
+a bounded load test, and tiny-model upstreams over HTTP (issue 13)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+
+import jax
+import numpy as np
+import openai
+import pytest
+
+from generation import asgi, features, online, rules, serving
+from generation.answers import AnswerChecker
+from generation.datasets import Problem
+from generation.openai_backend import OpenAIBackend
+from generation.tinylm import backend as tiny
+from generation.tinylm import task
+from generation.tinylm.server import TinyLMServer
+from jaxroute import export, trace
+from jaxroute import networks as nets_lib
+
+NAMES = ["tinylm-small", "tinylm-large"]
+CFG = serving.ServeConfig(max_tokens=160, max_tokens_per_step=64, max_steps=30)
+QUESTIONS = [p.problem.question for p in task.generate(12, seed=7)]
+
+
+@pytest.fixture(scope="module")
+def backends():
+    return [tiny.load("small"), tiny.load("large")]
+
+
+class _Recorder:
+    """A rule that never escalates and keeps every draft's features (to place κ)."""
+
+    name, sticky, start_model = "record", True, 0
+
+    def __init__(self):
+        self.features = []
+
+    def decide(self, views):
+        self.features += [v.features for v in views]
+        return [rules.Decision(v.model) for v in views]
+
+
+@pytest.fixture(scope="module")
+def router_dir(tmp_path_factory, backends):
+    """A router (random weights, normaliser fitted to real drafts) whose κ is the 85th
+    percentile of those drafts' escalation probabilities, so served problems both stay and
+    escalate (a solution has several decisions)."""
+    rec = _Recorder()
+    engine = online.Engine(backends, rec, online.OnlineConfig(30, 64, 160))
+    for i, q in enumerate(QUESTIONS[:8]):
+        engine.admit(Problem(f"p{i}", q, "", "served"))
+    while engine.active():
+        engine.round()
+    f = np.stack(rec.features).astype(np.float32)
+    nets = nets_lib.make_networks(2, f.shape[1], (8,))
+    params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(3))
+    params = jax.tree.map(lambda x: 6.0 * x, params)  # decisive probabilities
+    norm = nets_lib.Normalizer(f.mean(0), np.maximum(f.std(0), 1e-3))
+    path = tmp_path_factory.mktemp("router") / "router"
+    export.export_router(path, nets, params, norm, 0.5, feature_names=features.FEATURE_NAMES,
+                         model_names=NAMES, alpha=0.1, hidden=(8,))
+    _, esc = export.load_router(path).decide_scored(f, np.zeros(len(f), np.int32))
+    return export.export_router(path, nets, params, norm, float(np.quantile(esc, 0.85)),
+                                feature_names=features.FEATURE_NAMES, model_names=NAMES,
+                                alpha=0.1, hidden=(8,))
+
+
+def models_of(backends):
+    return [trace.ModelInfo(b.name, float(b.params), 0, 0, 0) for b in backends]
+
+
+@pytest.fixture(scope="module")
+def served(router_dir, backends):
+    """The router served in process (tiny upstreams in process), with a key."""
+    router = export.load_router(router_dir, features.FEATURE_NAMES, NAMES)
+    cfg = serving.ServeConfig(**{**CFG.__dict__, "api_key": "sk-test"})
+    service = serving.RoutingService(backends, rules.RouterRule(router), models_of(backends), cfg)
+    with asgi.BackgroundServer(serving.make_app(service)) as srv:
+        yield srv, service
+    service.close()
+
+
+def client(srv, key="sk-test"):
+    return openai.OpenAI(base_url=srv.base_url, api_key=key, max_retries=0, timeout=120)
+
+
+def call(method, url, body: bytes | None = None, headers=None):
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    try:
+        conn.request(method, u.path, body=body, headers={"Content-Type": "application/json",
+                                                          **(headers or {})})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode()
+    finally:
+        conn.close()
+
+
+def online_records(backends, router_dir, questions, seed):
+    """What `generation.online` routes for these questions (as `launch.route` would)."""
+    router = export.load_router(router_dir, features.FEATURE_NAMES, NAMES)
+    problems = [Problem(serving.problem_id(q), q, "", "served") for q in questions]
+    checker = AnswerChecker(workers=1)
+    try:
+        return online.run_online(problems, backends, rules.RouterRule(router), checker,
+                                 online.OnlineConfig(CFG.max_steps, CFG.max_tokens_per_step,
+                                                     CFG.max_tokens, seed=seed))
+    finally:
+        checker.close()
+
+
+def assert_same_route(resp_trace: dict, record: dict, models):
+    steps = resp_trace["steps"]
+    assert len(steps) == len(record["pieces"])
+    for s, p in zip(steps, record["pieces"], strict=True):
+        assert s["text"] == p["text"] and s["model"] == models[p["model"]].name
+        assert s["kept"] == p.get("kept", True)
+        assert s["decision"] == (None if p.get("decision") is None else
+                                 models[p["decision"]].name)
+        if p.get("score") is None:
+            assert s["escalation_probability"] is None
+        else:
+            assert s["escalation_probability"] == pytest.approx(p["score"], rel=1e-6)
+
+
+def test_sdk_answers_equal_online_routing(served, backends, router_dir):
+    """Concurrent SDK calls (chat and completions) get exactly what `run_online` gives for the
+    same questions and seed — batching with other requests changes nothing."""
+    srv, service = served
+    qs = QUESTIONS[:6]
+    c = client(srv)
+
+    def ask(i):
+        if i % 2:
+            r = c.completions.create(model=CFG.model_name, prompt=qs[i], seed=11)
+            return r.choices[0].text, r.choices[0].finish_reason, r.model_extra["jaxroute"]
+        r = c.chat.completions.create(model=CFG.model_name, seed=11,
+                                      messages=[{"role": "user", "content": qs[i]}])
+        assert r.usage.completion_tokens > 0
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.model_extra["jaxroute"]
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, range(len(qs))))
+    want = online_records(backends, router_dir, qs, seed=11)
+    escalated = 0
+    for (text, finish, tr), rec in zip(got, want, strict=True):
+        assert_same_route(tr, rec, service.models)
+        assert text == "\n\n".join(p["text"] for p in rec["pieces"] if p.get("kept", True))
+        assert tr["status"] == rec["status"]
+        assert finish == ("length" if rec["status"] in ("max_steps", "max_tokens") else "stop")
+        escalated += tr["escalated_at"] is not None
+        flops = sum(trace.cost_of(p["cost"], service.models[p["model"]], "flops")
+                    for p in rec["pieces"]) * 1e12
+        assert tr["cost"]["flops"] == pytest.approx(flops)
+    assert 0 < escalated < len(qs)  # both outcomes are exercised
+
+
+def test_streaming_sends_the_same_solution_step_by_step(served):
+    srv, _ = served
+    c = client(srv)
+    msgs = [{"role": "user", "content": QUESTIONS[2]}]
+    whole = c.chat.completions.create(model=CFG.model_name, messages=msgs, seed=3)
+    chunks = list(c.chat.completions.create(model=CFG.model_name, messages=msgs, seed=3,
+                                            stream=True))
+    deltas = [ch.choices[0].delta.content for ch in chunks if ch.choices[0].delta.content]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert len(deltas) == sum(s["kept"] for s in whole.model_extra["jaxroute"]["steps"]) or \
+        whole.model_extra["jaxroute"]["steps"][-1]["whole_rest"]
+    last = chunks[-1]
+    assert last.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert last.model_extra["jaxroute"]["steps"] == whole.model_extra["jaxroute"]["steps"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_auth(served):
+    srv, _ = served
+    with pytest.raises(openai.AuthenticationError):
+        client(srv, key="wrong").chat.completions.create(
+            model=CFG.model_name, messages=[{"role": "user", "content": "1 + 1?"}])
+    status, _, body = call("GET", srv.base_url + "/models")
+    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    ids = [m.id for m in client(srv).models.list()]
+    assert ids == [CFG.model_name]
+
+
+AUTH = {"Authorization": "Bearer sk-test"}
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{oops", 400, "not JSON"),
+    (b"\xff\xfe", 400, "UTF-8"),
+    (b'["a"]', 400, "JSON object"),
+    (json.dumps({"model": "jaxroute-router"}).encode(), 400, "'messages' must be"),
+    (json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}).encode(),
+     404, "'gpt-4o' not found"),
+    (json.dumps({"model": "jaxroute-router", "n": 3,
+                 "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "'n' must be 1"),
+    (json.dumps({"model": "jaxroute-router", "max_tokens": -5,
+                 "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "'max_tokens'"),
+    (json.dumps({"model": "jaxroute-router", "max_tokens": 10**12,
+                 "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "[1, 160]"),
+    (json.dumps({"model": "jaxroute-router", "temperature": 0.1,
+                 "messages": [{"role": "user", "content": "x"}]}).encode(), 400,
+     "'temperature' must be 0.7"),
+    (json.dumps({"model": "jaxroute-router", "tools": [],
+                 "messages": [{"role": "user", "content": "x"}]}).encode(), 400,
+     "unsupported field 'tools'"),
+    (json.dumps({"model": "jaxroute-router", "stream": "yes",
+                 "messages": [{"role": "user", "content": "x"}]}).encode(), 400, "'stream'"),
+    (b"{" + b" " * (2 << 20) + b"}", 413, "larger than"),
+])
+def test_bad_requests_get_openai_shaped_errors(served, body, status, words):
+    srv, _ = served
+    got, _, text = call("POST", srv.base_url + "/chat/completions", body, AUTH)
+    err = json.loads(text)["error"]
+    assert got == status and err["code"] == status and words in err["message"], text
+
+
+def test_the_sdk_sees_typed_errors(served):
+    srv, _ = served
+    with pytest.raises(openai.NotFoundError):
+        client(srv).chat.completions.create(model="nope",
+                                            messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
+        client(srv).chat.completions.create(model=CFG.model_name, n=2,
+                                            messages=[{"role": "user", "content": "x"}])
+    status, _, text = call("GET", srv.base_url.removesuffix("/v1") + "/nowhere")
+    assert status == 404 and json.loads(text)["error"]["code"] == 404
+
+
+class SlowBackend:
+    """A real tiny backend behind a delay (an upstream that is slow)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+        self.name, self.params = inner.name, inner.params
+        self.temperature = inner.temperature
+
+    def generate(self, requests, **kw):
+        time.sleep(self.delay)
+        return self.inner.generate(requests, **kw)
+
+
+def _service(backends, rule=None, **cfg):
+    rule = rule or rules.FixedRule("small only", 0)
+    config = serving.ServeConfig(**{**CFG.__dict__, **cfg})
+    return serving.RoutingService(backends, rule, models_of(backends), config)
+
+
+def test_429_when_full_and_503_while_draining(backends):
+    slow = [SlowBackend(b, 0.4) for b in backends]
+    service = _service(slow, max_concurrent=1, retry_after_s=2)
+    app = serving.make_app(service)
+    msgs = [{"role": "user", "content": QUESTIONS[0]}]
+    try:
+        with asgi.BackgroundServer(app) as srv, cf.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client(srv).chat.completions.create, model=CFG.model_name,
+                                messages=msgs, max_tokens=20)
+            while app.state.admission.in_flight == 0:
+                time.sleep(0.01)
+            status, headers, _ = call("POST", srv.base_url + "/chat/completions",
+                                      json.dumps({"model": CFG.model_name,
+                                                  "messages": msgs}).encode())
+            assert status == 429 and headers["retry-after"] == "2"
+            drained = pool.submit(serving.drain, app, 30)
+            while not app.state.admission.draining:
+                time.sleep(0.01)
+            with pytest.raises(openai.InternalServerError) as e:  # 503
+                client(srv).chat.completions.create(model=CFG.model_name, messages=msgs)
+            assert e.value.status_code == 503
+            assert call("GET", srv.base_url.removesuffix("/v1") + "/health")[0] == 503
+            assert first.result().choices[0].message.content  # the one in flight finished
+            assert drained.result() is True
+    finally:
+        service.close()
+
+
+def test_an_upstream_too_slow_is_a_504_and_a_dead_one_a_502(backends):
+    slow = _service([SlowBackend(b, 1.0) for b in backends], request_timeout_s=0.3)
+    try:
+        with asgi.BackgroundServer(serving.make_app(slow)) as srv:
+            with pytest.raises(openai.APIStatusError) as e:
+                client(srv).chat.completions.create(
+                    model=CFG.model_name, messages=[{"role": "user", "content": "1 + 2?"}])
+            assert e.value.status_code == 504
+    finally:
+        slow.close()
+    # An HTTP upstream that goes away: the request fails after the backend's retries → 502.
+    with TinyLMServer({b.name: b for b in backends}) as up:
+        url = up.base_url
+        remote = [OpenAIBackend(b.name, base_url=url, mode="completions", max_attempts=2,
+                                backoff_base=0.01, timeout=5, temperature=b.temperature)
+                  for b in backends]
+        for r in remote:
+            r.check()
+    dead = _service(remote)
+    try:
+        with asgi.BackgroundServer(serving.make_app(dead)) as srv:
+            t0 = time.perf_counter()
+            with pytest.raises(openai.APIStatusError) as e:
+                client(srv).chat.completions.create(
+                    model=CFG.model_name, messages=[{"role": "user", "content": "1 + 2?"}])
+            assert e.value.status_code == 502 and "upstream" in e.value.message
+            assert time.perf_counter() - t0 < 30  # an answer, not a hang
+            assert call("GET", srv.base_url.removesuffix("/v1") + "/health")[0] == 200
+    finally:
+        dead.close()
+
+
+def test_load_32_clients_by_10_requests_and_metrics(served):
+    srv, service = served
+    c = client(srv)
+
+    def worker(w):
+        out = []
+        for j in range(10):
+            q = QUESTIONS[(w + j) % len(QUESTIONS)]
+            r = c.chat.completions.create(model=CFG.model_name, seed=w * 100 + j,
+                                          messages=[{"role": "user", "content": q}])
+            out.append(r)
+        return out
+
+    before = _metric(srv, 'jaxroute_requests_total{endpoint="chat.completions",status="200"}')
+    with cf.ThreadPoolExecutor(32) as pool:
+        results = [r for rs in pool.map(worker, range(32)) for r in rs]
+    assert len(results) == 320
+    for r in results:  # every response complete
+        tr = r.model_extra["jaxroute"]
+        assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content
+        assert tr["status"] in ("ok", "max_steps", "max_tokens") and tr["steps"]
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    after = _metric(srv, 'jaxroute_requests_total{endpoint="chat.completions",status="200"}')
+    assert after - before == 320
+    esc = sum(r.model_extra["jaxroute"]["escalated_at"] is not None for r in results)
+    assert _metric(srv, "jaxroute_escalations_total") >= esc
+    text = call("GET", srv.base_url.removesuffix("/v1") + "/metrics")[2]
+    for name in ("jaxroute_request_latency_seconds_bucket", "jaxroute_steps_total",
+                 "jaxroute_request_cost_flops_bucket", "jaxroute_saving_flops_total",
+                 "jaxroute_errors_total"):
+        assert name in text
+    assert service.stats["rounds"] > 0
+    router_s, engine_s = _metric(srv, "jaxroute_router_seconds"), _metric(srv,
+                                                                          "jaxroute_engine_seconds")
+    assert 0 < router_s < engine_s  # the router's share of the engine's time is exported
+
+
+def _metric(srv, name: str) -> float:
+    text = call("GET", srv.base_url.removesuffix("/v1") + "/metrics")[2]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name))
+
+
+def test_tiny_upstreams_over_http_route_as_in_process(backends, router_dir):
+    """The same router in front of the tiny-model server (raw logits, as vLLM's flag gives)
+    routes as it does in front of the backends themselves."""
+    router = export.load_router(router_dir, features.FEATURE_NAMES, NAMES)
+    qs = QUESTIONS[6:10]
+    with TinyLMServer({b.name: b for b in backends}, logprobs_mode="raw_logits") as up:
+        remote = [OpenAIBackend(b.name, base_url=up.base_url, mode="completions",
+                                confidence="max_logit", temperature=b.temperature,
+                                params=b.params) for b in backends]
+        service = _service(remote, rule=rules.RouterRule(router))
+        try:
+            with asgi.BackgroundServer(serving.make_app(service)) as srv:
+                c = client(srv)
+                got = [c.chat.completions.create(model=CFG.model_name, seed=5,
+                                                 messages=[{"role": "user", "content": q}])
+                       for q in qs]
+        finally:
+            service.close()
+    want = online_records(backends, router_dir, qs, seed=5)
+    for r, rec in zip(got, want, strict=True):
+        assert_same_route(r.model_extra["jaxroute"], rec, models_of(backends))
+
+
+def test_a_router_for_other_models_refuses_to_start(tmp_path, router_dir):
+    nets = nets_lib.make_networks(2, 5, (8,))
+    params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(0))
+    norm = nets_lib.Normalizer(np.zeros(5, np.float32), np.ones(5, np.float32))
+    other = export.export_router(tmp_path / "r", nets, params, norm, 0.5,
+                                 feature_names=features.FEATURE_NAMES,
+                                 model_names=["qwen-1.5b", "qwen-7b"], alpha=0.1, hidden=(8,))
+    with pytest.raises(ValueError, match="give the upstreams"):
+        serving.build(other)
+    with pytest.raises(export.RouterSpecError, match="qwen-1.5b"):
+        serving.build(other, ["tinylm:small", "tinylm:large"])
+    bad_feats = export.export_router(tmp_path / "f", nets, params, norm, 0.5,
+                                     feature_names=["a", "b", "c", "d", "e"],
+                                     model_names=NAMES, alpha=0.1, hidden=(8,))
+    with pytest.raises(export.RouterSpecError, match="feature"):
+        serving.build(bad_feats)
+    app, service = serving.build(router_dir)  # the built-in tiny models, tiny limits
+    try:
+        assert [m.name for m in service.models] == NAMES and service.config.max_tokens == 160
+    finally:
+        service.close()
+    with pytest.raises(ValueError, match="rule"):
+        serving.build(router_dir, rule="medium")
+
+
+def test_parse_request_is_strict_about_types():
+    cfg = serving.ServeConfig(max_tokens=100, max_tokens_per_step=10)
+    ok = {"model": cfg.model_name, "messages": [{"role": "system", "content": "be brief"},
+                                                {"role": "user", "content": "2 + 2?"}]}
+    assert serving.parse_request(ok, True, cfg)["question"] == "2 + 2?"
+    assert serving.parse_request({**ok, "max_tokens": 7.0}, True, cfg)["max_tokens"] == 7
+    for bad in ({"max_tokens": 7.5}, {"max_tokens": True}, {"max_tokens": float("nan")},
+                {"seed": "1"}, {"messages": [{"role": "user", "content": ["x"]}]},
+                {"messages": []}, {"stream_options": 3}):
+        with pytest.raises(asgi.RequestError) as e:
+            serving.parse_request({**ok, **bad}, True, cfg)
+        assert e.value.status == 400
+    assert serving.parse_request({"model": cfg.model_name, "prompt": ["hi"]}, False,
+                                 cfg)["question"] == "hi"
+
+
+def test_admission_counts_and_drains():
+    adm = asgi.Admission(2)
+    adm.enter()
+    adm.enter()
+    with pytest.raises(asgi.RequestError) as e:
+        adm.enter()
+    assert e.value.status == 429
+    done = threading.Event()
+
+    def later():
+        time.sleep(0.1)
+        adm.leave()
+        adm.leave()
+        done.set()
+
+    threading.Thread(target=later).start()
+    assert adm.drain(10) is True and done.is_set()
+    with pytest.raises(asgi.RequestError) as e:
+        adm.enter()
+    assert e.value.status == 503

@@ -61,6 +61,27 @@ def prefix_text(steps: Sequence[str]) -> str:
     return "".join(s + STEP_DELIMITER for s in steps)
 
 
+def redact_url(url: str | None) -> str | None:
+    """A URL without credentials (user:password@host) — safe for provenance and logs."""
+    if url is None:
+        return None
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=host)
+    return urllib.parse.urlunsplit(parts)
+
+
+def redact_spec(spec: str | None) -> str | None:
+    """A backend spec (`KIND:MODEL@URL`) with the URL's credentials removed."""
+    if spec is None or "@" not in spec:
+        return spec
+    head, _, url = spec.partition("@")
+    return f"{head}@{redact_url(url)}"
+
+
 def make_backend(spec: str, *, params: float | None = None, cache=None, seed: int = 0,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  max_model_len: int | None = None, api_key: str | None = None,

@@ -23,7 +23,7 @@ from generation.answers import AnswerChecker
 from generation.backend import Backend
 from generation.datasets import Problem
 from generation.rules import FixedRule, Rule
-from jaxroute import evaluate
+from jaxroute import evaluate, records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,21 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
                                  lambda n: bar.update(start + n - bar.n))
 
     def summarize(recs):
-        return evaluate.summarize_records(recs, out.large_right, models, cost_model, seed)
+        # Problems whose record (or whose large-only record, R_M) failed are left out and
+        # counted: a failed request is never a result (decision 72).
+        kept = [r for r in recs if records.usable(r) and r["problem_id"] in out.large_right]
+        if not kept:
+            raise RuntimeError(f"every one of {len(recs)} live records failed (first status: "
+                               f"{recs[0]['status'] if recs else None!r})")
+        return {**evaluate.summarize_records(kept, out.large_right, models, cost_model, seed),
+                "failed": len(recs) - len(kept)}
+
+    def cal_errors(grid_runs):
+        """[problems, grid] errors on problems every grid point answered usably."""
+        ok = set.intersection(*({r["problem_id"] for r in rs if records.usable(r)}
+                                for rs in grid_runs)) & set(out.large_right)
+        return np.array([[float(out.large_right[r["problem_id"]] and not r["correct"])
+                          for r in rs if r["problem_id"] in ok] for rs in grid_runs]).T
 
     def add(name, recs, row, external, threshold):
         out.rows.append({"method": name, "external": external, **row, "threshold": threshold})
@@ -136,7 +150,8 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
         with tqdm(total=len(cal) + len(test), desc=f"      {name}", unit="problem") as bar:
             rule = FixedRule(name, k - 1)
             recs_cal, recs_test = run(cal, rule, bar), run(test, rule, bar)
-        out.large_right = {r["problem_id"]: r["correct"] for r in recs_cal + recs_test}
+        out.large_right = {r["problem_id"]: r["correct"] for r in recs_cal + recs_test
+                           if records.usable(r)}
         add(name, recs_test, summarize(recs_test), "–", math.nan)
     else:
         out.large_right = dict(large_right)
@@ -149,9 +164,7 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
         shared = [SharedBackend(b) for b in backends]  # one family's grid shares its work
         with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
                   desc=f"      {m.name} ({len(m.grid)}-point grid, cal + test)") as bar:
-            errors = np.array([[float(out.large_right[r["problem_id"]] and not r["correct"])
-                                for r in run(cal, m.family(g), bar, shared)]
-                               for g in m.grid]).T
+            errors = cal_errors([run(cal, m.family(g), bar, shared) for g in m.grid])
             recs_test = [run(test, m.family(g), bar, shared) for g in m.grid]
         idx, feasible = evaluate.conformal_choice(errors, alpha)
         curve = [dict(summarize(r), threshold=float(g)) for g, r in zip(m.grid, recs_test,

@@ -37,7 +37,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from generation import costs
-from generation.backend import STEP_DELIMITER, SYSTEM_PROMPT, StepRequest, StepResult, prefix_text
+from generation.backend import (
+    STEP_DELIMITER,
+    SYSTEM_PROMPT,
+    StepRequest,
+    StepResult,
+    prefix_text,
+    redact_url,
+)
 
 CHAT_SYSTEM = SYSTEM_PROMPT + " Separate steps with a blank line."
 QWEN_TEMPLATE = ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n"
@@ -208,7 +215,7 @@ class OpenAIBackend:
 
     @property
     def where(self) -> str:
-        return self.base_url or "the OpenAI API"
+        return redact_url(self.base_url) or "the OpenAI API"  # messages never show secrets
 
     # -- request building ----------------------------------------------------------------------
 
@@ -414,7 +421,7 @@ class OpenAIBackend:
     def summary(self) -> dict:
         """Request counts and failure reasons, for the run's summary and manifest."""
         return {**self.stats, "failure_reasons": dict(self.failure_reasons),
-                "model": self.name, "base_url": _redact(self.base_url)}
+                "model": self.name, "base_url": redact_url(self.base_url)}
 
     async def _one(self, client, sem, req: StepRequest, whole: bool, max_tokens: int):
         body = self.request_body(req, whole, max_tokens)
@@ -480,16 +487,3 @@ def _msg(e: Exception) -> str:
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])
     return str(e).splitlines()[0][:200]
-
-
-def _redact(url: str | None) -> str | None:
-    """A base URL without credentials (user:password@host) — safe for provenance."""
-    if url is None:
-        return None
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
-        parts = parts._replace(netloc=host)
-    return urllib.parse.urlunsplit(parts)

@@ -21,6 +21,16 @@ from jaxroute.durable import atomic_write_text
 PATHS = "paths.jsonl"
 
 
+NO_VERDICT = ("timeout", "error")  # answer checks that gave no verdict (decision 73)
+
+
+def usable(rec: dict) -> bool:
+    """A record a result can be made of: every request succeeded and the answer check gave a
+    verdict (decision 72). Others are left out of every summary and counted."""
+    return not str(rec.get("status", "ok")).startswith("error") and \
+        rec.get("verdict") not in NO_VERDICT
+
+
 def record_cost(rec: dict, models: Sequence[trace.ModelInfo], cost_model: str) -> float:
     """Generation cost of one problem in `cost_model` units, discarded drafts included."""
     return float(sum(trace.cost_of(p["cost"], models[p["model"]], cost_model)

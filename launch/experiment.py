@@ -14,7 +14,8 @@
 4. runs the exported router live, next to the per-step baselines that cannot be replayed — RSD
    (the stand-in tiny PRM) and SpecReason (the stand-in tiny judge), their thresholds calibrated
    by the same rule over the 0.1 grid (`generation.comparison.compare_live`);
-5. writes report/ (table.md, table.json, accuracy_cost.png, config.json, timing.json).
+5. writes report/ (table.md, table.json, accuracy_cost.png, config.json with wall time and peak
+   resident memory per stage, timing.json).
 Every stage is resumable: re-running continues where it stopped.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -61,8 +63,14 @@ def main(argv):
         run(Path(_WORKDIR.value), _SEED.value, _ALPHA.value)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB; Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def run(work: Path, seed: int, alpha: float) -> None:
     clock = {"start": time.perf_counter()}
+    memory = {}  # peak resident memory after each stage (MB)
     sizes = dict(zip(embedded.SPLIT_NAMES, map(int, _N.value), strict=True))
     problems, splits = embedded.problems_and_splits(sizes, seed)
     backends = [tiny.load(_SMALL.value), tiny.load(_LARGE.value)]
@@ -73,6 +81,7 @@ def run(work: Path, seed: int, alpha: float) -> None:
     manifest, recs = trace.load_trace_set(work / "traces")
     trees = trace.pack(manifest, recs, "mflops")
     clock["traces"] = time.perf_counter()
+    memory["traces"] = peak_rss_mb()
     print(f"[2/5] training the router (α = {alpha}, {_SEEDS.value} seeds) and the paper's TCPO")
     cfg = exact.ExactConfig(alpha=alpha, iterations=_ITERS.value)
     seeds = tuple(range(seed, seed + _SEEDS.value))
@@ -81,17 +90,20 @@ def run(work: Path, seed: int, alpha: float) -> None:
                                  router_dir=work / "router")
     paper_nets, paper_states = trainer.train_many(trees, suite.paper_config(alpha), (seed,))
     clock["train"] = time.perf_counter()
+    memory["train"] = peak_rss_mb()
     print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; "
           f"{clock['train'] - clock['traces']:.0f} s")
     print("[3/5] every method at the same guarantee on the test split")
     result = embedded.offline_result(trees, manifest, fit, (paper_nets, jax.tree.map(
         lambda a: a[0], paper_states)), alpha, seed)
     clock["evaluate"] = time.perf_counter()
+    memory["evaluate"] = peak_rss_mb()
     if _ONLINE.value:
         print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
         embedded.live_result(result, work, manifest, recs, backends, problems, splits, alpha,
                              seed)
     clock["online"] = time.perf_counter()
+    memory["online"] = peak_rss_mb()
     print(f"      {clock['online'] - clock['evaluate']:.0f} s")
     print("[5/5] report")
     seconds = {k: round(clock[k] - clock[p], 1) for p, k in
@@ -100,7 +112,8 @@ def run(work: Path, seed: int, alpha: float) -> None:
     title = f"Embedded default (tiny LMs, arithmetic task) — test split, α = {alpha}"
     config = {"problems": sizes, "alpha": alpha, "router": dataclasses.asdict(cfg),
               "train_seeds": list(seeds), "kappas": fit.kappas, "seed": seed,
-              "models": {b.name: b.params for b in backends}, "seconds": seconds}
+              "models": {b.name: b.params for b in backends}, "seconds": seconds,
+              "peak_rss_mb": memory}
     report.write_report(work / "report", result, UNIT, title, config)
     print(report.markdown_table(result["rows"], UNIT, title) + report.matched_line(result, UNIT))
     atomic_write_text(work / "report" / "timing.json", json.dumps(seconds) + "\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 from absl import flags
 
 from generation import answers, costs, datasets, tracegen
-from generation.backend import make_backend
+from generation.backend import make_backend, redact_spec
 from generation.verifier import StepVerifier
 from jaxroute import trace
 from launch import common, presets
@@ -111,7 +111,8 @@ def main(argv):
     with answers.AnswerChecker() as checker:
         gen = tracegen.TraceGenerator(backends, checker, verifier, gen_cfg, prices)
         provenance = {"dataset": _DATASET.value, "data_path": _DATA.value,
-                      "models": list(cfg.models), "verifier": cfg.verifier or None,
+                      "models": [redact_spec(m) for m in cfg.models],
+                      "verifier": redact_spec(cfg.verifier) or None,
                       "config": json.loads(json.dumps(gen_cfg.__dict__))}
         manifest = gen.manifest(provenance)
         summary = tracegen.run(gen, problems, splits, out, provenance, _SHARDS.value,

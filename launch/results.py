@@ -37,7 +37,6 @@ BENCHMARKS = {
     "core": "python -m launch.benchmark_core",
     "offline": "python -m launch.benchmark_offline",
     "router": "python -m launch.benchmark_router --router=runs/experiment/router",
-    "main_job": "python -m launch.benchmark_main_job",
     "serve": "python -m launch.benchmark_serve --router=runs/experiment/router",
 }
 
@@ -98,6 +97,11 @@ def main_job(runs: Path) -> str | None:
     secs = cfg.get("seconds", {})
     when = datetime.date.fromtimestamp((rep / "table.md").stat().st_mtime).isoformat()
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+    mem = cfg.get("peak_rss_mb", {})
+    if mem:  # issue 14's targets: ≤ 5 minutes, ≤ 2 GB
+        timing += (" (target ≤ 300 s); peak resident memory of the main process after each "
+                   "stage: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items())
+                   + " (target ≤ 2048 MB)")
     md = re.sub(r"^### ", "#### ", md, flags=re.M)
     return (f"`{MAIN_COMMAND}` — {when}, {os.cpu_count()} CPU cores; wall time: {timing}.\n\n"
             + md)

@@ -22,7 +22,7 @@ from pathlib import Path
 from absl import flags
 
 from generation import answers, comparison, costs, datasets, features, online, rules, scorers
-from generation.backend import make_backend
+from generation.backend import make_backend, redact_spec
 from jaxroute import baselines, export, records, trace
 from jaxroute.durable import atomic_write_text
 from launch import common, presets, report
@@ -118,7 +118,8 @@ def main(argv):
     infos = tuple(trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input, p.output)
                   for b, p in zip(backends, prices, strict=True))
     manifest = trace.Manifest(models=infos, feature_names=features.FEATURE_NAMES,
-                              provenance={"preset": _PRESET.value, "models": list(pre.models),
+                              provenance={"preset": _PRESET.value,
+                                          "models": [redact_spec(m) for m in pre.models],
                                           "dataset": pre.dataset})
     cal, test = datasets.cal_and_test(pre.dataset, _DATA.value, _LIMIT.value, _SEED.value,
                                       tuple(int(n) for n in _N.value))

@@ -24,16 +24,20 @@ def _data(tmp_path, n=6):
 def test_generate_cli_writes_a_resumable_trace_set(tmp_path):
     data = _data(tmp_path)
     out = tmp_path / "traces"
-    with FakeOpenAI(api_key="test") as srv:
+    with FakeOpenAI(api_key="test") as srv, FakeOpenAI() as judge:
         cmd = [sys.executable, "-m", "launch.generate", "--dataset=gsm8k", f"--data_path={data}",
                f"--models=openai:small@{srv.base_url},openai:large@{srv.base_url}",
-               f"--verifier=openai:judge@{srv.base_url}", f"--out={out}", "--chunk=4",
+               # Credentials in a URL (basic auth to a proxy) never reach the provenance.
+               f"--verifier=openai:judge@{judge.base_url.replace('//', '//user:s3cret@')}",
+               f"--out={out}", "--chunk=4",
                "--params=1.5e9,7e9"]
         env = dict(os.environ, OPENAI_API_KEY="test")
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         assert set(srv.auth_headers) == {"Bearer test"}  # OPENAI_API_KEY from the environment
         manifest, problems = trace.load_trace_set(out)
+        assert "s3cret" not in (out / "manifest.json").read_text()
+        assert manifest.provenance["verifier"].startswith("openai:judge@http://127.0.0.1:")
         assert len(problems) == 6 and [m.name for m in manifest.models] == ["small", "large"]
         steps = problems[0]["roots"][0]["steps"]
         assert len(steps) == 3 and steps[-1]["features"][3] == 1.0  # is_final on the last

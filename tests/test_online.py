@@ -273,3 +273,41 @@ def test_grid_points_share_their_work_without_changing_any_result(checker):
             "accuracy"]
     # Shared: each distinct small-model draft was generated once for the whole grid.
     assert len(backends[0].results) * 2 < unshared
+
+
+class Failing(Recording):
+    """A backend whose requests for some problems fail (after its retries)."""
+
+    def __init__(self, inner, fail: set[str]):
+        super().__init__(inner)
+        self.fail = fail
+
+    def generate(self, requests, *, whole=False, max_tokens=1024):
+        out = super().generate(requests, whole=whole, max_tokens=max_tokens)
+        return [dataclasses.replace(r, error="HTTP 500") if q.key.split("/")[0] in self.fail
+                else r for q, r in zip(requests, out, strict=True)]
+
+
+def test_failed_requests_are_left_out_of_every_summary_and_counted(checker):
+    """Regression: a failed request was scored as a wrong answer (issue 14, item 2)."""
+    models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
+    cal, test = PROBLEMS[:12], PROBLEMS[12:24]
+    bad_small, bad_large = {"p13", "p2"}, {"p15", "p4"}
+    backends = [Failing(ScriptedBackend("small", 1e9, n_steps=3, wrong_rate=0.3), bad_small),
+                Failing(ScriptedBackend("large", 7e9, n_steps=3, wrong_rate=0.0), bad_large)]
+    res = comparison.compare_live(
+        [comparison.LiveMethod("small", rules.FixedRule("small", 0), external="–"),
+         comparison.LiveMethod("RSD", family=lambda d: rules.ScoreRule(OffScorer(), d, 2),
+                               grid=(1.0, 0.5, 0.0), external="yes")],
+        cal, test, backends, checker, online.OnlineConfig(), models, "flops", alpha=0.1)
+    assert set(res.large_right) == {p.problem_id for p in cal + test} - bad_large
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["model 1 only"]["failed"] == 1  # p15 (test)
+    assert rows["small"]["failed"] == 2  # p13 failed itself; p15 has no R_M
+    # The large model never errs, so every usable large-only answer is right: 100 %.
+    assert rows["model 1 only"]["accuracy"] == 100.0
+    recs = res.records["small"]
+    assert all(r["status"].startswith("error") for r in recs if r["problem_id"] == "p13")
+    assert not records.usable(next(r for r in recs if r["problem_id"] == "p13"))
+    assert records.usable({"status": "ok", "verdict": "incorrect"})
+    assert not records.usable({"status": "ok", "verdict": "timeout"})

@@ -259,3 +259,21 @@ def test_raw_logit_servers_get_max_logit_confidence():
         be = make_backend(f"openai-completions-raw:tiny@{srv.base_url}", api_key="x")
         assert be.confidence == "max_logit" and be.mode == "completions"
         assert make_backend(f"openai:tiny@{srv.base_url}", api_key="x").confidence == "top1_prob"
+
+
+def test_specs_and_urls_lose_their_credentials():
+    from generation.backend import redact_spec, redact_url
+
+    assert redact_url("https://u:pw@host:8443/v1?x=1") == "https://host:8443/v1?x=1"
+    assert redact_url("http://host/v1") == "http://host/v1" and redact_url(None) is None
+    assert redact_spec("openai:m@http://u:pw@h/v1") == "openai:m@http://h/v1"
+    assert redact_spec("vllm:/models/q") == "vllm:/models/q" and redact_spec(None) is None
+
+
+def test_errors_name_the_server_without_its_credentials():
+    with FakeOpenAI(api_key="right") as srv:
+        be = OpenAIBackend("m", base_url=srv.base_url.replace("//", "//user:s3cret@"),
+                           api_key="wrong")
+        with pytest.raises(FatalBackendError) as e:
+            be.check()
+    assert "s3cret" not in str(e.value) and "127.0.0.1" in str(e.value)

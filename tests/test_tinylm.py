@@ -88,7 +88,7 @@ def _chain(be, question, seed, steps=3, max_tokens=12):
 def test_prefix_cache_continues_exactly_where_prefill_would(random_backend):
     cfg, w = random_backend.cfg, random_backend.weights
     cached = TinyLMBackend("c", cfg, w, temperature=1.0)
-    fresh = TinyLMBackend("f", cfg, w, temperature=1.0, prefix_cache_entries=0)
+    fresh = TinyLMBackend("f", cfg, w, temperature=1.0, prefix_cache_mb=0)
     a, b = _chain(cached, "Ada has 3 coins. How many?", 7), _chain(fresh, "Ada has 3 coins. How many?", 7)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     for x, y in zip(a, b, strict=True):
@@ -99,13 +99,28 @@ def test_prefix_cache_continues_exactly_where_prefill_would(random_backend):
     assert all(len(r.token_ids) <= 12 for r in a + b)  # max_tokens is exact, not bucketed
 
 
+def test_prefix_cache_holds_its_own_bytes_within_its_budget(random_backend):
+    """Regression (issue 14, item 10): entries were views that kept whole batches' K/V buffers
+    alive, and the cache was bounded in entries, not bytes."""
+    cfg, w = random_backend.cfg, random_backend.weights
+    be = TinyLMBackend("c", cfg, w, temperature=1.0, prefix_cache_mb=0.05)
+    reqs = [StepRequest(f"k{i}", f"Ada has {i} coins. How many?", (), (), seed=i)
+            for i in range(24)]
+    be.generate(reqs, max_tokens=20)
+    arrays = [a for entry in be._cache.values() for a in jax.tree.leaves(entry)]
+    assert arrays and all(a.base is None for a in arrays)  # owned, not views
+    total = sum(a.nbytes for a in arrays)
+    assert total == be._cache_bytes <= 0.05 * 2**20
+    assert len(be._cache) < 24  # the budget evicted the oldest
+
+
 def test_batching_and_compaction_do_not_change_a_request(random_backend):
     """40 requests in one call (the loop compacts its stragglers) == each request alone."""
     w = jax.tree.map(lambda x: x, random_backend.weights)
     nl = random_backend.tok.stoi["\n"]
     # "\n" likely enough that steps end at random lengths (so rows finish at different times).
     w["params"]["head"]["bias"] = w["params"]["head"]["bias"].at[nl].set(4.0)
-    be = TinyLMBackend("b", random_backend.cfg, w, temperature=1.0, prefix_cache_entries=0)
+    be = TinyLMBackend("b", random_backend.cfg, w, temperature=1.0, prefix_cache_mb=0)
     reqs = [StepRequest(f"k{i}", f"Bo has {i} pens. How many?", (), (), seed=i) for i in range(40)]
     together = be.generate(reqs, max_tokens=40)
     assert be.stats["decode_loops"] > 1  # compaction happened
@@ -118,7 +133,7 @@ def test_batching_and_compaction_do_not_change_a_request(random_backend):
 
 def test_a_long_prompt_does_not_shorten_its_batch_mates_budget(random_backend):
     be = TinyLMBackend("b", random_backend.cfg, random_backend.weights, temperature=1.0,
-                       prefix_cache_entries=0)
+                       prefix_cache_mb=0)
     short = StepRequest("s", "Ada has 3 coins.", (), (), seed=1)
     long = StepRequest("l", "Bo has 5 pens. " * 6 + "How many?", (), (), seed=2)
     alone = be.generate([short], whole=True, max_tokens=60)[0]

@@ -10,7 +10,9 @@ Two things keep stepwise generation close to one-shot generation in wall time:
   state (K/V up to its last token and the next-token logits) is kept under its full token
   sequence. A later request whose prompt + `token_ids` is exactly such a sequence — the next step
   of the same model — starts from that state instead of re-prefilling (`cached_tokens` = the
-  prompt length, as vLLM reports it). LRU, `prefix_cache_entries` sequences.
+  prompt length, as vLLM reports it). LRU, bounded in bytes (`prefix_cache_mb`); each entry
+  is a copy of its own rows up to its length, never a view that would keep a whole batch's
+  buffers alive (decision 81).
 - **Compaction** (continuous batching, in small): the jitted decode loop returns to the host when
   at most a quarter of its rows are still live; the stragglers continue in a smaller batch, so
   a call does not pay full-batch decode steps for its few longest rows.
@@ -47,6 +49,10 @@ def _keys(seeds):
     return jax.vmap(jax.random.PRNGKey)(seeds)
 
 
+def _nbytes(entry) -> int:
+    return sum(a.nbytes for a in jax.tree.leaves(entry))
+
+
 def _bucket(n: int, step: int) -> int:
     return int(-(-max(n, 1) // step) * step)
 
@@ -70,7 +76,7 @@ class DecodeState(NamedTuple):
 
 class TinyLMBackend:
     def __init__(self, name: str, cfg: LMConfig, weights, *, temperature: float = 0.7,
-                 prefix_cache_entries: int = 1024):
+                 prefix_cache_mb: float = 128.0):
         self.name, self.cfg, self.weights = name, cfg, weights
         self.model = TinyLM(cfg)
         self.tok = Tokenizer()
@@ -80,12 +86,14 @@ class TinyLMBackend:
         self._prefill = jax.jit(functools.partial(self.model.apply, method=TinyLM.prefill))
         self._loop = jax.jit(self._decode, static_argnames=("max_new", "whole", "min_live"))
         self._cache: collections.OrderedDict[tuple[int, ...], tuple] = collections.OrderedDict()
-        self.prefix_cache_entries = prefix_cache_entries
+        self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
+        self._cache_bytes = 0
         self.version: str | None = None
         self.stats = collections.Counter()  # prefix-cache hits/misses, decode-loop launches
 
     def clear_prefix_cache(self) -> None:
         self._cache.clear()
+        self._cache_bytes = 0
 
     # -- the jitted decode loop ------------------------------------------------------------------
 
@@ -198,12 +206,15 @@ class TinyLMBackend:
         return logits, tuple(caches)
 
     def _remember(self, seq: tuple[int, ...], logits, caches, pos: int) -> None:
-        if self.prefix_cache_entries <= 0:
+        if self.prefix_cache_bytes <= 0 or seq in self._cache:
             return
-        self._cache[seq] = (logits, tuple((k[:, :pos], v[:, :pos]) for k, v in caches))
-        self._cache.move_to_end(seq)
-        while len(self._cache) > self.prefix_cache_entries:
-            self._cache.popitem(last=False)
+        # Copies: a view into the batch's arrays would keep all of them alive.
+        entry = (np.array(logits), tuple((np.array(k[:, :pos]), np.array(v[:, :pos]))
+                                         for k, v in caches))
+        self._cache[seq] = entry
+        self._cache_bytes += _nbytes(entry)
+        while self._cache_bytes > self.prefix_cache_bytes and self._cache:
+            self._cache_bytes -= _nbytes(self._cache.popitem(last=False)[1])
 
     def generate(self, requests: Sequence[StepRequest], *, whole: bool = False,
                  max_tokens: int = 256) -> list[StepResult]:
@@ -238,7 +249,7 @@ class TinyLMBackend:
                 if i >= 0 and n[j]:
                     gen[i].append(tuple(o[j, :n[j]] for o in outs))
             newly = [j for j, i in enumerate(rows) if i >= 0 and done[j] and not finished[i]]
-            if newly and self.prefix_cache_entries > 0:
+            if newly and self.prefix_cache_bytes > 0:
                 sel = newly + [newly[0]] * (_rows(len(newly)) - len(newly))  # few shapes
                 lg, cs, ps = jax.device_get(_take((state.logits, state.caches, state.pos),
                                                   jnp.asarray(sel)))

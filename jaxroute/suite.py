@@ -77,8 +77,7 @@ def synthetic_world(world: World, data_seed: int) -> tuple[trace.Manifest, trace
     cfg = synthetic.family_config(world.small_coverage, world.auroc, world.num_models,
                                   seed=1000 + data_seed, num_problems=600 if k3 else 800,
                                   max_steps=8 if k3 else 12, split_fractions=(0.5, 0.2, 0.3))
-    manifest, problems = synthetic.generate(cfg)
-    return manifest, trace.pack(manifest, problems, "flops")
+    return synthetic.generate_packed(cfg, "flops")
 
 
 def paper_config(alpha: float) -> trainer.TrainConfig:

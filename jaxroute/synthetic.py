@@ -14,6 +14,7 @@ mislabels a step with probability `verifier_flip`. The manifest is marked `"synt
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -164,6 +165,34 @@ class _Gen:
 
 def generate(cfg: SyntheticConfig = SyntheticConfig()) -> tuple[trace.Manifest, list[dict]]:
     """A synthetic trace set (manifest, problems), deterministic given `cfg.seed`."""
+    return manifest_of(cfg), list(iter_problems(cfg))
+
+
+def generate_packed(cfg: SyntheticConfig = SyntheticConfig(), cost_model: str = "flops",
+                    chunk: int = 4096) -> tuple[trace.Manifest, trace.PackedTrees]:
+    """`generate` then `trace.pack`, packing problems as they are drawn so that no more than
+    `chunk` of them are ever held as Python dicts (dict trees take gigabytes at 100 000
+    problems; their packed arrays a fraction of that). Equal to `trace.pack(*generate(cfg))`."""
+    manifest = manifest_of(cfg)
+    return manifest, trace.pack_stream(manifest, iter_problems(cfg), cost_model, chunk)
+
+
+def manifest_of(cfg: SyntheticConfig) -> trace.Manifest:
+    """The manifest of `cfg`'s trace set (models, prices, features, provenance)."""
+    return trace.Manifest(
+        models=tuple(trace.ModelInfo(name=f"synthetic-model-{k}", params=cfg.params[k],
+                                     price_input=cfg.prices[k][0],
+                                     price_cached_input=cfg.prices[k][1],
+                                     price_output=cfg.prices[k][2])
+                     for k in range(cfg.num_models)),
+        feature_names=FEATURES,
+        provenance={"generator": "jaxroute.synthetic", "config": dataclasses.asdict(cfg)},
+        synthetic=True,
+    )
+
+
+def iter_problems(cfg: SyntheticConfig) -> Iterator[dict]:
+    """`cfg`'s problems one at a time, in order (deterministic given `cfg.seed`)."""
     rng = np.random.default_rng(cfg.seed)
     gen = _Gen(cfg, rng)
     levels = rng.choice(len(cfg.level_probs), size=cfg.num_problems, p=cfg.level_probs)
@@ -171,7 +200,6 @@ def generate(cfg: SyntheticConfig = SyntheticConfig()) -> tuple[trace.Manifest, 
         np.arange(3), np.round(np.array(cfg.split_fractions) * cfg.num_problems).astype(int)
     ))[: cfg.num_problems]
     splits = np.concatenate([splits, np.full(cfg.num_problems - len(splits), 2)])
-    problems = []
     hardness = rng.random(cfg.num_problems)
     for i, level in enumerate(levels):
         u = float(hardness[i])
@@ -182,22 +210,11 @@ def generate(cfg: SyntheticConfig = SyntheticConfig()) -> tuple[trace.Manifest, 
         for k in range(1, cfg.num_models):
             leaf = gen.solution(k, int(level), u, 0, True, cfg.prompt_tokens)
             solo.append({"correct": leaf["correct"], "cost": leaf["cost"]})
-        problems.append({
+        yield {
             "problem_id": f"synthetic-{cfg.seed}-{i:06d}", "dataset": "synthetic",
             "difficulty": float(level + 1), "split": trace.SPLITS[int(splits[i])],
             "solo": solo, "roots": roots,
-        })
-    manifest = trace.Manifest(
-        models=tuple(trace.ModelInfo(name=f"synthetic-model-{k}", params=cfg.params[k],
-                                     price_input=cfg.prices[k][0],
-                                     price_cached_input=cfg.prices[k][1],
-                                     price_output=cfg.prices[k][2])
-                     for k in range(cfg.num_models)),
-        feature_names=FEATURES,
-        provenance={"generator": "jaxroute.synthetic", "config": dataclasses.asdict(cfg)},
-        synthetic=True,
-    )
-    return manifest, problems
+        }
 
 
 def _sum_costs(costs) -> dict:

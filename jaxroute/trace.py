@@ -451,6 +451,51 @@ def pack(manifest: Manifest, problems: Sequence[dict], cost_model: str = "flops"
     return PackedTrees(**out)
 
 
+# Padding of the per-segment arrays (axis 1 = segment, axis 2 = step); see `pack`.
+_SEGMENT_AXES = {"features": 2, "step_cost": 2, "verifier_ok": 2, "seg_len": 1, "seg_model": 1,
+                 "seg_correct": 1, "branch_seg": 2, "branch_correct": 2, "branch_cost": 2}
+_PAD = {"verifier_ok": True, "branch_seg": -1}
+
+
+def concat(parts: Sequence[PackedTrees]) -> PackedTrees:
+    """Problems of several packs in one, padded to the largest segment and step counts with
+    the same fill values as `pack` (so `concat([pack(a), pack(b)]) == pack(a + b)`)."""
+    if not parts:
+        raise ValueError("concat needs at least one PackedTrees")
+    s_max = max(p.seg_len.shape[1] for p in parts)
+    t_max = max(p.step_cost.shape[2] for p in parts)
+    out = {}
+    for name in PackedTrees._fields:
+        arrays = [getattr(p, name) for p in parts]
+        axes = _SEGMENT_AXES.get(name, 0)
+        if axes:
+            want = (s_max, t_max)[:axes]
+            arrays = [np.pad(a, [(0, 0)] + [(0, w - a.shape[1 + j]) for j, w in enumerate(want)]
+                             + [(0, 0)] * (a.ndim - 1 - axes),
+                             constant_values=_PAD.get(name, 0)) for a in arrays]
+        out[name] = np.concatenate(arrays)
+    return PackedTrees(**out)
+
+
+def pack_stream(manifest: Manifest, problems: Iterable[dict], cost_model: str = "flops",
+                chunk: int = 4096) -> PackedTrees:
+    """`pack` of a stream of problems, `chunk` at a time, so that at most `chunk` problems are
+    held as Python dicts (issue 14: 100 000 dict trees take gigabytes)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be ≥ 1, got {chunk}")
+    parts, batch = [], []
+    for p in problems:
+        batch.append(p)
+        if len(batch) == chunk:
+            parts.append(pack(manifest, batch, cost_model))
+            batch = []
+    if batch:
+        parts.append(pack(manifest, batch, cost_model))
+    if not parts:
+        raise ValueError("pack_stream: no problems to pack")
+    return parts[0] if len(parts) == 1 else concat(parts)
+
+
 def spend(manifest: Manifest, problems: Sequence[dict]) -> dict[str, float]:
     """What generating `problems` cost: US dollars (at the manifest's prices) and PFLOPs."""
     usd = pack(manifest, problems, "usd_cents")

@@ -84,7 +84,8 @@ def main(argv):
                f"{export.HOST_BATCH} problems; measured crossover: "
                f"{crossover if crossover else '> 1024'} problems. One step of the small tiny "
                f"LM (one problem, ≤ 64 tokens) takes {1e3 * s_one:.2f} ms: the decision is "
-               f"{t_one / s_one:.2%} of it.")
+               f"{t_one / s_one:.2%} of it.",
+         extra={"one_problem_us": 1e6 * t_one})
 
 
 if __name__ == "__main__":

@@ -20,17 +20,15 @@ def load_trees() -> tuple[trace.Manifest, trace.PackedTrees, str]:
     """(manifest, packed trees, description) from --traces or --synthetic."""
     if _TRACES.value:
         manifest, problems = trace.load_trace_set(_TRACES.value)
-        source = _TRACES.value
-    elif _SYNTHETIC.value > 0:
+        return manifest, trace.pack(manifest, problems, _COST.value), _TRACES.value
+    if _SYNTHETIC.value > 0:
         if _SYNTHETIC_K.value == 3:
             cfg = synthetic.three_model_config(num_problems=_SYNTHETIC.value, seed=_SEED_DATA.value)
         else:
             cfg = synthetic.SyntheticConfig(num_problems=_SYNTHETIC.value, seed=_SEED_DATA.value)
-        manifest, problems = synthetic.generate(cfg)
-        source = f"SYNTHETIC ({_SYNTHETIC.value} problems, seed {_SEED_DATA.value})"
-    else:
-        raise flags.ValidationError("give --traces=FOLDER or --synthetic=N")
-    return manifest, trace.pack(manifest, problems, _COST.value), source
+        manifest, packed = synthetic.generate_packed(cfg, _COST.value)
+        return manifest, packed, f"SYNTHETIC ({_SYNTHETIC.value} problems, seed {_SEED_DATA.value})"
+    raise flags.ValidationError("give --traces=FOLDER or --synthetic=N")
 
 
 def traces_folder() -> str:
@@ -44,6 +42,55 @@ def cost_model() -> str:
 def quiet() -> None:
     """Keep orbax's per-save INFO lines out of the progress output."""
     logging.set_verbosity(logging.WARNING)
+
+
+def _libc():
+    """glibc's C library, or None elsewhere (musl, macOS): the memory calls below are glibc's."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt parameter numbers from glibc's <malloc.h>
+
+
+def large_blocks_outside_the_heap(threshold_bytes: int = 1 << 20) -> bool:
+    """Serve allocations ≥ `threshold_bytes` by mmap, so that freeing them returns the memory
+    to the OS at once (decision 81). glibc's default threshold adapts upwards to 32 MiB after
+    the first large free, after which numpy and XLA host buffers of a few MB land in the heap
+    and stay resident long after they are freed. Returns whether it took effect."""
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+
+
+def release_memory() -> None:
+    """Between the stages of a long job (decision 81): drop JAX's compiled executables (a
+    stage's shapes are not the next one's; recompiling costs seconds, keeping them ~200–800 MB),
+    collect garbage, and hand the heap's free pages back to the OS (without `malloc_trim` a
+    fragmented heap keeps its peak size)."""
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB; Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -59,13 +58,9 @@ common.check_flags(alpha=(common.probability, "in (0, 1)"),
 def main(argv):
     del argv
     common.quiet()
+    common.large_blocks_outside_the_heap()
     with exclusive(Path(_WORKDIR.value)):  # one run per workdir at a time (decision 78)
         run(Path(_WORKDIR.value), _SEED.value, _ALPHA.value)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB; Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run(work: Path, seed: int, alpha: float) -> None:
@@ -81,7 +76,8 @@ def run(work: Path, seed: int, alpha: float) -> None:
     manifest, recs = trace.load_trace_set(work / "traces")
     trees = trace.pack(manifest, recs, "mflops")
     clock["traces"] = time.perf_counter()
-    memory["traces"] = peak_rss_mb()
+    memory["traces"] = common.peak_rss_mb()
+    common.release_memory()
     print(f"[2/5] training the router (α = {alpha}, {_SEEDS.value} seeds) and the paper's TCPO")
     cfg = exact.ExactConfig(alpha=alpha, iterations=_ITERS.value)
     seeds = tuple(range(seed, seed + _SEEDS.value))
@@ -90,20 +86,22 @@ def run(work: Path, seed: int, alpha: float) -> None:
                                  router_dir=work / "router")
     paper_nets, paper_states = trainer.train_many(trees, suite.paper_config(alpha), (seed,))
     clock["train"] = time.perf_counter()
-    memory["train"] = peak_rss_mb()
+    memory["train"] = common.peak_rss_mb()
+    common.release_memory()
     print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; "
           f"{clock['train'] - clock['traces']:.0f} s")
     print("[3/5] every method at the same guarantee on the test split")
     result = embedded.offline_result(trees, manifest, fit, (paper_nets, jax.tree.map(
         lambda a: a[0], paper_states)), alpha, seed)
     clock["evaluate"] = time.perf_counter()
-    memory["evaluate"] = peak_rss_mb()
+    memory["evaluate"] = common.peak_rss_mb()
+    common.release_memory()
     if _ONLINE.value:
         print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
         embedded.live_result(result, work, manifest, recs, backends, problems, splits, alpha,
                              seed)
     clock["online"] = time.perf_counter()
-    memory["online"] = peak_rss_mb()
+    memory["online"] = common.peak_rss_mb()
     print(f"      {clock['online'] - clock['evaluate']:.0f} s")
     print("[5/5] report")
     seconds = {k: round(clock[k] - clock[p], 1) for p, k in

@@ -107,6 +107,45 @@ def main_job(runs: Path) -> str | None:
             + md)
 
 
+def _load(runs: Path, name: str) -> dict | None:
+    path = runs / "benchmarks" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def targets(runs: Path) -> str:
+    """Issue 14's performance targets (items 10–13) against what the latest runs measured,
+    each read from the output of the run that measured it."""
+    rows = []
+    cfg_path = runs / "experiment" / "report" / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    mem, secs = cfg.get("peak_rss_mb", {}), cfg.get("seconds", {})
+
+    def verdict(value, limit):
+        return "–" if value is None else ("met" if value <= limit else "missed")
+
+    peak = max(mem.values()) if mem else None
+    rows.append(["main job, peak resident memory", MAIN_COMMAND,
+                 "not run" if peak is None else f"{peak:.0f} MB", "≤ 2048 MB",
+                 verdict(peak, 2048)])
+    offline = _load(runs, "offline") or {}
+    off_mb = offline.get("peak_rss_mb")
+    rows.append(["offline evaluation of 100 000 problems, peak resident memory",
+                 BENCHMARKS["offline"], "not run" if off_mb is None else f"{off_mb:.0f} MB",
+                 "≤ 2048 MB", verdict(off_mb, 2048)])
+    total = secs.get("total")
+    rows.append(["main job, wall time", MAIN_COMMAND,
+                 "not run" if total is None else f"{total:.0f} s", "≤ 300 s",
+                 verdict(total, 300)])
+    us = (_load(runs, "router") or {}).get("one_problem_us")
+    rows.append(["router decision, one problem (Router.decide)", BENCHMARKS["router"],
+                 "not run" if us is None else f"{us:.1f} µs", "≤ 50 µs", verdict(us, 50)])
+    ratio = (_load(runs, "tinylm") or {}).get("stepwise_ratio")
+    rows.append(["stepwise vs one-shot generation, tiny LMs", BENCHMARKS["tinylm"],
+                 "not run" if ratio is None else f"{ratio:.2f}×", "≤ 1.2×", verdict(ratio, 1.2)])
+    return ("### Performance targets (issue 14, items 10–13)\n\n"
+            + table(["quantity", "command", "measured", "target", ""], rows))
+
+
 def _presets_section() -> list[str]:
     """The presets' GPU memory (computed from the presets, not measured; decision 71)."""
     from launch import presets
@@ -126,7 +165,7 @@ def render(runs: Path) -> tuple[str, str]:
            "edit by hand (decision 64). Each table names the command that produced it.", "",
            "## Main job (embedded default)", ""]
     out.append(main if main else f"Not run yet: `{MAIN_COMMAND}`.\n")
-    out += ["## Benchmarks", ""]
+    out += ["## Benchmarks", "", targets(runs)]
     out += _presets_section()
     for name, cmd in BENCHMARKS.items():
         path = runs / "benchmarks" / f"{name}.json"

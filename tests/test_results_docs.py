@@ -18,12 +18,17 @@ def test_results_are_rendered_from_run_outputs(tmp_path):
     rep = runs / "experiment" / "report"
     rep.mkdir(parents=True)
     (rep / "table.md").write_text("### Title\n\n| Method | Acc |\n|---|---|\n| router | 61.3 |\n")
-    (rep / "config.json").write_text(json.dumps({"seconds": {"traces": 12.0, "total": 99.4}}))
+    (rep / "config.json").write_text(json.dumps({"seconds": {"traces": 12.0, "total": 99.4},
+                                                 "peak_rss_mb": {"traces": 900.0,
+                                                                 "online": 2100.0}}))
     (runs / "benchmarks").mkdir()
     (runs / "benchmarks" / "core.json").write_text(json.dumps({
         "name": "core", "title": "Core bench", "columns": ["a", "b"], "rows": [[1, 2.5]],
         "notes": "", "command": "python -m launch.benchmark_core", "date": "2026-11-28",
         "machine": {"cpus": 2, "jax": "0.10.2", "device": "cpu"}}))
+    (runs / "benchmarks" / "router.json").write_text(json.dumps({
+        "name": "router", "title": "Router bench", "columns": ["n"], "rows": [[1]], "notes": "",
+        "command": "x", "date": "2026-11-28", "machine": {}, "one_problem_us": 31.25}))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- BEGIN generated results (python -m launch.results) -->\nOLD 1.0"
                       "\n<!-- END generated results -->\nrest\n")
@@ -37,6 +42,11 @@ def test_results_are_rendered_from_run_outputs(tmp_path):
     body = doc.read_text()
     assert "### Core bench" in body and "| 1 | 2.5 |" in body
     assert "Not run yet: `python -m launch.benchmark_offline`" in body
+    # The targets table reads each measurement from its run's output and judges it.
+    assert "| 2100 MB | ≤ 2048 MB | missed |" in body  # the worst stage counts
+    assert "| 99 s | ≤ 300 s | met |" in body
+    assert "| 31.2 µs | ≤ 50 µs | met |" in body
+    assert "| not run | ≤ 1.2× | – |" in body
     # Re-running on the same outputs changes nothing (the block is replaced, not appended).
     before = readme.read_text()
     assert _run([f"--runs={runs}", f"--doc={doc}", f"--readme={readme}"]).returncode == 0

@@ -103,15 +103,47 @@ def test_prefix_cache_holds_its_own_bytes_within_its_budget(random_backend):
     """Regression (issue 14, item 10): entries were views that kept whole batches' K/V buffers
     alive, and the cache was bounded in entries, not bytes."""
     cfg, w = random_backend.cfg, random_backend.weights
-    be = TinyLMBackend("c", cfg, w, temperature=1.0, prefix_cache_mb=0.05)
-    reqs = [StepRequest(f"k{i}", f"Ada has {i} coins. How many?", (), (), seed=i)
-            for i in range(24)]
-    be.generate(reqs, max_tokens=20)
-    arrays = [a for entry in be._cache.values() for a in jax.tree.leaves(entry)]
-    assert arrays and all(a.base is None for a in arrays)  # owned, not views
-    total = sum(a.nbytes for a in arrays)
-    assert total == be._cache_bytes <= 0.05 * 2**20
-    assert len(be._cache) < 24  # the budget evicted the oldest
+    budget = 1.2 * 2**20  # two rounds of 24 rows (32 with padding) at 64 positions
+    be = TinyLMBackend("c", cfg, w, temperature=1.0, prefix_cache_mb=budget / 2**20)
+    for round_ in range(3):
+        reqs = [StepRequest(f"k{i}", f"Ada has {i} coins. Round {round_}?", (), (), seed=i)
+                for i in range(24)]
+        be.generate(reqs, max_tokens=20)
+        held = list(be._held.values())
+        # Every held state is counted once, is referenced by a cached row, and holds only the
+        # rows of one decode round (a power of two ≤ the batch), not the whole batch.
+        assert be._cache_bytes == sum(
+            sum(a.nbytes for a in jax.tree.leaves(h[0])) for h in held) <= budget
+        assert all(h[1] >= 1 for h in held)
+        assert sum(h[1] for h in held) == len(be._cache) >= 1
+        assert all(h[0][0].shape[0] <= 32 for h in held)
+    assert len(be._cache) < 3 * 24  # the budget evicted the oldest
+
+
+def test_prefix_cache_serves_mixed_sources_exactly(random_backend):
+    """Batched chains whose rows come from several held states (compaction rounds, earlier
+    calls) and from prefill in one call continue exactly as a backend without a cache."""
+    w = jax.tree.map(lambda x: x, random_backend.weights)
+    nl = random_backend.tok.stoi["\n"]
+    w["params"]["head"]["bias"] = w["params"]["head"]["bias"].at[nl].set(4.0)  # ragged steps
+    cached = TinyLMBackend("c", random_backend.cfg, w, temperature=1.0)
+    fresh = TinyLMBackend("f", random_backend.cfg, w, temperature=1.0, prefix_cache_mb=0)
+    ids = {i: () for i in range(40)}
+    for t in range(3):
+        # Each step also brings new problems (misses) beside continuing ones (hits).
+        keys = sorted(ids)[: 20 + 10 * t]
+        for i in range(40 + 5 * t, 45 + 5 * t):
+            ids[i] = ()
+            keys.append(i)
+        reqs = [StepRequest(f"k{i}", f"Bo has {i} pens. How many?", (), ids[i], seed=7 * i + t)
+                for i in keys]
+        a, b = cached.generate(reqs, max_tokens=30), fresh.generate(reqs, max_tokens=30)
+        for i, x, y in zip(keys, a, b, strict=True):
+            assert x.token_ids == y.token_ids
+            np.testing.assert_allclose(x.confidence, y.confidence, atol=1e-4)
+            ids[i] = ids[i] + tuple(x.token_ids)
+    assert cached.stats["prefix_hits"] > 0 and cached.stats["prefix_misses"] > 0
+    assert len(cached._held) > 1  # rows came from several held states
 
 
 def test_batching_and_compaction_do_not_change_a_request(random_backend):

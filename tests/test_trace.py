@@ -170,3 +170,32 @@ def test_three_model_trees_pack_their_intermediate_segments():
             seg = steps[t]["branches"]["1"]
             assert packed.seg_model[i, c] == 1 and packed.seg_len[i, c] == len(seg["steps"])
             assert packed.branch_correct[i, 0, t, 2] == steps[t]["branches"]["2"]["correct"]
+
+
+@pytest.mark.parametrize("num_models,roots", [(2, 1), (3, 2)])
+def test_streamed_packing_equals_packing_everything_at_once(num_models, roots):
+    """Packing in chunks (then padding and concatenating) gives the same arrays as one `pack`
+    of the whole list, including the fill values of padded segments and steps."""
+    cfg = (synthetic.three_model_config(num_problems=53, roots_per_problem=roots, seed=4)
+           if num_models == 3 else
+           synthetic.SyntheticConfig(num_problems=53, roots_per_problem=roots, seed=4))
+    manifest, problems = synthetic.generate(cfg)
+    whole = trace.pack(manifest, problems, "mflops")
+    for chunk in (1, 7, 53, 100):
+        streamed = trace.pack_stream(manifest, iter(problems), "mflops", chunk=chunk)
+        for name, a, b in zip(trace.PackedTrees._fields, whole, streamed, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, chunk)
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}, chunk {chunk}")
+    # Chunks of one problem differ in shape, so concat must have padded them.
+    shapes = {trace.pack(manifest, [p]).step_cost.shape[1:] for p in problems}
+    assert len(shapes) > 1
+    m, packed = synthetic.generate_packed(cfg, "mflops", chunk=10)
+    assert m == manifest and packed.fingerprint() == whole.fingerprint()
+
+
+def test_pack_stream_refuses_nothing_and_bad_chunks():
+    manifest, problems = synthetic.generate(synthetic.SyntheticConfig(num_problems=3))
+    with pytest.raises(ValueError, match="no problems"):
+        trace.pack_stream(manifest, iter([]))
+    with pytest.raises(ValueError, match="chunk"):
+        trace.pack_stream(manifest, iter(problems), chunk=0)

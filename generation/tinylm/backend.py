@@ -4,15 +4,19 @@ Batched sampling with a KV cache, temperature, stop on "\\n\\n" (the delimiter's
 `token_ids`, as with vLLM), true pre-softmax logits per token (`confidence_kind="max_logit"`,
 so S_os is the real thing), FLOPs from the real parameter count (2N per generated token).
 
-Two things keep stepwise generation close to one-shot generation in wall time:
+Three things keep stepwise generation close to one-shot generation in wall time:
 
 - **Prefix cache** (vLLM's automatic prefix caching, in small): when a row finishes, its decode
   state (K/V up to its last token and the next-token logits) is kept under its full token
   sequence. A later request whose prompt + `token_ids` is exactly such a sequence — the next step
   of the same model — starts from that state instead of re-prefilling (`cached_tokens` = the
-  prompt length, as vLLM reports it). LRU, bounded in bytes (`prefix_cache_mb`); each entry
-  is a copy of its own rows up to its length, never a view that would keep a whole batch's
-  buffers alive (decision 81).
+  prompt length, as vLLM reports it). The state never leaves the device: the rows that finish
+  in one decode round are gathered into a held state of their own (not a view that would keep
+  the whole batch's buffers alive), and a later call gathers its rows from the held states in
+  one jitted call per source. LRU over sequences, bounded in bytes of held states
+  (`prefix_cache_mb`; decision 81).
+- **Cache length per call**: K/V caches are as long as the call's rows can reach (a multiple
+  of 64 positions), not the whole context, so short steps pay less attention and fewer bytes.
 - **Compaction** (continuous batching, in small): the jitted decode loop returns to the host when
   at most a quarter of its rows are still live; the stragglers continue in a smaller batch, so
   a call does not pay full-batch decode steps for its few longest rows.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -44,6 +49,29 @@ def _take(tree, rows):
     return jax.tree.map(lambda x: x[rows], tree)
 
 
+@functools.partial(jax.jit, static_argnames=("length",))
+def _rows_at_length(tree, rows, length: int):
+    """Rows `rows` of (logits `[R, V]`, per layer (k, v) `[R, H, L, Dh]`), the caches cut or
+    zero-padded to `length` positions (a row's K/V beyond its position is never attended)."""
+    logits, caches = tree
+
+    def fit(c):
+        c = c[rows]
+        if c.shape[2] >= length:
+            return c[:, :, :length]
+        return jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
+
+    return logits[rows], tuple((fit(k), fit(v)) for k, v in caches)
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _assemble(trees, sels, perm, length: int):
+    """One batch from several sources: rows `sels[i]` of `trees[i]` (each at `length`
+    positions), concatenated, then reordered by `perm` (one dispatch for the whole batch)."""
+    parts = [_rows_at_length(t, s, length) for t, s in zip(trees, sels, strict=True)]
+    return jax.tree.map(lambda *a: jnp.concatenate(a)[perm], *parts)
+
+
 @jax.jit
 def _keys(seeds):
     return jax.vmap(jax.random.PRNGKey)(seeds)
@@ -55,6 +83,18 @@ def _nbytes(entry) -> int:
 
 def _bucket(n: int, step: int) -> int:
     return int(-(-max(n, 1) // step) * step)
+
+
+def _padded(idx: list[int], n: int) -> list[int]:
+    """`idx` repeated at its first element up to length n (a handful of compiled shapes)."""
+    return list(idx) + [idx[0]] * (n - len(idx))
+
+
+def _cache_len(tokens: int, max_len: int) -> int:
+    """K/V cache length of a call whose rows reach at most `tokens` positions: a multiple of 64
+    (three compiled lengths for the committed models), at most the context. Attention and the
+    host copies of a call scale with it, so short steps do not pay for the whole context."""
+    return min(max_len, _bucket(tokens + 1, 64))
 
 
 def _rows(n: int) -> int:
@@ -76,16 +116,25 @@ class DecodeState(NamedTuple):
 
 class TinyLMBackend:
     def __init__(self, name: str, cfg: LMConfig, weights, *, temperature: float = 0.7,
-                 prefix_cache_mb: float = 128.0):
+                 prefix_cache_mb: float = 64.0):
         self.name, self.cfg, self.weights = name, cfg, weights
         self.model = TinyLM(cfg)
         self.tok = Tokenizer()
         self.temperature = temperature
         # N for FLOPs: the real parameter count of these weights.
         self.params = float(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(weights)))
-        self._prefill = jax.jit(functools.partial(self.model.apply, method=TinyLM.prefill))
+        self._prefill = jax.jit(
+            lambda w, tokens, lengths, cache_len: self.model.apply(
+                w, tokens, lengths, cache_len, method=TinyLM.prefill),
+            static_argnames=("cache_len",))
         self._loop = jax.jit(self._decode, static_argnames=("max_new", "whole", "min_live"))
-        self._cache: collections.OrderedDict[tuple[int, ...], tuple] = collections.OrderedDict()
+        # Prefix cache: token sequence -> (held id, row). A held state is the decode state of
+        # the rows that finished in one decode round (on the device, never copied to the host);
+        # it is kept while any of its rows is cached, and counted in bytes once.
+        self._cache: collections.OrderedDict[tuple[int, ...], tuple[int, int]] = (
+            collections.OrderedDict())
+        self._held: dict[int, list] = {}  # held id -> [(logits, caches), rows cached, bytes]
+        self._held_ids = itertools.count()
         self.prefix_cache_bytes = int(prefix_cache_mb * 2**20)
         self._cache_bytes = 0
         self.version: str | None = None
@@ -93,6 +142,7 @@ class TinyLMBackend:
 
     def clear_prefix_cache(self) -> None:
         self._cache.clear()
+        self._held.clear()
         self._cache_bytes = 0
 
     # -- the jitted decode loop ------------------------------------------------------------------
@@ -162,59 +212,79 @@ class TinyLMBackend:
         hit = [self._cache.get(tuple(p)) for p in prompts]
         miss = [i for i, h in enumerate(hit) if h is None]
         self.stats.update(prefix_hits=len(prompts) - len(miss), prefix_misses=len(miss))
-        layers, heads = self.cfg.layers, self.cfg.heads
-        dh, big = self.cfg.d_model // heads, self.cfg.max_len
-        if len(miss) == len(prompts):
-            logits, caches = self._prefill_rows(prompts, rows)
-        else:
-            logits = np.zeros((rows, self.cfg.vocab), np.float32)
-            caches = [(np.zeros((rows, heads, big, dh), np.float32),
-                       np.zeros((rows, heads, big, dh), np.float32)) for _ in range(layers)]
-            for i, h in enumerate(hit):
-                if h is not None:
-                    self._cache.move_to_end(tuple(prompts[i]))
-                    logits[i] = h[0]
-                    for (k, v), (hk, hv) in zip(caches, h[1], strict=True):
-                        k[i, :, :hk.shape[1]], v[i, :, :hv.shape[1]] = hk, hv
-            if miss:
-                pl, pc = jax.device_get(self._prefill_rows([prompts[i] for i in miss],
-                                                           _rows(len(miss))))
-                logits[miss] = pl[:len(miss)]
-                for (k, v), (pk, pv) in zip(caches, pc, strict=True):
-                    k[miss], v[miss] = pk[:len(miss)], pv[:len(miss)]
-        pos = np.ones(rows, np.int32)
-        pos[:len(prompts)] = [len(p) for p in prompts]
         # Each row's own budget: a short prompt is not cut short by a long one in the batch.
         budget = np.ones(rows, np.int32)
         budget[:len(prompts)] = [max(1, min(max_tokens, self.cfg.max_len - 1 - len(p)))
                                  for p in prompts]
+        big = _cache_len(max(len(p) for p in prompts) + int(budget.max()), self.cfg.max_len)
+        # Sources of the rows: held states (their cached rows) and one prefill of the misses.
+        groups: dict[int, list[int]] = {}
+        for i, h in enumerate(hit):
+            if h is not None:
+                self._cache.move_to_end(tuple(prompts[i]))
+                groups.setdefault(h[0], []).append(i)
+        sources = [(self._held[hid][0], [hit[i][1] for i in idx], idx)
+                   for hid, idx in groups.items()]
+        if miss:
+            n = _rows(len(miss))
+            sources.append((self._prefill_rows([prompts[i] for i in miss], n, big),
+                            list(range(len(miss))), miss))
+        if len(sources) == 1 and miss and _rows(len(miss)) == rows:
+            logits, caches = sources[0][0]  # all misses: the prefill is the state
+        elif len(sources) == 1:
+            tree, src, _ = sources[0]
+            logits, caches = _rows_at_length(tree, jnp.asarray(_padded(src, rows)), length=big)
+        else:
+            sels, perm, offset = [], np.zeros(rows, np.int32), 0
+            for _, src, idx in sources:
+                sels.append(jnp.asarray(_padded(src, _rows(len(src)))))
+                perm[idx] = offset + np.arange(len(src))
+                offset += len(sels[-1])
+            logits, caches = _assemble(tuple(t for t, _, _ in sources), tuple(sels),
+                                       jnp.asarray(perm), length=big)
+        pos = np.ones(rows, np.int32)
+        pos[:len(prompts)] = [len(p) for p in prompts]
         done = np.arange(rows) >= len(prompts)
-        state = DecodeState(jnp.asarray(logits), tuple((jnp.asarray(k), jnp.asarray(v))
-                                                       for k, v in caches),
-                            jnp.asarray(pos), jnp.full(rows, -1, jnp.int32),
-                            jnp.asarray(budget), keys, jnp.asarray(done))
+        pos, budget, done = jax.device_put((pos, budget, done))
+        state = DecodeState(logits, tuple(caches), pos, jnp.full(rows, -1, jnp.int32), budget,
+                            keys, done)
         return state, [h is not None for h in hit]
 
-    def _prefill_rows(self, prompts, rows: int):
-        width = _bucket(max(len(p) for p in prompts), 32)
+    def _prefill_rows(self, prompts, rows: int, cache_len: int):
+        width = min(_bucket(max(len(p) for p in prompts), 32), cache_len)
         arr = np.zeros((rows, width), np.int32)
         for i, p in enumerate(prompts):
             arr[i, :len(p)] = p
         lens = np.ones(rows, np.int32)
         lens[:len(prompts)] = [len(p) for p in prompts]
-        logits, caches = self._prefill(self.weights, jnp.asarray(arr), jnp.asarray(lens))
+        logits, caches = self._prefill(self.weights, jnp.asarray(arr), jnp.asarray(lens),
+                                       cache_len=cache_len)
         return logits, tuple(caches)
 
-    def _remember(self, seq: tuple[int, ...], logits, caches, pos: int) -> None:
-        if self.prefix_cache_bytes <= 0 or seq in self._cache:
+    def _hold(self, state: DecodeState, rows: list[int], seqs: list[tuple[int, ...]]) -> None:
+        """Cache finished rows `rows` of `state` under their token sequences `seqs` (LRU,
+        bounded in bytes; decision 81). Their decode state stays on the device: a copy of just
+        these rows, so it does not keep the whole batch's buffers alive."""
+        if self.prefix_cache_bytes <= 0:
             return
-        # Copies: a view into the batch's arrays would keep all of them alive.
-        entry = (np.array(logits), tuple((np.array(k[:, :pos]), np.array(v[:, :pos]))
-                                         for k, v in caches))
-        self._cache[seq] = entry
-        self._cache_bytes += _nbytes(entry)
+        tree = _take((state.logits, state.caches), jnp.asarray(_padded(rows, _rows(len(rows)))))
+        hid, held = next(self._held_ids), [tree, 0, _nbytes(tree)]
+        self._held[hid] = held
+        self._cache_bytes += held[2]
+        for a, seq in enumerate(seqs):
+            if seq not in self._cache:
+                self._cache[seq] = (hid, a)
+                held[1] += 1
+        if held[1] == 0:
+            self._drop(hid)
         while self._cache_bytes > self.prefix_cache_bytes and self._cache:
-            self._cache_bytes -= _nbytes(self._cache.popitem(last=False)[1])
+            hid, _ = self._cache.popitem(last=False)[1]
+            self._held[hid][1] -= 1
+            if self._held[hid][1] == 0:
+                self._drop(hid)
+
+    def _drop(self, hid: int) -> None:
+        self._cache_bytes -= self._held.pop(hid)[2]
 
     def generate(self, requests: Sequence[StepRequest], *, whole: bool = False,
                  max_tokens: int = 256) -> list[StepResult]:
@@ -250,13 +320,8 @@ class TinyLMBackend:
                     gen[i].append(tuple(o[j, :n[j]] for o in outs))
             newly = [j for j, i in enumerate(rows) if i >= 0 and done[j] and not finished[i]]
             if newly and self.prefix_cache_bytes > 0:
-                sel = newly + [newly[0]] * (_rows(len(newly)) - len(newly))  # few shapes
-                lg, cs, ps = jax.device_get(_take((state.logits, state.caches, state.pos),
-                                                  jnp.asarray(sel)))
-                for a, j in enumerate(newly):
-                    i = rows[j]
-                    seq = tuple(prompts[i]) + tuple(int(t) for part in gen[i] for t in part[0])
-                    self._remember(seq, lg[a], [(k[a], v[a]) for k, v in cs], int(ps[a]))
+                self._hold(state, newly, [tuple(prompts[rows[j]]) + tuple(
+                    int(t) for part in gen[rows[j]] for t in part[0]) for j in newly])
             for j in newly:
                 finished[rows[j]] = True
             if finished.all():

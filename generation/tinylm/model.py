@@ -2,7 +2,8 @@
 
 Character-level tokenizer (`Tokenizer`): the task's alphabet plus <pad>, <bos>, <eos>, <asst>.
 Pre-LayerNorm blocks, learned positions, causal attention. `__call__` is the training forward;
-`prefill` and `decode` share its parameters and keep per-layer K/V caches `[B, H, L_max, D_h]`.
+`prefill` and `decode` share its parameters and keep per-layer K/V caches `[B, H, L, D_h]` (L ≤
+max_len, chosen per call by the backend).
 """
 
 from __future__ import annotations
@@ -121,15 +122,17 @@ class TinyLM(nn.Module):
         """Training forward: logits `[B, L, V]` (raw, pre-softmax)."""
         return self.head(self.hidden(tokens))
 
-    def prefill(self, tokens, lengths):
-        """Logits at each row's last prompt token `[B, V]` and K/V caches padded to max_len."""
+    def prefill(self, tokens, lengths, cache_len: int | None = None):
+        """Logits at each row's last prompt token `[B, V]` and K/V caches `[B, H, cache_len, Dh]`
+        (zero beyond the prompt; `cache_len` ≥ the prompt width, max_len by default)."""
         b, l = tokens.shape
+        cache_len = self.cfg.max_len if cache_len is None else cache_len
         x = self.tok(tokens) + self.pos(jnp.arange(l))[None]
         mask = jnp.tril(jnp.ones((l, l), bool))[None, None]
         caches = []
         for blk in self.blocks:
             x, (k, v) = blk(x, mask)
-            pad = ((0, 0), (0, 0), (0, self.cfg.max_len - l), (0, 0))
+            pad = ((0, 0), (0, 0), (0, cache_len - l), (0, 0))
             caches.append((jnp.pad(k, pad), jnp.pad(v, pad)))
         logits = self.head(self.ln(x))
         return logits[jnp.arange(b), lengths - 1], caches

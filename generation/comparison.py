@@ -102,7 +102,7 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
                  backends: Sequence[Backend], checker: AnswerChecker, cfg: online.OnlineConfig,
                  models: Sequence, cost_model: str, *, alpha: float,
                  large_right: dict[str, bool] | None = None, large_name: str | None = None,
-                 seed: int = 0) -> LiveComparison:
+                 seed: int = 0, between: Callable[[], None] | None = None) -> LiveComparison:
     """Run every method live and summarise it like the offline table.
 
     Args:
@@ -115,6 +115,8 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
       large_right: R_M per problem id (e.g. from the trace trees); None runs the largest model
         alone on cal and test first and adds its test row, named `large_name`.
       seed: bootstrap seed.
+      between: called after each method (a long job releases memory there: each method
+        compiles its own batch shapes; decision 81).
     """
     out = LiveComparison(rows=[], curves={}, records={}, large_right={})
     k = len(backends)
@@ -160,6 +162,8 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
             with tqdm(total=len(test), desc=f"      {m.name}", unit="problem") as bar:
                 recs = run(test, m.rule, bar)
             add(m.name, recs, summarize(recs), m.external, m.threshold)
+            if between is not None:
+                between()
             continue
         shared = [SharedBackend(b) for b in backends]  # one family's grid shares its work
         with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
@@ -172,4 +176,6 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
         add(m.name, recs_test[idx], dict(curve[idx], calibration_feasible=feasible), m.external,
             float(m.grid[idx]))
         out.curves[m.name] = curve
+        if between is not None:
+            between()
     return out

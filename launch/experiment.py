@@ -99,7 +99,7 @@ def run(work: Path, seed: int, alpha: float) -> None:
     if _ONLINE.value:
         print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
         embedded.live_result(result, work, manifest, recs, backends, problems, splits, alpha,
-                             seed)
+                             seed, between=common.release_memory)
     clock["online"] = time.perf_counter()
     memory["online"] = common.peak_rss_mb()
     print(f"      {clock['online'] - clock['evaluate']:.0f} s")

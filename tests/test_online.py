@@ -151,11 +151,14 @@ def test_outcome_metrics_and_files(checker, tmp_path):
 def test_live_comparison_selects_on_cal_and_reports_test(checker):
     models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
     cal, test = PROBLEMS[:12], PROBLEMS[12:]
+    done = []
     res = comparison.compare_live(
         [comparison.LiveMethod("small", rules.FixedRule("small", 0), external="–"),
          comparison.LiveMethod("RSD", family=lambda d: rules.ScoreRule(OffScorer(), d, 2),
                                grid=tuple(reversed(baselines.GRID)), external="yes")],
-        cal, test, _backends(), checker, online.OnlineConfig(), models, "flops", alpha=0.1)
+        cal, test, _backends(), checker, online.OnlineConfig(), models, "flops", alpha=0.1,
+        between=lambda: done.append(len(done)))
+    assert done == [0, 1]  # the memory hook runs after each method
     rows = {r["method"]: r for r in res.rows}
     # R_M came from a large-only run on cal + test (its own row, first).
     assert res.rows[0]["method"] == "model 1 only" and set(res.large_right) == {

@@ -271,3 +271,29 @@ def test_prm_learns_a_step_label_and_prm_data_uses_the_rule_verifier(random_back
     scores, spent = prm.score(items)
     acc = np.mean([(s > 0.5) == bool(y) for s, (_, y) in zip(scores, held, strict=True)])
     assert acc > 0.8 and all(c["flops"] > 0 for c in spent)
+
+
+def test_stand_in_scorers_score_in_bounded_chunks_without_changing_a_score(random_backend,
+                                                                          monkeypatch):
+    """Regression (issue 14, item 10): one forward over every item made activation memory grow
+    with the batch; scores in chunks equal each item scored alone."""
+    from generation.tinylm import scorers
+
+    be = random_backend
+    items = [(f"Ada has {i} coins. How many?", (f"{i} + 1 = {i + 1}", f"So {i + 1}."))
+             for i in range(11)]
+    prm = scorers.TinyPRM(be.cfg, {"params": {"lm": be.weights["params"],
+                                              "v_head": {"kernel": jnp.ones((be.cfg.d_model, 1)),
+                                                         "bias": jnp.zeros(1)}}})
+    for scorer in (scorers.TinyJudge(be), prm):
+        alone = [scorer.score([it]) for it in items]
+        sizes = []
+        real = scorer._score
+        monkeypatch.setattr(scorer, "_score", lambda xs, real=real, sizes=sizes: (
+            sizes.append(len(xs)), real(xs))[1])
+        monkeypatch.setattr(scorers, "SCORE_ROWS", 4)
+        scores, spent = scorer.score(items)
+        assert sizes == [4, 4, 3]
+        np.testing.assert_allclose(scores, [a[0][0] for a in alone], rtol=1e-5)
+        assert spent == [a[1][0] for a in alone]
+        monkeypatch.undo()

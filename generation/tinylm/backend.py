@@ -12,9 +12,9 @@ Three things keep stepwise generation close to one-shot generation in wall time:
   of the same model — starts from that state instead of re-prefilling (`cached_tokens` = the
   prompt length, as vLLM reports it). The state never leaves the device: the rows that finish
   in one decode round are gathered into a held state of their own (not a view that would keep
-  the whole batch's buffers alive), and a later call gathers its rows from the held states in
-  one jitted call per source. LRU over sequences, bounded in bytes of held states
-  (`prefix_cache_mb`; decision 81).
+  the whole batch's buffers alive), and a later call scatters its rows from the held states into
+  its batch on the device (one in-place scatter per source). LRU over sequences, bounded in
+  bytes of held states (`prefix_cache_mb`; decision 81).
 - **Cache length per call**: K/V caches are as long as the call's rows can reach (a multiple
   of 64 positions), not the whole context, so short steps pay less attention and fewer bytes.
 - **Compaction** (continuous batching, in small): the jitted decode loop returns to the host when
@@ -49,27 +49,35 @@ def _take(tree, rows):
     return jax.tree.map(lambda x: x[rows], tree)
 
 
-@functools.partial(jax.jit, static_argnames=("length",))
-def _rows_at_length(tree, rows, length: int):
-    """Rows `rows` of (logits `[R, V]`, per layer (k, v) `[R, H, L, Dh]`), the caches cut or
-    zero-padded to `length` positions (a row's K/V beyond its position is never attended)."""
-    logits, caches = tree
-
-    def fit(c):
-        c = c[rows]
-        if c.shape[2] >= length:
-            return c[:, :, :length]
-        return jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
-
-    return logits[rows], tuple((fit(k), fit(v)) for k, v in caches)
+def _fit(c, length: int):
+    """K/V `[R, H, L, Dh]` cut or zero-padded to `length` positions (a row's K/V beyond its
+    position is never attended)."""
+    if c.shape[2] >= length:
+        return c[:, :, :length]
+    return jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("length",))
-def _assemble(trees, sels, perm, length: int):
-    """One batch from several sources: rows `sels[i]` of `trees[i]` (each at `length`
-    positions), concatenated, then reordered by `perm` (one dispatch for the whole batch)."""
-    parts = [_rows_at_length(t, s, length) for t, s in zip(trees, sels, strict=True)]
-    return jax.tree.map(lambda *a: jnp.concatenate(a)[perm], *parts)
+@functools.partial(jax.jit, static_argnames=("rows", "length"))
+def _empty_batch(logits_like, caches_like, rows: int, length: int):
+    """Zero (logits `[rows, V]`, caches `[rows, H, length, Dh]`) shaped like a held state's."""
+    return (jnp.zeros((rows,) + logits_like.shape[1:], logits_like.dtype),
+            tuple(tuple(jnp.zeros((rows, c.shape[1], length, c.shape[3]), c.dtype) for c in kv)
+                  for kv in caches_like))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _place(batch, tree, dst):
+    """`batch` (updated in place) with row dst[j] := row j of `tree` for every j whose dst is
+    in range (others are dropped). Compiles per (batch shape, source shape) — never per
+    combination of sources, which kept hundreds of MB of executables (decision 81)."""
+    logits, caches = batch
+    t_logits, t_caches = tree
+    length = caches[0][0].shape[2]
+    logits = logits.at[dst].set(t_logits, mode="drop")
+    caches = tuple((k.at[dst].set(_fit(tk, length), mode="drop"),
+                    v.at[dst].set(_fit(tv, length), mode="drop"))
+                   for (k, v), (tk, tv) in zip(caches, t_caches, strict=True))
+    return logits, caches
 
 
 @jax.jit
@@ -231,17 +239,23 @@ class TinyLMBackend:
                             list(range(len(miss))), miss))
         if len(sources) == 1 and miss and _rows(len(miss)) == rows:
             logits, caches = sources[0][0]  # all misses: the prefill is the state
-        elif len(sources) == 1:
-            tree, src, _ = sources[0]
-            logits, caches = _rows_at_length(tree, jnp.asarray(_padded(src, rows)), length=big)
         else:
-            sels, perm, offset = [], np.zeros(rows, np.int32), 0
-            for _, src, idx in sources:
-                sels.append(jnp.asarray(_padded(src, _rows(len(src)))))
-                perm[idx] = offset + np.arange(len(src))
-                offset += len(sels[-1])
-            logits, caches = _assemble(tuple(t for t, _, _ in sources), tuple(sels),
-                                       jnp.asarray(perm), length=big)
+            batch = _empty_batch(*sources[0][0], rows=rows, length=big)
+            for tree, src, idx in sources:
+                # One scatter per source; a row wanted twice (the same prefix twice in a call)
+                # takes a second pass, since a scatter writes each source row once.
+                todo = list(zip(src, idx, strict=True))
+                while todo:
+                    dst = np.full(tree[0].shape[0], rows, np.int32)  # out of range: dropped
+                    again = []
+                    for j, i in todo:
+                        if dst[j] == rows:
+                            dst[j] = i
+                        else:
+                            again.append((j, i))
+                    batch = _place(batch, tree, jnp.asarray(dst))
+                    todo = again
+            logits, caches = batch
         pos = np.ones(rows, np.int32)
         pos[:len(prompts)] = [len(p) for p in prompts]
         done = np.arange(rows) >= len(prompts)

@@ -86,9 +86,10 @@ def offline_result(trees, manifest, fit, paper, alpha: float, seed: int) -> dict
 
 
 def live_result(result: dict, work: Path, manifest, records: list[dict], backends, problems,
-                splits: dict[str, str], alpha: float, seed: int) -> dict:
+                splits: dict[str, str], alpha: float, seed: int, between=None) -> dict:
     """Add the live rows (`live_methods` through `comparison.compare_live`, R_M from the trees)
-    to `result`, and write each method's records to `work/online/<method>`."""
+    to `result`, and write each method's records to `work/online/<method>`. `between` is
+    called after each method (see `compare_live`)."""
     import re
 
     from generation import online
@@ -102,7 +103,7 @@ def live_result(result: dict, work: Path, manifest, records: list[dict], backend
         live = comparison.compare_live(
             live_methods(router, backends), cal, test, backends, checker,
             online.OnlineConfig(seed=seed, **GEN_CONFIG), manifest.models, "mflops",
-            alpha=alpha, seed=seed,
+            alpha=alpha, seed=seed, between=between,
             large_right={r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in records})
     for name, rs in live.records.items():
         records_lib.write_paths(work / "online" / re.sub(r"[^a-z0-9]+", "_", name.lower()),

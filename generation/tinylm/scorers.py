@@ -63,6 +63,21 @@ def _encode(tok: Tokenizer, question: str, steps: Sequence[str]) -> list[int]:
     return [tok.bos] + _ids(tok, question) + [tok.asst] + _ids(tok, prefix_text(steps))
 
 
+SCORE_ROWS = 64  # rows per forward pass: bounds activation memory (attention is [rows, H, L, L])
+
+
+def _in_chunks(score, items):
+    """`score(items)` a `SCORE_ROWS` slice at a time (each row is scored independently)."""
+    if len(items) <= SCORE_ROWS:
+        return score(items)
+    scores, spent = [], []
+    for i in range(0, len(items), SCORE_ROWS):
+        a, b = score(items[i:i + SCORE_ROWS])
+        scores += a
+        spent += b
+    return scores, spent
+
+
 def _pad(seqs: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     rows = max(8, 1 << (len(seqs) - 1).bit_length())
     width = min(max_len, int(-(-max(len(s) for s in seqs) // 32) * 32))
@@ -86,6 +101,9 @@ class TinyPRM:
         self._value = jax.jit(self.model.apply)
 
     def score(self, items):
+        return _in_chunks(self._score, items)
+
+    def _score(self, items):
         if not items:
             return [], []
         seqs = [_encode(self.tok, q, steps) for q, steps in items]
@@ -113,6 +131,9 @@ class TinyJudge:
         self._forward = jax.jit(self.backend.model.apply)
 
     def score(self, items):
+        return _in_chunks(self._score, items)
+
+    def _score(self, items):
         if not items:
             return [], []
         be = self.backend

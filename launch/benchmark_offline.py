@@ -45,13 +45,8 @@ def python_replay(packed: trace.PackedTrees, actions: np.ndarray, n: int) -> flo
     return time.perf_counter() - start
 
 
-def main(argv):
-    del argv
-    common.large_blocks_outside_the_heap()
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}")
-    _, packed = synthetic.generate_packed(synthetic.SyntheticConfig(
-        num_problems=_TRAIN_PROBLEMS.value))
-    cfg = trainer.TrainConfig()
+def time_training(packed: trace.PackedTrees, cfg: trainer.TrainConfig) -> tuple[float, float]:
+    """(seconds of a full training run, its steady-state estimate from the chunk times)."""
     times = []
     start = time.perf_counter()
     trainer.train(packed, cfg, progress=lambda d, m: times.append(time.perf_counter()))
@@ -61,6 +56,17 @@ def main(argv):
     print(f"training, {cfg.iterations} iterations (batch {cfg.batch_size}), compile and final "
           f"calibration included: {total:.1f} s (target ≤ 30 s); steady-state "
           f"{steady:.1f} s → compile/calibration overhead {total - steady:.1f} s")
+    return total, steady
+
+
+def main(argv):
+    del argv
+    common.large_blocks_outside_the_heap()
+    print(f"jax {jax.__version__}, {jax.devices()[0].platform}")
+    _, packed = synthetic.generate_packed(synthetic.SyntheticConfig(
+        num_problems=_TRAIN_PROBLEMS.value))
+    cfg = trainer.TrainConfig()
+    total, steady = time_training(packed, cfg)
 
     t0 = time.perf_counter()
     # Packed as they are drawn: 100 000 problems as Python dicts would take gigabytes.

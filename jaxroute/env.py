@@ -107,13 +107,20 @@ def walk(trees: PackedTrees, problems: jax.Array, roots: jax.Array, node_action:
                 total_cost=c.sum(-1), escalation=esc)
 
 
+NODE_CHUNK = 4096  # trees per policy evaluation: bounds the MLP's activations (decision 81)
+
+
 def node_log_probs(log_prob_fn: Callable, sub: PackedTrees) -> jax.Array:
     """log π(·|node) for every node of the gathered trees: `[N, S, T, K]`.
 
-    `log_prob_fn(obs [..., D], model [...]) -> [..., K]`.
+    `log_prob_fn(obs [..., D], model [...]) -> [..., K]`. More than `NODE_CHUNK` trees are
+    evaluated `NODE_CHUNK` at a time (`lax.map`), so evaluating 100 000 problems does not hold
+    every node's hidden activations at once.
     """
     model = jnp.broadcast_to(sub.seg_model[..., None], sub.step_cost.shape)
-    return log_prob_fn(sub.features, model)
+    if sub.features.shape[0] <= NODE_CHUNK:
+        return log_prob_fn(sub.features, model)
+    return jax.lax.map(lambda xm: log_prob_fn(*xm), (sub.features, model), batch_size=NODE_CHUNK)
 
 
 def rollout(trees: PackedTrees, problems, roots, log_prob_fn: Callable, key: jax.Array,

@@ -45,18 +45,19 @@ def python_replay(packed: trace.PackedTrees, actions: np.ndarray, n: int) -> flo
     return time.perf_counter() - start
 
 
-def time_training(packed: trace.PackedTrees, cfg: trainer.TrainConfig) -> tuple[float, float]:
-    """(seconds of a full training run, its steady-state estimate from the chunk times)."""
+def time_training(packed: trace.PackedTrees, cfg: trainer.TrainConfig):
+    """(seconds of a full training run, its steady-state estimate from the chunk times, the
+    trained result)."""
     times = []
     start = time.perf_counter()
-    trainer.train(packed, cfg, progress=lambda d, m: times.append(time.perf_counter()))
+    res = trainer.train(packed, cfg, progress=lambda d, m: times.append(time.perf_counter()))
     total = time.perf_counter() - start
     chunk_s = np.diff(times)
     steady = float(np.median(chunk_s)) * cfg.iterations / cfg.chunk if len(chunk_s) else total
     print(f"training, {cfg.iterations} iterations (batch {cfg.batch_size}), compile and final "
           f"calibration included: {total:.1f} s (target ≤ 30 s); steady-state "
           f"{steady:.1f} s → compile/calibration overhead {total - steady:.1f} s")
-    return total, steady
+    return total, steady, res
 
 
 def main(argv):
@@ -66,7 +67,7 @@ def main(argv):
     _, packed = synthetic.generate_packed(synthetic.SyntheticConfig(
         num_problems=_TRAIN_PROBLEMS.value))
     cfg = trainer.TrainConfig()
-    total, steady = time_training(packed, cfg)
+    total, steady, res = time_training(packed, cfg)
 
     t0 = time.perf_counter()
     # Packed as they are drawn: 100 000 problems as Python dicts would take gigabytes.
@@ -74,7 +75,6 @@ def main(argv):
         num_problems=_EVAL_PROBLEMS.value, seed=1))
     print(f"generated and packed {_EVAL_PROBLEMS.value} synthetic problems in "
           f"{time.perf_counter() - t0:.1f} s")
-    res = trainer.train(packed, trainer.TrainConfig(iterations=10, final_calibration=False))
     dev = env.to_device(big_packed)
     idx = np.arange(big_packed.num_problems)
     probs, roots = env.instances(big_packed, idx)
@@ -82,7 +82,7 @@ def main(argv):
     def evaluate_all():
         sub = env.gather(dev, jnp.asarray(probs))
         acts = env.greedy_actions(lambda o, m: res.networks.log_probs(
-            res.state.policy_params, res.state.normalizer, o, m), sub, jnp.float32(0.3))
+            res.state.policy_params, res.state.normalizer, o, m), sub, res.state.kappa)
         w = env.walk(dev, jnp.asarray(probs), jnp.asarray(roots), acts, env.horizon(big_packed))
         return acts, w
 

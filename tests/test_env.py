@@ -90,3 +90,19 @@ def test_rollout_batch_is_consistent_with_the_walk():
     esc = np.asarray(batch.action > batch.model) & m
     assert np.all(esc.sum(-1) <= 1)
     assert np.all(~esc | ~np.roll(m, -1, axis=1) | (np.arange(m.shape[1]) == m.shape[1] - 1))
+
+
+def test_policy_over_many_trees_is_evaluated_in_chunks_with_the_same_result(monkeypatch):
+    """Regression (issue 14, item 10): 100 000 problems' nodes went through the MLP at once."""
+    manifest, packed = synthetic.generate_packed(synthetic.SyntheticConfig(num_problems=23))
+    sub = env.gather(env.to_device(packed), jnp.arange(23))
+    w = jax.random.normal(jax.random.PRNGKey(0), (len(manifest.feature_names), 2))
+
+    def log_prob_fn(obs, model):  # any per-node function of features and model
+        return jax.nn.log_softmax(jnp.tanh(obs @ w) + model[..., None], -1)
+
+    whole = env.node_log_probs(log_prob_fn, sub)
+    monkeypatch.setattr(env, "NODE_CHUNK", 5)  # 23 trees: four full chunks and a remainder
+    chunked = env.node_log_probs(log_prob_fn, sub)
+    assert chunked.shape == whole.shape == sub.step_cost.shape + (2,)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)

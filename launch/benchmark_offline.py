@@ -103,7 +103,7 @@ def main(argv):
     print(f"  of which the tree walk: {walk_s:.3f} s; a plain-Python walk of the same actions, "
           f"extrapolated from {n_py}: {py_s:.2f} s → the jitted walk is {py_s / walk_s:.1f}× "
           "faster")
-    print(f"peak resident memory: {common.peak_rss_mb():,.0f} MB")
+    print(f"peak resident memory: {common.peak_rss_mb():,.0f} MiB")
     save("offline", "Offline training and evaluation on synthetic trees",
                  ["measurement", "result", "target"],
                  [[f"full training run, {cfg.iterations} iterations × batch {cfg.batch_size}, "
@@ -113,7 +113,7 @@ def main(argv):
                    "eq. 6 replay)", f"{eval_s:.2f} s ({len(probs) / eval_s:,.0f}/s)", "≤ 5 s"],
                   ["of which the jitted tree walk vs a plain-Python walk",
                    f"{walk_s:.3f} s vs {py_s:.2f} s ({py_s / walk_s:.1f}×)", "–"],
-                  ["peak resident memory (whole run)", f"{common.peak_rss_mb():,.0f} MB", "≤ 2048 MB"]],
+                  ["peak resident memory (whole run)", f"{common.peak_rss_mb():,.0f} MiB", "≤ 2048 MiB"]],
          extra={"peak_rss_mb": common.peak_rss_mb()})
 
 

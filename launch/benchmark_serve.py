@@ -122,7 +122,10 @@ def main(argv):
                "cores shared by both. Requests per level: "
                f"max(2, ⌈{_REQUESTS.value}/clients⌉) per client; after a warm-up of 16 requests. "
                "The ratio rows divide the router's figures by large-only's at the same "
-               "concurrency (below 1× for latency and FLOPs: routing is cheaper and faster).")
+               "concurrency (below 1×: the router is cheaper or faster). Latency is not FLOPs "
+               "here: the router makes one upstream call per step where large-only makes one "
+               "per answer, and the tiny-model upstreams generate one request at a time (no "
+               "batching), so beyond a few clients both rules queue at the upstreams.")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def large_blocks_outside_the_heap(threshold_bytes: int = 1 << 20) -> bool:
 
 def release_memory() -> None:
     """Between the stages of a long job (decision 81): drop JAX's compiled executables (a
-    stage's shapes are not the next one's; recompiling costs seconds, keeping them ~200–800 MB),
+    stage's shapes are not the next one's; recompiling costs seconds, keeping them hundreds of MB),
     collect garbage, and hand the heap's free pages back to the OS (without `malloc_trim` a
     fragmented heap keeps its peak size)."""
     import gc
@@ -87,7 +87,7 @@ def release_memory() -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB; Linux reports KiB)."""
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

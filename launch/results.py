@@ -100,8 +100,8 @@ def main_job(runs: Path) -> str | None:
     mem = cfg.get("peak_rss_mb", {})
     if mem:  # issue 14's targets: ≤ 5 minutes, ≤ 2 GB
         timing += (" (target ≤ 300 s); peak resident memory of the main process after each "
-                   "stage: " + ", ".join(f"{k} {v:.0f} MB" for k, v in mem.items())
-                   + " (target ≤ 2048 MB)")
+                   "stage: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items())
+                   + " (target ≤ 2048 MiB)")
     md = re.sub(r"^### ", "#### ", md, flags=re.M)
     return (f"`{MAIN_COMMAND}` — {when}, {os.cpu_count()} CPU cores; wall time: {timing}.\n\n"
             + md)
@@ -125,13 +125,13 @@ def targets(runs: Path) -> str:
 
     peak = max(mem.values()) if mem else None
     rows.append(["main job, peak resident memory", MAIN_COMMAND,
-                 "not run" if peak is None else f"{peak:.0f} MB", "≤ 2048 MB",
+                 "not run" if peak is None else f"{peak:.0f} MiB", "≤ 2048 MiB",
                  verdict(peak, 2048)])
     offline = _load(runs, "offline") or {}
     off_mb = offline.get("peak_rss_mb")
     rows.append(["offline evaluation of 100 000 problems, peak resident memory",
-                 BENCHMARKS["offline"], "not run" if off_mb is None else f"{off_mb:.0f} MB",
-                 "≤ 2048 MB", verdict(off_mb, 2048)])
+                 BENCHMARKS["offline"], "not run" if off_mb is None else f"{off_mb:.0f} MiB",
+                 "≤ 2048 MiB", verdict(off_mb, 2048)])
     total = secs.get("total")
     rows.append(["main job, wall time", MAIN_COMMAND,
                  "not run" if total is None else f"{total:.0f} s", "≤ 300 s",

@@ -43,7 +43,7 @@ def test_results_are_rendered_from_run_outputs(tmp_path):
     assert "### Core bench" in body and "| 1 | 2.5 |" in body
     assert "Not run yet: `python -m launch.benchmark_offline`" in body
     # The targets table reads each measurement from its run's output and judges it.
-    assert "| 2100 MB | ≤ 2048 MB | missed |" in body  # the worst stage counts
+    assert "| 2100 MiB | ≤ 2048 MiB | missed |" in body  # the worst stage counts
     assert "| 99 s | ≤ 300 s | met |" in body
     assert "| 31.2 µs | ≤ 50 µs | met |" in body
     assert "| not run | ≤ 1.2× | – |" in body

@@ -162,20 +162,18 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
             with tqdm(total=len(test), desc=f"      {m.name}", unit="problem") as bar:
                 recs = run(test, m.rule, bar)
             add(m.name, recs, summarize(recs), m.external, m.threshold)
-            if between is not None:
-                between()
-            continue
-        shared = [SharedBackend(b) for b in backends]  # one family's grid shares its work
-        with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
-                  desc=f"      {m.name} ({len(m.grid)}-point grid, cal + test)") as bar:
-            errors = cal_errors([run(cal, m.family(g), bar, shared) for g in m.grid])
-            recs_test = [run(test, m.family(g), bar, shared) for g in m.grid]
-        idx, feasible = evaluate.conformal_choice(errors, alpha)
-        curve = [dict(summarize(r), threshold=float(g)) for g, r in zip(m.grid, recs_test,
-                                                                         strict=True)]
-        add(m.name, recs_test[idx], dict(curve[idx], calibration_feasible=feasible), m.external,
-            float(m.grid[idx]))
-        out.curves[m.name] = curve
+        else:
+            shared = [SharedBackend(b) for b in backends]  # one family's grid shares its work
+            with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
+                      desc=f"      {m.name} ({len(m.grid)}-point grid, cal + test)") as bar:
+                errors = cal_errors([run(cal, m.family(g), bar, shared) for g in m.grid])
+                recs_test = [run(test, m.family(g), bar, shared) for g in m.grid]
+            idx, feasible = evaluate.conformal_choice(errors, alpha)
+            curve = [dict(summarize(r), threshold=float(g))
+                     for g, r in zip(m.grid, recs_test, strict=True)]
+            add(m.name, recs_test[idx], dict(curve[idx], calibration_feasible=feasible),
+                m.external, float(m.grid[idx]))
+            out.curves[m.name] = curve
         if between is not None:
             between()
     return out

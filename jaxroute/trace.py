@@ -378,6 +378,12 @@ def cost_of(c: dict, model: ModelInfo, cost_model: str) -> float:
     raise ValueError(f"cost_model must be one of {COST_MODELS}, got {cost_model!r}")
 
 
+# Padding of the per-segment arrays (axis 1 = segment, axis 2 = step); see `pack`.
+_SEGMENT_AXES = {"features": 2, "step_cost": 2, "verifier_ok": 2, "seg_len": 1, "seg_model": 1,
+                 "seg_correct": 1, "branch_seg": 2, "branch_correct": 2, "branch_cost": 2}
+_PAD = {"verifier_ok": True, "branch_seg": -1}
+
+
 def pack(manifest: Manifest, problems: Sequence[dict], cost_model: str = "flops") -> PackedTrees:
     """Pack validated problems into padded arrays (see `PackedTrees`)."""
     if cost_model not in COST_MODELS:
@@ -405,11 +411,11 @@ def pack(manifest: Manifest, problems: Sequence[dict], cost_model: str = "flops"
     out = dict(
         features=np.zeros((n, s_max, t_max, d), np.float32),
         step_cost=np.zeros((n, s_max, t_max), np.float32),
-        verifier_ok=np.ones((n, s_max, t_max), bool),
+        verifier_ok=np.full((n, s_max, t_max), _PAD["verifier_ok"], bool),
         seg_len=np.zeros((n, s_max), np.int32),
         seg_model=np.zeros((n, s_max), np.int32),
         seg_correct=np.zeros((n, s_max), bool),
-        branch_seg=np.full((n, s_max, t_max, k), -1, np.int32),
+        branch_seg=np.full((n, s_max, t_max, k), _PAD["branch_seg"], np.int32),
         branch_correct=np.zeros((n, s_max, t_max, k), bool),
         branch_cost=np.zeros((n, s_max, t_max, k), np.float32),
         num_roots=np.zeros(n, np.int32),
@@ -449,12 +455,6 @@ def pack(manifest: Manifest, problems: Sequence[dict], cost_model: str = "flops"
                     else:
                         out["branch_seg"][i, s, t, kp] = link[s][(t, kp)]
     return PackedTrees(**out)
-
-
-# Padding of the per-segment arrays (axis 1 = segment, axis 2 = step); see `pack`.
-_SEGMENT_AXES = {"features": 2, "step_cost": 2, "verifier_ok": 2, "seg_len": 1, "seg_model": 1,
-                 "seg_correct": 1, "branch_seg": 2, "branch_correct": 2, "branch_cost": 2}
-_PAD = {"verifier_ok": True, "branch_seg": -1}
 
 
 def concat(parts: Sequence[PackedTrees]) -> PackedTrees:

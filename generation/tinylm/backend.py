@@ -278,19 +278,20 @@ class TinyLMBackend:
     def _hold(self, state: DecodeState, rows: list[int], seqs: list[tuple[int, ...]]) -> None:
         """Cache finished rows `rows` of `state` under their token sequences `seqs` (LRU,
         bounded in bytes; decision 81). Their decode state stays on the device: a copy of just
-        these rows, so it does not keep the whole batch's buffers alive."""
-        if self.prefix_cache_bytes <= 0:
-            return
-        tree = _take((state.logits, state.caches), jnp.asarray(_padded(rows, _rows(len(rows)))))
-        hid, held = next(self._held_ids), [tree, 0, _nbytes(tree)]
-        self._held[hid] = held
-        self._cache_bytes += held[2]
-        for a, seq in enumerate(seqs):
+        the rows whose sequence is new, so it does not keep the whole batch's buffers alive."""
+        fresh: dict[tuple[int, ...], int] = {}  # sequence -> its first row, if not cached yet
+        for j, seq in zip(rows, seqs, strict=True):
             if seq not in self._cache:
-                self._cache[seq] = (hid, a)
-                held[1] += 1
-        if held[1] == 0:
-            self._drop(hid)
+                fresh.setdefault(seq, j)
+        if not fresh:
+            return
+        keep = list(fresh.values())
+        tree = _take((state.logits, state.caches), jnp.asarray(_padded(keep, _rows(len(keep)))))
+        hid = next(self._held_ids)
+        self._held[hid] = [tree, len(fresh), _nbytes(tree)]
+        self._cache_bytes += self._held[hid][2]
+        for a, seq in enumerate(fresh):
+            self._cache[seq] = (hid, a)
         while self._cache_bytes > self.prefix_cache_bytes and self._cache:
             hid, _ = self._cache.popitem(last=False)[1]
             self._held[hid][1] -= 1

@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import re
+import select
+import subprocess
+import sys
 
 
 class Verdict(enum.StrEnum):
@@ -85,9 +89,6 @@ class _Worker:
     command: tuple[str, ...] | None = None  # default: this Python, -m generation.answer_worker
 
     def __init__(self, start_timeout: float):
-        import subprocess
-        import sys
-
         cmd = list(self.command or (sys.executable, "-m", "generation.answer_worker"))
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE,
@@ -100,8 +101,6 @@ class _Worker:
                               f" (got {line!r}); is math-verify installed?")
 
     def _read(self, timeout: float) -> str | None:
-        import select
-
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
             return None
@@ -121,8 +120,6 @@ class _Worker:
         return Verdict(out["verdict"]) if "verdict" in out else Verdict.ERROR
 
     def kill(self) -> None:
-        import contextlib
-
         with contextlib.suppress(OSError):
             self.proc.kill()
         with contextlib.suppress(Exception):

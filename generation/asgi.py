@@ -2,23 +2,27 @@
 (`generation.serving`) and the tiny-model server (`generation.tinylm.server`) are Starlette
 applications served by uvicorn, and both answer every bad request in OpenAI's error shape.
 
-Here: `RequestError` and `error_body` (the error shape), `read_json(request, …)` (a body capped in
-bytes and in seconds, UTF-8, one JSON object), `check_fields` (refuse what a server would
-otherwise ignore silently), `integer`, `Admission` (requests in flight → 429 with `Retry-After`,
-503 while draining), `exception_handlers()` (404/405 in the error shape, never a traceback), and
-`BackgroundServer` (uvicorn in a thread on a pre-bound port: tests, benchmarks, programs that
-embed a server).
+Here: `RequestError` and `error_body` (the error shape), `read_json(request, …)` (a body capped
+in bytes and in seconds, UTF-8, one JSON object), `check_fields` (refuse what a server would
+otherwise ignore silently), `integer`, `Admission` (requests in flight → 429 with
+`Retry-After`, 503 while draining), `RequireKey` (the API-key middleware),
+`exception_handlers()` (404/405 in the error shape, never a traceback), and `BackgroundServer`
+(uvicorn in a thread on a pre-bound port: tests, benchmarks, programs that embed a server).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import socket
 import threading
 import time
 from typing import Any
+
+import uvicorn
+from starlette.responses import JSONResponse
 
 log = logging.getLogger("jaxroute.http")
 
@@ -39,8 +43,6 @@ def error_body(message: str, kind: str, code: int, param: str | None = None) -> 
 
 
 def error_response(e: RequestError):
-    from starlette.responses import JSONResponse
-
     return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status,
                         headers=e.headers)
 
@@ -142,10 +144,33 @@ class Admission:
         return self.in_flight == 0
 
 
+class RequireKey:
+    """ASGI middleware: every HTTP request but those to `open_paths` needs
+    `Authorization: Bearer <key>`, else 401 in OpenAI's error shape — before a handler runs,
+    so an unauthenticated request takes no admission slot and reads no body."""
+
+    def __init__(self, app, key: str, open_paths: frozenset[str] = frozenset()):
+        self.app, self.key, self.open_paths = app, key, open_paths
+        self._want = f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        got = dict(scope["headers"]).get(b"authorization")
+        if got is not None and _same(got, self._want):
+            return await self.app(scope, receive, send)
+        e = RequestError(401, "a valid API key is needed (Authorization: Bearer …)",
+                         "authentication_error")
+        return await error_response(e)(scope, receive, send)
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
 def exception_handlers() -> dict:
     """404, 405 and any uncaught exception in OpenAI's error shape (the last logged here, never
     sent to the client as a traceback)."""
-    from starlette.responses import JSONResponse
 
     async def not_found(request, exc):
         return JSONResponse(error_body(f"no route {request.url.path}", "invalid_request_error",
@@ -168,8 +193,6 @@ class BackgroundServer:
     free one), so `base_url` is known at once. A context manager; `close()` stops it."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_config):
-        import uvicorn
-
         self._sock = socket.create_server((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
         self.server = uvicorn.Server(uvicorn.Config(

@@ -1,9 +1,11 @@
 """The one backend interface: "given these problems and their current step prefixes, generate
-the next step (or the rest of the solution) with this model"."""
+the next step (or the rest of the solution) with this model". Implementations import this
+module; `generation.backends` builds them from specs (so no arrow points back here)."""
 
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -65,7 +67,6 @@ def redact_url(url: str | None) -> str | None:
     """A URL without credentials (user:password@host) — safe for provenance and logs."""
     if url is None:
         return None
-    import urllib.parse
 
     parts = urllib.parse.urlsplit(url)
     if parts.username or parts.password:
@@ -80,40 +81,3 @@ def redact_spec(spec: str | None) -> str | None:
         return spec
     head, _, url = spec.partition("@")
     return f"{head}@{redact_url(url)}"
-
-
-def make_backend(spec: str, *, params: float | None = None, cache=None, seed: int = 0,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
-                 max_model_len: int | None = None, api_key: str | None = None,
-                 max_error_rate: float = 0.5) -> Backend:
-    """A backend from a spec: `vllm:PATH_OR_HUB_NAME`, `openai:MODEL[@BASE_URL]`,
-    `openai-completions:MODEL@BASE_URL`, `openai-completions-raw:MODEL@BASE_URL` (a server
-    started with `--logprobs-mode raw_logits`: the confidence is the max raw logit, S_os) or
-    `tinylm:small|large` (the embedded default).
-
-    Clients are imported lazily, so only the kind asked for must be installed. An OpenAI-style
-    backend checks its server, key and model before the first request (`FatalBackendError`)."""
-    kind, _, rest = spec.partition(":")
-    if kind == "vllm":
-        from generation.vllm_backend import VLLMBackend
-
-        return VLLMBackend(rest, params=params, tensor_parallel_size=tensor_parallel_size,
-                           gpu_memory_utilization=gpu_memory_utilization,
-                           max_model_len=max_model_len, seed=seed)
-    if kind in ("openai", "openai-completions", "openai-completions-raw"):
-        from generation.openai_backend import OpenAIBackend
-
-        model, _, base = rest.partition("@")
-        if not model:
-            raise ValueError(f"backend spec {spec!r} names no model")
-        return OpenAIBackend(model, base_url=base or None, api_key=api_key,
-                             params=params or 0.0, mode="chat" if kind == "openai" else
-                             "completions", cache_path=cache, seed=seed,
-                             max_error_rate=max_error_rate,
-                             confidence="max_logit" if kind.endswith("-raw") else "top1_prob")
-    if kind == "tinylm":
-        from generation.tinylm import backend as tiny
-
-        return tiny.load(rest)
-    raise ValueError(f"unknown backend spec {spec!r} (vllm:…, openai:…, openai-completions:…, "
-                     "openai-completions-raw:…, tinylm:small|large)")

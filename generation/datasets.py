@@ -120,15 +120,8 @@ def split(problems: Sequence[Problem], fractions: Sequence[float] = (0.5, 0.2, 0
 
 
 def cal_and_test(name: str, path: str | Path | None = None, limit: int | None = None,
-                 seed: int = 0, tiny_sizes: tuple[int, int] = (150, 250)
-                 ) -> tuple[list[Problem], list[Problem]]:
-    """The calibration and test problems of a dataset (its seeded `split`), or, for `tiny`, of
-    the embedded procedural task (`tiny_sizes` problems each)."""
-    if name == "tiny":
-        from generation.tinylm import task
-
-        return ([p.problem for p in task.generate(tiny_sizes[0], seed, "cal")],
-                [p.problem for p in task.generate(tiny_sizes[1], seed, "test")])
+                 seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """The calibration and test problems of a dataset (its seeded `split`)."""
     problems = load(name, path, limit)
     which = split(problems, seed=seed)
     return ([p for p in problems if which[p.problem_id] == "cal"],

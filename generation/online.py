@@ -31,6 +31,7 @@ from generation.answers import AnswerChecker, Verdict
 from generation.backend import STEP_DELIMITER, Backend, StepRequest, StepResult, prefix_text
 from generation.datasets import Problem
 from generation.rules import Rule, View
+from jaxroute import trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +251,7 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
     return [{"problem_id": s.problem.problem_id, "dataset": s.problem.dataset,
              "difficulty": s.problem.difficulty, "method": rule.name,
              "correct": v == Verdict.CORRECT, "verdict": str(v), "status": s.status,
-             "pieces": s.pieces, "scorer_cost": _sum_cost(s.scorer)}
+             "pieces": s.pieces, "scorer_cost": trace.sum_costs(s.scorer)}
             for s, v in zip(live, verdicts, strict=True)]
 
 
@@ -275,11 +276,3 @@ def _accept(s: Live, r: StepResult, model: int, cfg: OnlineConfig,
         s.status, s.done = "max_steps", True
     elif s.tokens >= s.max_tokens:
         s.status, s.done = "max_tokens", True
-
-
-def _sum_cost(cs: Sequence[dict]) -> dict:
-    out: dict[str, float] = {}
-    for c in cs:
-        for k, v in c.items():
-            out[k] = out.get(k, 0.0) + float(v)
-    return out

@@ -62,10 +62,10 @@ class FixedRule:
 
 @dataclasses.dataclass
 class RouterRule:
-    """The trained TCPO router (eq. 6) from an exported checkpoint (`jaxroute.export.Router`)."""
+    """The trained router (eq. 6) from an exported checkpoint (`jaxroute.export.Router`)."""
 
     router: Any
-    name: str = "TCPO router (ours)"
+    name: str = "router (ours)"
     sticky: bool = True
     start_model: int = 0
 
@@ -74,10 +74,9 @@ class RouterRule:
             return []
         feats = np.stack([v.features for v in views]).astype(np.float32)
         models = np.array([v.model for v in views], np.int32)
-        if hasattr(self.router, "decide_scored"):  # the escalation probability is recorded
-            targets, esc = self.router.decide_scored(feats, models)
-            return [Decision(int(t), float(e)) for t, e in zip(targets, esc, strict=True)]
-        return [Decision(int(t)) for t in np.asarray(self.router.decide(feats, models))]
+        d = self.router.decide(feats, models)  # the escalation probability is recorded
+        return [Decision(int(t), float(e)) for t, e in zip(d.model, d.escalation_prob,
+                                                           strict=True)]
 
 
 @dataclasses.dataclass

@@ -222,7 +222,7 @@ def from_spec(spec: str, backends, *, role: str, cache=None, seed: int = 0,
         return VLLMRewardModel(m.group(1), prompt_format=fmt, trust_remote_code=fmt == "skywork",
                                **(prm_engine or {}))
     if kind == "openai":
-        from generation.backend import make_backend
+        from generation.backends import make_backend
 
         return OpenAIJudge(make_backend(spec, cache=cache, seed=seed))
     raise ValueError(f"unknown scorer spec {spec!r} (tiny, vllm-large, vllm:MODEL[:qwen|skywork], "

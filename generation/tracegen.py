@@ -26,6 +26,7 @@ from tqdm import tqdm
 from generation import costs, features
 from generation.answers import AnswerChecker, Verdict
 from generation.backend import Backend, StepRequest, StepResult, prefix_text
+from generation.backends import model_infos
 from generation.datasets import Problem
 from jaxroute import durable, trace
 
@@ -122,9 +123,7 @@ class TraceGenerator:
         # Weights versions (where a backend knows them) make stale trace sets detectable.
         versions = [getattr(b, "version", None) for b in self.backends]
         return trace.Manifest(
-            models=tuple(trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input,
-                                         p.output) for b, p in zip(self.backends, self.prices,
-                                                                   strict=True)),
+            models=model_infos(self.backends, self.prices),
             feature_names=features.FEATURE_NAMES,
             provenance={**provenance, "model_versions": versions})
 
@@ -317,15 +316,6 @@ class TraceGenerator:
                 "roots": [self._segment_record(si, tree, checks) for si in root_ids]}
 
 
-def _sum(cs: list[dict]) -> dict:
-    total = {"flops": 0.0, "input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0,
-             "prefill_flops": 0.0}
-    for c in cs:
-        for k in total:
-            total[k] += c[k]
-    return total
-
-
 # -- resumable driver, shards, merge -------------------------------------------------------------
 
 
@@ -476,3 +466,8 @@ def merge(parts: Sequence[Path], out: Path) -> Path:
             records.append(rec)
     trace.write_trace_set(out, first, records)
     return Path(out)
+
+
+def _sum(costs) -> dict:
+    """A generated segment's cost: its pieces' costs added up, prefill FLOPs included."""
+    return trace.sum_costs(costs, trace.COST_FIELDS + ("prefill_flops",))

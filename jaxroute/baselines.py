@@ -35,11 +35,6 @@ def escalate_where(trees: PackedTrees, flag: np.ndarray) -> np.ndarray:
     return np.where(flag, trees.num_models - 1, model).astype(np.int32)
 
 
-def random_escalation(trees: PackedTrees, prob: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return escalate_where(trees, rng.random(trees.step_cost.shape) < prob)
-
-
 def confidence_threshold(trees: PackedTrees, feature: int, tau: float) -> np.ndarray:
     """Escalate at the first step whose confidence feature is below τ."""
     return escalate_where(trees, trees.features[..., feature] < tau)
@@ -124,10 +119,6 @@ def steer_posterior(steer: Steer, features: np.ndarray) -> np.ndarray:
     `[..., D]` (every node of packed trees offline, a batch of drafts online). `[...]`."""
     b = np.clip(features[..., steer.step_feature].astype(int), 0, steer.max_bucket)
     return posterior_high(steer.mixture, features[..., steer.feature], b)
-
-
-def steer_actions(steer: Steer, trees: PackedTrees, tau: float) -> np.ndarray:
-    return escalate_where(trees, steer_posterior(steer, trees.features) < tau)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -152,14 +152,6 @@ def greedy_actions(log_prob_fn: Callable, sub: PackedTrees, kappa: jax.Array) ->
     return threshold.route(probs, kappa, model)
 
 
-def escalation_scores(log_prob_fn: Callable, sub: PackedTrees) -> jax.Array:
-    """`[N, S, T]` max_{a > k} π(a|node): Γ escalates at a node iff this is ≥ κ."""
-    logp = node_log_probs(log_prob_fn, sub)
-    model = jnp.broadcast_to(sub.seg_model[..., None], logp.shape[:-1])
-    higher = threshold.valid_actions(model + 1, logp.shape[-1])
-    return jnp.max(jnp.where(higher, jnp.exp(logp), 0.0), axis=-1)
-
-
 def instances(trees: PackedTrees, problem_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All (problem, root) pairs of the given problems: `(problems [N], roots [N])`."""
     problem_idx = np.asarray(problem_idx)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxroute import baselines, env, records
-from jaxroute.core import calibration
+from jaxroute import baselines, env, records, references
+from jaxroute.core import calibration, threshold
 from jaxroute.trace import PackedTrees
 
 
@@ -32,16 +32,6 @@ class Outcome:
     escalation: np.ndarray  # [N] int decision index of the first escalation, −1 if none
     large_right: np.ndarray  # [N] bool R_M = 1
     problems: np.ndarray  # [N] problem index (for bootstrap by problem)
-
-
-def walk_outcome(trees: PackedTrees, dev: PackedTrees, problems: np.ndarray, roots: np.ndarray,
-                 node_action: np.ndarray) -> Outcome:
-    """Replay per-node actions `[N, S, T]` (already gathered per instance)."""
-    w = env.walk(dev, jnp.asarray(problems), jnp.asarray(roots), jnp.asarray(node_action),
-                 env.horizon(trees))
-    return Outcome(correct=np.asarray(w.correct), cost=np.asarray(w.total_cost),
-                   escalation=np.asarray(w.escalation),
-                   large_right=trees.solo_correct[problems, -1], problems=problems)
 
 
 def solo_outcome(trees: PackedTrees, problems: np.ndarray, model: int) -> Outcome:
@@ -296,27 +286,22 @@ def train_nodes(trees: PackedTrees) -> np.ndarray:
 # -- the methods as families ------------------------------------------------------------------
 
 
-def router_family(trees: PackedTrees, log_prob_fn: Callable, name: str = "TCPO router (ours)",
+def router_family(trees: PackedTrees, log_prob_fn: Callable, name: str = "router (ours)",
                   grid_size: int = 201) -> Family:
-    """Eq. 6 (Γ) with knob κ: κ from 0 (escalate at the first decision) up through quantiles of
-    the policy's escalation scores on train nodes to above their maximum (never escalate)."""
+    """Eq. 6 (Γ, `core.route_rule`) with knob κ: κ from 0 (escalate at the first decision) up
+    through quantiles of the policy's escalation scores on train nodes to above their maximum
+    (never escalate)."""
     dev = env.to_device(trees)
     sub = env.gather(dev, jnp.arange(trees.num_problems))
     probs = np.exp(np.asarray(env.node_log_probs(log_prob_fn, sub)))
-    model = np.broadcast_to(trees.seg_model[..., None], trees.step_cost.shape)
-    ids = np.arange(trees.num_models)
-    higher = ids > model[..., None]
-    scores = np.max(np.where(higher, probs, 0.0), -1)
-    s = scores[train_nodes(trees)]
+    model = np.broadcast_to(trees.seg_model[..., None], trees.step_cost.shape).astype(np.int32)
+    s = threshold.escalation_score(np, probs, model)[train_nodes(trees)]
+    top = np.nextafter(np.float32(s.max() if s.size else 1.0), np.float32(2))
     grid = np.unique(np.concatenate([[0.0], np.quantile(s, np.linspace(0, 1, grid_size))
-                                     if s.size else [], [np.nextafter(np.float32(s.max() if s.size
-                                                                                 else 1.0),
-                                                                        np.float32(2))]]))
+                                     if s.size else [], [top]]))
 
     def actions(kappa):
-        ok = higher & (probs >= kappa)
-        best = np.max(np.where(ok, ids, -1), -1)
-        return np.where(best >= 0, best, model).astype(np.int32)
+        return threshold.route_rule(np, probs, np.float32(kappa), model)
 
     return Family(name, actions, [float(g) for g in grid])
 
@@ -355,23 +340,31 @@ def baseline_families(trees: PackedTrees, feature_names: Sequence[str], seed: in
     return fams
 
 
+def risk_family(trees: PackedTrees, seed: int = 0) -> Family:
+    """The risk-to-go classifier reference (decision 69), fitted on train; α-free."""
+    scores = references.risk_scores(references.fit_risk_to_go(trees, seed=seed), trees)
+    return Family("risk-to-go classifier (reference)",
+                  lambda tau: baselines.escalate_where(trees, scores >= tau),
+                  quantile_grid(scores[train_nodes(trees)], 201, descending=False))
+
+
+def table_family(trees: PackedTrees, feature_names: Sequence[str], alpha: float
+                 ) -> Family | None:
+    """The exact best threshold-table reference at α (decision 69), or None when the trees lack
+    its features (confidence, step index, difficulty)."""
+    names = list(feature_names)
+    if not {"confidence", "step_index", "difficulty"} <= set(names):
+        return None
+    table = references.fit_threshold_table(trees, names, alpha)
+    shifts = list(range(len(table.levels), -len(table.levels) - 1, -1))
+    return Family("threshold table (reference)", lambda k: table.actions(trees, k), shifts)
+
+
 def reference_families(trees: PackedTrees, feature_names: Sequence[str], alpha: float,
                        seed: int = 0) -> list[Family]:
-    """The reference policies of `jaxroute.references` (decision 68), fitted on train."""
-    from jaxroute import references
-
-    risk = references.fit_risk_to_go(trees, seed=seed)
-    scores = references.risk_scores(risk, trees)
-    fams = [Family("risk-to-go classifier (reference)",
-                   lambda tau: baselines.escalate_where(trees, scores >= tau),
-                   quantile_grid(scores[train_nodes(trees)], 201, descending=False))]
-    names = list(feature_names)
-    if {"confidence", "step_index", "difficulty"} <= set(names):
-        table = references.fit_threshold_table(trees, names, alpha)
-        shifts = list(range(len(table.levels), -len(table.levels) - 1, -1))
-        fams.append(Family("threshold table (reference)", lambda k: table.actions(trees, k),
-                           shifts))
-    return fams
+    """The reference policies of `jaxroute.references` (decision 69), fitted on train."""
+    table = table_family(trees, feature_names, alpha)
+    return [risk_family(trees, seed)] + ([table] if table is not None else [])
 
 
 def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
@@ -429,7 +422,7 @@ def mean_row(rows: Sequence[dict], name: str) -> dict[str, Any]:
 
 
 def matched_costs(rows: list[dict], curves: dict[str, list[dict]],
-                  reference: str = "TCPO router (ours)") -> dict[str, Any]:
+                  reference: str = "router (ours)") -> dict[str, Any]:
     """The secondary, accuracy-matched view: each curve's cost at the reference row's accuracy."""
     # Lower hull of each curve; nan when out of reach.
     ref = next((r for r in rows if r["method"] == reference), None)
@@ -438,11 +431,6 @@ def matched_costs(rows: list[dict], curves: dict[str, list[dict]],
     return {"reference": reference, "accuracy": ref["accuracy"], "cost": ref["cost"],
             "costs": {name: cost_at_accuracy(c, ref["accuracy"]) for name, c in curves.items()
                       if name != reference}}
-
-
-def policy_fn(networks, state) -> Callable:
-    """`log_prob_fn` of a trained state."""
-    return lambda o, m: networks.log_probs(state.policy_params, state.normalizer, o, m)
 
 
 # ------------------------------------------------------------------------------------------------

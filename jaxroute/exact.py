@@ -12,10 +12,11 @@ escalation to an intermediate model enters that model's segment. Children always
 segment indices than their parents, so one backward pass over segments and steps evaluates every
 node. Both quantities are differentiable in the policy's parameters.
 
-`train_exact` minimises E[cost] subject to E[miscoverage] ≤ α on the train split with these
-exact gradients (decision 67): by default the paper's CPO step (eq. 4, `core.cpo_step`) with g,
-b and c exact, trust region on KL(π_k ‖ π_θ). The deployed rule is still eq. 6 with κ from the
-same conformal calibration as every other method (decision 68).
+`make_learner` is the default learner (`jaxroute.learner.Learner`, decision 67): it minimises
+E[cost] subject to E[miscoverage] ≤ α on the train split with these exact gradients — by default
+the paper's CPO step (eq. 4, `core.cpo_step`) with g, b and c exact and the trust region on
+KL(π_k ‖ π_θ). The deployed rule is still eq. 6 with κ from the same conformal calibration as
+every other method (decision 68).
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
+from jaxroute import env, learner
 from jaxroute import networks as nets_lib
-from jaxroute.core import threshold
+from jaxroute.core import cpo, fisher, threshold
 from jaxroute.trace import PackedTrees
 
 
@@ -99,8 +100,8 @@ def expected_outcome(trees: PackedTrees, node_probs: jax.Array, roots: jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class ExactConfig:
-    """The exact-gradient trainer (decision 67). Defaults chosen on the routing benchmark
-    (`python -m launch.benchmark_routing`, decision log 67–70)."""
+    """The exact-gradient learner (decision 67). Defaults chosen on the routing benchmark
+    (`python -m launch.benchmark_routing`, decisions 67–70)."""
 
     alpha: float = 0.05
     alpha_scale: float = 1.0  # train for E[miss] ≤ alpha_scale·α (calibration then sets κ)
@@ -109,9 +110,6 @@ class ExactConfig:
     max_kl: float = 0.05  # cpo: trust region δ on mean KL(π_k ‖ π_θ) over valid nodes
     damping: float = 0.1  # cpo: Fisher damping
     cg_iters: int = 10  # cpo
-    # cpo restarts: further (cg_iters, iterations) runs per seed; the run with the lowest exact
-    # train cost at train miscoverage ≤ α is kept (decision 70).
-    restarts: tuple[tuple[int, int], ...] = ()
     constraint_tol: float = 0.0  # cpo: line-search slack on E[miss], as a fraction of α
     learning_rate: float = 3e-3  # lagrangian: Adam
     dual_lr: float = 0.5  # lagrangian: step of the multiplier on (E[miss] − α)
@@ -136,16 +134,31 @@ class Batch(NamedTuple):
     weights: jax.Array
 
 
-def _surrogates(networks, normalizer, flat_unravel, batch: Batch, cost_scale):
+class Data(NamedTuple):
+    """What the exact learner's update reads (`prepare`): the whole train split as one `Batch`,
+    the feature normaliser, the cost scale (mean large-only cost) and the target α."""
+
+    full: Batch
+    normalizer: nets_lib.Normalizer
+    cost_scale: jax.Array  # ()
+    alpha: jax.Array  # () the train constraint: alpha_scale · α
+
+
+class State(NamedTuple):
+    params: dict  # policy parameters
+    opt_state: optax.OptState  # lagrangian: Adam's state (cpo: unused, empty)
+    lam: jax.Array  # () lagrangian: the multiplier (cpo: unused)
+
+
+def _surrogates(networks, normalizer, unravel, batch: Batch, cost_scale):
     """flat θ ↦ (E[cost] / cost_scale, E[miscoverage]) over the batch, exactly."""
-    flat_to_params = flat_unravel
     sub = batch.sub
     model = jnp.broadcast_to(sub.seg_model[..., None], sub.step_cost.shape)
     valid = threshold.valid_actions(model, networks.num_models)
     w = batch.weights / jnp.sum(batch.weights)
 
     def logits_of(flat):
-        return networks.logits(flat_to_params(flat), normalizer, sub.features, model)
+        return networks.logits(unravel(flat), normalizer, sub.features, model)
 
     def surrogates(flat):
         q = jnp.exp(threshold.masked_log_softmax(logits_of(flat), valid)) * valid
@@ -156,16 +169,13 @@ def _surrogates(networks, normalizer, flat_unravel, batch: Batch, cost_scale):
     return logits_of, surrogates, valid
 
 
-def cpo_update(networks, normalizer, config: ExactConfig, cost_scale: float, params, batch: Batch,
+def cpo_update(networks, normalizer, config: ExactConfig, cost_scale, params, batch: Batch,
                alpha):
     """One CPO step (eq. 4, `core.cpo_step`) whose g, b and c are the exact gradients and value of
     E[cost] and E[miscoverage] — no sampling, no critics — with the trust region on
-    KL(π_k ‖ π_θ) averaged over valid nodes (decision 67)."""
-    from jaxroute.core import cpo, fisher
-
+    KL(π_k ‖ π_θ) averaged over valid nodes (`core.categorical_kl_fvp`, decision 67)."""
     flat_k, unravel = fisher.flatten(params)
     logits_of, surrogates, valid = _surrogates(networks, normalizer, unravel, batch, cost_scale)
-    k_models = networks.num_models
     sub = batch.sub
     node_valid = jnp.arange(sub.step_cost.shape[2])[None, None] < sub.seg_len[..., None]
     cost_k, miss_k = surrogates(flat_k)
@@ -175,15 +185,8 @@ def cpo_update(networks, normalizer, config: ExactConfig, cost_scale: float, par
     logq_k = jax.lax.stop_gradient(threshold.masked_log_softmax(logits_k, valid))
     d = node_valid * batch.weights[:, None, None]
     d = d / jnp.maximum(jnp.sum(d), 1e-30)
-
-    def kl_of_logits(u, ref, ok):
-        return fisher.categorical_kl(ref, threshold.masked_log_softmax(u, ok))
-
-    flat_rows = lambda x: x.reshape(-1, k_models)  # noqa: E731
-    h_u = jax.vmap(jax.hessian(kl_of_logits))(flat_rows(logits_k), flat_rows(logq_k),
-                                              flat_rows(valid))
-    h_u = h_u.reshape(d.shape + (k_models, k_models)) * d[..., None, None]
-    fvp = fisher.make_ggn_fvp(logits_of, flat_k, h_u, damping=0.0)
+    fvp = fisher.categorical_kl_fvp(logits_of, flat_k, logits_k, logq_k, valid, d,
+                                    threshold.masked_log_softmax)
 
     def mean_kl(flat):
         return jnp.sum(d * fisher.categorical_kl(
@@ -193,138 +196,88 @@ def cpo_update(networks, normalizer, config: ExactConfig, cost_scale: float, par
         g, b, miss_k - alpha, fvp, lambda x: (mean_kl(flat_k + x), *surrogates(flat_k + x)),
         max_kl=config.max_kl, damping=config.damping, cg_iters=config.cg_iters,
         objective_old=cost_k, constraint_old=miss_k, constraint_tol=config.constraint_tol * alpha)
-    metrics = dict(cost=cost_k, miss=miss_k, case=info.case, accepted=info.accepted, kl=info.kl)
+    metrics = dict(cost=cost_k, miss=miss_k, case=info.case, accepted=info.accepted, kl=info.kl,
+                   nonfinite=~(jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(b))))
     return unravel(flat_k + step), metrics
 
 
-def train_batch(trees: PackedTrees) -> tuple[Batch, nets_lib.Normalizer, float]:
-    """The train split as one `Batch` (every instance, each problem weighing 1 however many
-    roots it has — the calibration's exchangeable unit), its feature normaliser, and the cost
-    scale (mean large-only cost)."""
-    from jaxroute import env, trainer
+def lagrangian_update(networks, normalizer, config: ExactConfig, cost_scale, state: State,
+                      batch: Batch, alpha):
+    """The ablation's alternative (decision 70): an Adam step on E[cost] + λ(E[miss] − α) and
+    dual ascent on λ."""
+    flat, unravel = fisher.flatten(state.params)
+    _, surrogates, _ = _surrogates(networks, normalizer, unravel, batch, cost_scale)
 
-    train_idx = trees.split_indices("train")
-    if len(train_idx) == 0:
-        raise ValueError("no usable problems in the 'train' split")
-    problems, roots = env.instances(trees, train_idx)
+    def lagrangian(f):
+        cost, miss = surrogates(f)
+        return cost + state.lam * (miss - alpha), (cost, miss)
+
+    (_, (cost, miss)), grad = jax.value_and_grad(lagrangian, has_aux=True)(flat)
+    opt = optax.adam(config.learning_rate)
+    u, opt_state = opt.update(unravel(grad), state.opt_state, state.params)
+    lam = jnp.maximum(0.0, state.lam + config.dual_lr * (miss - alpha))
+    return (State(optax.apply_updates(state.params, u), opt_state, lam),
+            dict(cost=cost, miss=miss, lam=lam, nonfinite=~jnp.all(jnp.isfinite(grad))))
+
+
+def prepare(trees: PackedTrees, alpha_scale: float, alpha: float) -> Data:
+    """The train split (`trees`, already the train subset) as one `Batch` — every instance, each
+    problem weighing 1 however many roots it has (the calibration's exchangeable unit) — with
+    its normaliser, the cost scale and the train constraint α·alpha_scale."""
+    problems, roots = env.instances(trees, np.arange(trees.num_problems))
     sub = env.gather(env.to_device(trees), jnp.asarray(problems))
     _, inv, counts = np.unique(problems, return_inverse=True, return_counts=True)
     full = Batch(sub, jnp.asarray(roots), jnp.asarray(trees.solo_correct[problems, -1],
                                                       jnp.float32),
                  jnp.asarray(1.0 / counts[inv], jnp.float32))
-    cost_scale = float(np.mean(trees.solo_cost[train_idx, -1])) or 1.0
-    return full, trainer.fit_normalizer(trees.subset(train_idx)), cost_scale
+    cost_scale = float(np.mean(trees.solo_cost[:, -1])) or 1.0
+    return Data(full, learner.fit_normalizer(trees), jnp.float32(cost_scale),
+                jnp.float32(alpha * alpha_scale))
 
 
 @functools.lru_cache(maxsize=32)
-def trainer_fn(config: ExactConfig, num_models: int, num_features: int):
-    """The jitted `train(keys [S, 2], alpha, batch, normalizer, cost_scale) -> (params, history)`
-    for `config`, vmapped over seeds — cached, so every world of the same shapes reuses one
-    compiled program. α is an argument, so it needs no recompilation either."""
+def make_learner(config: ExactConfig, num_models: int, num_features: int) -> learner.Learner:
+    """The exact learner for `config` (α comes with the data, so configs that differ only in α
+    share one compiled program — cached)."""
+    if config.alpha != ExactConfig.alpha:
+        return make_learner(dataclasses.replace(config, alpha=ExactConfig.alpha), num_models,
+                            num_features)
     networks = nets_lib.make_networks(num_models, num_features, config.hidden)
-    opt = optax.adam(config.learning_rate)
     bsz = config.batch_size
 
-    def train(key, alpha, full: Batch, normalizer, cost_scale):
+    def sample(full: Batch, key):
         n = full.roots.shape[0]
+        if not bsz or bsz >= n:
+            return full
+        pick = jax.random.choice(key, n, (bsz,), replace=False)
+        return jax.tree.map(lambda a: a[pick], full)
 
-        def sample(k):
-            if not bsz or bsz >= n:
-                return full
-            pick = jax.random.choice(k, n, (bsz,), replace=False)
-            return jax.tree.map(lambda a: a[pick], full)
+    def init(key, data: Data) -> State:
+        params, _, _ = nets_lib.init_params(networks, key)
+        opt_state = optax.adam(config.learning_rate).init(params) \
+            if config.optimizer == "lagrangian" else ()
+        return State(params, opt_state, jnp.float32(1.0))
 
-        key, init_key = jax.random.split(key)
-        params, _, _ = nets_lib.init_params(networks, init_key)
+    def update(state: State, data: Data, key):
+        batch = sample(data.full, key)
         if config.optimizer == "cpo":
-            def body(carry, k):
-                return cpo_update(networks, normalizer, config, cost_scale, carry, sample(k),
-                                  alpha)
+            params, metrics = cpo_update(networks, data.normalizer, config, data.cost_scale,
+                                         state.params, batch, data.alpha)
+            return state._replace(params=params), metrics
+        return lagrangian_update(networks, data.normalizer, config, data.cost_scale, state,
+                                 batch, data.alpha)
 
-            return jax.lax.scan(body, params, jax.random.split(key, config.iterations))
-
-        def lagr_body(carry, k):
-            p, s, lam = carry
-            flat, unravel = ravel_pytree(p)
-            _, surrogates, _ = _surrogates(networks, normalizer, unravel, sample(k), cost_scale)
-
-            def lagrangian(f):
-                cost, miss = surrogates(f)
-                return cost + lam * (miss - alpha), (cost, miss)
-
-            (_, (cost, miss)), grad = jax.value_and_grad(lagrangian, has_aux=True)(flat)
-            u, s = opt.update(unravel(grad), s, p)
-            lam = jnp.maximum(0.0, lam + config.dual_lr * (miss - alpha))
-            return (optax.apply_updates(p, u), s, lam), dict(cost=cost, miss=miss, lam=lam)
-
-        (params, _, _), hist = jax.lax.scan(
-            lagr_body, (params, opt.init(params), jnp.float32(1.0)),
-            jax.random.split(key, config.iterations))
-        return params, hist
-
-    return networks, jax.jit(jax.vmap(train, in_axes=(0, None, None, None, None)))
-
-
-class ExactResult(NamedTuple):
-    networks: nets_lib.RouterNetworks
-    normalizer: nets_lib.Normalizer
-    params: dict  # policy parameters, stacked on a leading axis: one per seed
-    history: dict  # per seed: the kept run's final metrics, its index, every run's objective
-    seeds: tuple[int, ...]
-
-    def policy(self, i: int):
-        """Seed i's policy parameters."""
-        return jax.tree.map(lambda a: a[i], self.params)
-
-    def log_prob_fn(self, i: int):
-        params = self.policy(i)
-        return lambda o, m: self.networks.log_probs(params, self.normalizer, o, m)
-
-
-def train_exact(trees: PackedTrees, config: ExactConfig = ExactConfig(),
-                seeds: tuple[int, ...] = (0,)) -> ExactResult:
-    """Train one router per seed on the train split with exact expectations, the seeds in one
-    vmapped, jitted scan per run; with `restarts`, each seed keeps its best run by the exact
-    train objective (lowest cost among runs whose train miscoverage is ≤ α). κ is calibrated
-    afterwards like every other method's knob."""
-    target = jnp.float32(config.alpha * config.alpha_scale)
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    runs = [config] + [dataclasses.replace(config, cg_iters=c, iterations=n, restarts=())
-                       for c, n in (config.restarts if config.optimizer == "cpo" else ())]
-    full, normalizer, cost_scale = train_batch(trees)
-    results = []
-    for cfg in runs:
-        # α is an argument of the compiled trainer: the config's own α must not key the cache.
-        networks, train = trainer_fn(dataclasses.replace(cfg, alpha=0.5, alpha_scale=1.0),
-                                     trees.num_models, trees.features.shape[-1])
-        params, hist = train(keys, target, full, normalizer, jnp.float32(cost_scale))
-        history = {k: np.asarray(v) for k, v in hist.items()}
-        if not np.all(np.isfinite(history["cost"])):
-            raise FloatingPointError("non-finite expected cost during exact training")
-        cost, miss = train_objective(trees, networks, normalizer, params)
-        results.append((params, history, cost, miss))
-    # Per seed: the cheapest run that meets the train constraint (within float tolerance).
-    cost = np.stack([r[2] for r in results])  # [runs, seeds]
-    miss = np.stack([r[3] for r in results])
-    pick = np.argmin(np.where(miss <= float(target) * 1.02 + 1e-6, cost, np.inf), axis=0)
-    pick = np.where(np.isfinite(np.min(np.where(miss <= float(target) * 1.02 + 1e-6, cost,
-                                                np.inf), axis=0)), pick, 0)
-    params = jax.tree.map(lambda *xs: jnp.stack([xs[p][i] for i, p in enumerate(pick)]),
-                          *[r[0] for r in results])
-    # Per seed, the kept run's final metrics (runs differ in length), its index, and the exact
-    # train objective of every run.
-    history = {k: np.asarray([results[p][1][k][i][-1] for i, p in enumerate(pick)])
-               for k in results[0][1]}
-    history.update(run=np.asarray(pick), run_train_cost=cost, run_train_miss=miss)
-    return ExactResult(networks, normalizer, params, history, tuple(seeds))
+    return learner.Learner(
+        name="exact", networks=networks,
+        prepare=lambda trees, alpha: prepare(trees, config.alpha_scale, alpha),
+        init=init, update=update, params=lambda s: s.params,
+        kappa=lambda s: jnp.float32(jnp.nan))
 
 
 def train_objective(trees: PackedTrees, networks, normalizer, params) -> tuple[np.ndarray,
                                                                                np.ndarray]:
     """Exact (E[cost] / large-only cost, E[miscoverage]) on the train split, per seed `[seeds]`
     of stacked `params`."""
-    from jaxroute import env
-
     idx = trees.split_indices("train")
     problems, roots = env.instances(trees, idx)
     sub = env.gather(env.to_device(trees), jnp.asarray(problems))
@@ -344,72 +297,3 @@ def train_objective(trees: PackedTrees, networks, normalizer, params) -> tuple[n
     cost, miss = one(params)
     scale = float(np.mean(trees.solo_cost[idx, -1])) or 1.0
     return np.asarray(cost) / scale, np.asarray(miss)
-
-
-class ExactFit(NamedTuple):
-    result: ExactResult
-    kappas: list[float]  # κ per seed, calibrated on the cal split (decision 68)
-    feasible: list[bool]
-
-
-def calibrate_seeds(trees: PackedTrees, result: ExactResult, alpha: float) -> ExactFit:
-    """κ for every seed's router by the one calibration rule of every method."""
-    from jaxroute import env, evaluate
-
-    dev = env.to_device(trees)
-    cal = env.instances(trees, trees.split_indices("cal"))
-    kappas, feasible = [], []
-    for i in range(len(result.seeds)):
-        fam = evaluate.router_family(trees, result.log_prob_fn(i))
-        idx, ok, _ = evaluate.calibrate_family(trees, dev, fam, cal, alpha)
-        kappas.append(float(fam.grid[idx]))
-        feasible.append(ok)
-    return ExactFit(result, kappas, feasible)
-
-
-def train_and_export(trees: PackedTrees, manifest, config: ExactConfig, workdir, *,
-                     seeds: tuple[int, ...] = (0,), source: str, cost_model: str,
-                     router_dir=None) -> ExactFit:
-    """Train one router per seed (`train_exact`), calibrate each κ, record the run in
-    `workdir/train_config.json` and export the first seed's router (`export.export_trained`,
-    the one export path) to `router_dir` (default `workdir/router`)."""
-    from pathlib import Path
-
-    from jaxroute.durable import exclusive
-
-    trees.require_splits("train", "cal", where=source)
-    workdir = Path(workdir)
-    with exclusive(workdir):
-        return _train_and_export(trees, manifest, config, workdir, seeds, source, cost_model,
-                                 router_dir)
-
-
-def _train_and_export(trees, manifest, config, workdir, seeds, source, cost_model,
-                      router_dir) -> ExactFit:
-    import json
-    from pathlib import Path
-
-    from jaxroute import export
-    from jaxroute.durable import atomic_write_text
-
-    record = {"trainer": "exact", "config": dataclasses.asdict(config), "seeds": list(seeds),
-              "source": source, "cost_model": cost_model}
-    atomic_write_text(workdir / "train_config.json", json.dumps(record, indent=2) + "\n")
-    fit = calibrate_seeds(trees, train_exact(trees, config, seeds), config.alpha)
-    export.export_trained(
-        Path(router_dir) if router_dir else workdir / "router", networks=fit.result.networks,
-        policy_params=fit.result.policy(0), normalizer=fit.result.normalizer,
-        kappa=fit.kappas[0], manifest=manifest, alpha=config.alpha, hidden=config.hidden,
-        train_config={"trainer": "exact", **dataclasses.asdict(config), "seed": seeds[0]},
-        extra={"calibration_feasible": fit.feasible[0], "cost_model": cost_model,
-               "source": source})
-    return fit
-
-
-def config_from_dict(d: dict) -> ExactConfig:
-    """Inverse of `dataclasses.asdict(ExactConfig)` (e.g. a run's train_config.json)."""
-    try:
-        return ExactConfig(**{**d, "hidden": tuple(int(h) for h in d["hidden"]),
-                              "restarts": tuple(tuple(r) for r in d.get("restarts", ()))})
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"not an ExactConfig: {e}") from None

@@ -7,7 +7,7 @@ Layout of an exported router folder:
     params/          orbax PyTree checkpoint of {"policy": ..., "norm_mean": [D], "norm_std": [D]}
 
 `load_router(path, feature_names=...)` refuses a router whose feature spec differs from the
-caller's, and returns a `Router` whose `decide(features, model)` is eq. 6, jitted.
+caller's, and returns a `Router` whose `decide(features, model)` is eq. 6.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,6 +40,13 @@ class RouterSpecError(ValueError):
     """The router's feature spec or models do not match what the caller generates."""
 
 
+class Decisions(NamedTuple):
+    """A router's decisions for a batch of steps, `[...]` each."""
+
+    model: np.ndarray  # int32: the model of the next segment (eq. 6)
+    escalation_prob: np.ndarray  # float32: max_{a>k} π(a|o), the value eq. 6 compared with κ
+
+
 @dataclasses.dataclass
 class Router:
     networks: nets_lib.RouterNetworks
@@ -47,67 +56,42 @@ class Router:
     meta: dict
 
     def __post_init__(self):
-        def decide(params, mean, std, kappa, features, model):
-            norm = nets_lib.Normalizer(mean, std)
-            probs = jnp.exp(self.networks.log_probs(params, norm, features, model))
-            return threshold.route(probs, kappa, model)
-
-        self._decide = jax.jit(decide)
-
-        def escalation_prob(params, mean, std, features, model):
+        def probs(params, mean, std, features, model):
             norm = nets_lib.Normalizer(mean, std)
             return jnp.exp(self.networks.log_probs(params, norm, features, model))
 
-        self._probs = jax.jit(escalation_prob)
+        self._device_probs = jax.jit(probs)
         self._host = _host_policy(self.policy_params, self.normalizer, self.networks.num_models)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(self.meta["feature_names"])
 
-    def decide(self, features, model) -> np.ndarray:
-        """Eq. 6: the model for the next segment, `[...]` int, from features `[..., D]` and the
-        current model `[...]`. Up to `HOST_BATCH` decisions run in numpy on the host (no
-        host↔device transfer — the serving path), larger batches in the jitted function
-        (decision 79; `python -m launch.benchmark_router` measures the crossover)."""
+    def decide(self, features, model, path: str = "auto") -> Decisions:
+        """Eq. 6 for a batch: features `[..., D]` and current models `[...]` in, `Decisions` out.
+
+        π is computed in numpy on the host for up to `HOST_BATCH` decisions (no host↔device
+        transfer: the serving path) and by one jitted call above (decision 79; `python -m
+        launch.benchmark_router` measures the crossover); `path="host"` / `"device"` forces one.
+        Either way the rule itself is `core.route_rule`, the one eq. 6."""
         f = np.asarray(features, np.float32)
         m = np.asarray(model, np.int32)
-        if f.size // max(f.shape[-1], 1) <= HOST_BATCH:
-            return self.decide_host(f, m)
-        return np.asarray(self.decide_jit(f, m))
-
-    def decide_jit(self, features, model) -> jax.Array:
-        """Eq. 6 in one jitted call (the batched path)."""
-        return self._decide(self.policy_params, self.normalizer.mean, self.normalizer.std,
-                            jnp.float32(self.kappa), jnp.asarray(features, jnp.float32),
-                            jnp.asarray(model, jnp.int32))
-
-    def decide_host(self, features: np.ndarray, model: np.ndarray) -> np.ndarray:
-        """Eq. 6 in numpy, the normaliser folded into the first layer (the small-batch path)."""
-        return self.decide_scored(features, model)[0]
-
-    def decide_scored(self, features, model) -> tuple[np.ndarray, np.ndarray]:
-        """Eq. 6 and the escalation probability max_{a>k} π(a|o) it compared with κ, `[...]`
-        each (numpy up to `HOST_BATCH` decisions, else one jitted call for π)."""
-        f = np.asarray(features, np.float32)
-        m = np.asarray(model, np.int32)
-        small = f.size // max(f.shape[-1], 1) <= HOST_BATCH
-        probs = self._host.probs(f, m) if small else np.asarray(self.probs(f, m))
-        ids = np.arange(probs.shape[-1])
-        higher = ids > m[..., None]
-        ok = higher & (probs >= np.float32(self.kappa))
-        best = np.max(np.where(ok, ids, -1), axis=-1)
-        return (np.where(best >= 0, best, m).astype(np.int32),
-                np.max(np.where(higher, probs, 0.0), axis=-1))
+        if path == "auto":
+            path = "host" if f.size // max(f.shape[-1], 1) <= HOST_BATCH else "device"
+        if path == "host":
+            probs = self._host.probs(f, m)
+        elif path == "device":
+            probs = np.asarray(self._device_probs(
+                self.policy_params, self.normalizer.mean, self.normalizer.std, jnp.asarray(f),
+                jnp.asarray(m)))
+        else:
+            raise ValueError(f"path must be 'auto', 'host' or 'device', got {path!r}")
+        return Decisions(threshold.route_rule(np, probs, np.float32(self.kappa), m),
+                         threshold.escalation_score(np, probs, m).astype(np.float32))
 
     def log_probs(self, features, model) -> jax.Array:
-        """log π(·|o) `[..., K]` (traceable; used by the offline evaluation)."""
+        """log π(·|o) `[..., K]` (traceable: the offline evaluation walks it over the trees)."""
         return self.networks.log_probs(self.policy_params, self.normalizer, features, model)
-
-    def probs(self, features, model) -> jax.Array:
-        """π(·|o) `[..., K]`."""
-        return self._probs(self.policy_params, self.normalizer.mean, self.normalizer.std,
-                           jnp.asarray(features, jnp.float32), jnp.asarray(model, jnp.int32))
 
 
 HOST_BATCH = 64  # decisions up to this batch size run in numpy (decision 79)
@@ -159,8 +143,6 @@ def export_router(path: str | Path, networks: nets_lib.RouterNetworks, policy_pa
     temporary folder beside `path`, which then replaces `path` (an existing router is moved
     aside first and removed after), so a reader finds the old router or the new one, never a
     mix."""
-    import shutil
-    import tempfile
 
     path = Path(path).absolute()
     if len(feature_names) != networks.num_features:

@@ -6,8 +6,8 @@ caller, since this package does not generate with language models). For each wor
 and α, every method's knob is calibrated on the calibration split by the one conformal rule
 (`evaluate.conformal_choice`, decision 68) and reported on the test split:
 
-- the router (`exact.train_exact`, the default trainer) and the paper-faithful TCPO
-  (`trainer.train_many`, batch 5, the paper's settings), one row per training seed;
+- the router (the exact learner, the default) and the paper-faithful TCPO (batch 5, the paper's
+  settings), both trained by `trainer.train`, one row per training seed;
 - the baselines: random escalation, the confidence threshold, STEER;
 - the references (`jaxroute.references`): the risk-to-go classifier and the threshold table;
 - the hindsight oracle at coverage 1 − α, the floor.
@@ -57,7 +57,6 @@ QUICK_WORLDS = ("cov 0.75, AUROC 0.75", "embedded tiny LMs")
 # Trainer ideas measured against the default (`--ablation`, decision 70): ExactConfig overrides.
 ABLATIONS = {
     "CG 1 iteration, 60 iterations": dict(cg_iters=1, iterations=60),
-    "restarts: CG 10 × 30 it. + CG 1 × 60 it., best train objective": dict(restarts=((1, 60),)),
     "line-search slack 0.1α, 60 iterations": dict(constraint_tol=0.1, iterations=60),
     "trust region δ = 0.01 (the paper's)": dict(max_kl=0.01),
     "trained for 1.5α": dict(alpha_scale=1.5),
@@ -80,9 +79,11 @@ def synthetic_world(world: World, data_seed: int) -> tuple[trace.Manifest, trace
     return synthetic.generate_packed(cfg, "flops")
 
 
-def paper_config(alpha: float) -> trainer.TrainConfig:
-    """The paper's TCPO settings (Sec. 5.1): batch 5, 1000 iterations, the rest as decided."""
-    return trainer.TrainConfig(tcpo=tcpo.TCPOConfig(alpha=alpha), iterations=1000, batch_size=5)
+def paper_config(alpha: float, seeds=(0,)) -> trainer.TrainConfig:
+    """The paper's TCPO settings (Sec. 5.1): batch 5, 1000 iterations, the rest as decided; κ
+    calibrated afterwards like every method's knob (by the evaluation)."""
+    return trainer.TrainConfig(tcpo.TCPOConfig(alpha=alpha, iterations=1000, batch_size=5),
+                               seeds=tuple(seeds), chunk=1000, final_calibration=False)
 
 
 def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace.PackedTrees,
@@ -114,31 +115,26 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
     t0 = time.perf_counter()
     shared = [evaluate.walk_family(trees, dev, f, cal, test)
               for f in evaluate.baseline_families(trees, names, data_seed)]
-    from jaxroute import references  # the α-free reference: fitted once
-
-    risk = references.risk_scores(references.fit_risk_to_go(trees, seed=data_seed), trees)
-    risk_fam = evaluate.Family(REFERENCES[0], lambda tau: _escalate(trees, risk >= tau),
-                               evaluate.quantile_grid(risk[evaluate.train_nodes(trees)], 201,
-                                                      descending=False))
-    shared.append(evaluate.walk_family(trees, dev, risk_fam, cal, test))
+    shared.append(evaluate.walk_family(trees, dev, evaluate.risk_family(trees, data_seed), cal,
+                                       test))  # the α-free reference: fitted and walked once
     log(f"  {world} / data {data_seed}: baselines walked ({time.perf_counter() - t0:.0f} s)")
     for alpha in alphas:
         for fw in shared:
             kind = "reference" if fw.family.name in REFERENCES else "baseline"
             record(alpha, fw.family.name, kind, evaluate.report_family(fw, alpha))
-        if {"confidence", "step_index", "difficulty"} <= set(names):
-            t1 = time.perf_counter()
-            table = references.fit_threshold_table(trees, names, alpha)
-            shifts = list(range(len(table.levels), -len(table.levels) - 1, -1))
-            fam = evaluate.Family(REFERENCES[1], lambda k, t=table: t.actions(trees, k), shifts)
+        t1 = time.perf_counter()
+        table = evaluate.table_family(trees, names, alpha)
+        if table is not None:
             record(alpha, REFERENCES[1], "reference",
-                   evaluate.evaluate_family(trees, dev, fam, cal, test, alpha),
+                   evaluate.evaluate_family(trees, dev, table, cal, test, alpha),
                    seconds=time.perf_counter() - t1)
         base = dataclasses.replace(exact_config or exact.ExactConfig(), alpha=alpha)
         for name, over in [(ROUTER, {})] + [(f"variant: {k}", v)
                                             for k, v in (variants or {}).items()]:
             t1 = time.perf_counter()
-            res = exact.train_exact(trees, dataclasses.replace(base, **over), tuple(train_seeds))
+            res = trainer.train(trees, trainer.TrainConfig(
+                dataclasses.replace(base, **over), seeds=tuple(train_seeds),
+                final_calibration=False))
             secs = (time.perf_counter() - t1) / len(train_seeds)
             for i, s in enumerate(train_seeds):
                 fam = evaluate.router_family(trees, res.log_prob_fn(i), name)
@@ -146,29 +142,16 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
                        evaluate.evaluate_family(trees, dev, fam, cal, test, alpha), s, secs)
         if paper:
             t1 = time.perf_counter()
-            nets, states = trainer.train_many(trees, paper_config(alpha), train_seeds)
+            res = trainer.train(trees, paper_config(alpha, train_seeds))
             secs = (time.perf_counter() - t1) / len(train_seeds)
             for i, s in enumerate(train_seeds):
-                st = _index(states, i)
-                fam = evaluate.router_family(trees, evaluate.policy_fn(nets, st), PAPER)
+                fam = evaluate.router_family(trees, res.log_prob_fn(i), PAPER)
                 record(alpha, PAPER, "paper", evaluate.evaluate_family(trees, dev, fam, cal, test,
                                                                        alpha), s, secs)
         oracle = evaluate.oracle_summary(trees, pt, rt, alpha)["oracle (coverage 1-α)"]
         record(alpha, ORACLE, "oracle", {"row": oracle})
         log(f"  {world} / data {data_seed} / α {alpha}: done ({time.perf_counter() - t0:.0f} s)")
     return out
-
-
-def _escalate(trees, flag):
-    from jaxroute import baselines
-
-    return baselines.escalate_where(trees, flag)
-
-
-def _index(tree, i):
-    import jax
-
-    return jax.tree.map(lambda a: a[i], tree)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ mislabels a step with probability `verifier_flip`. The manifest is marked `"synt
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Iterator
 
 import jax.numpy as jnp
@@ -82,7 +83,6 @@ def family_config(small_coverage: float, auroc: float, num_models: int = 2, seed
     standard deviations, so a wrong step scores below a sound one with probability AUROC. For
     K = 3 the middle model sits halfway between the two.
     """
-    import statistics
 
     if not 0.0 < small_coverage < 1.0 or not 0.5 <= auroc < 1.0:
         raise ValueError("small_coverage in (0, 1) and auroc in [0.5, 1) are required")
@@ -206,7 +206,7 @@ def iter_problems(cfg: SyntheticConfig) -> Iterator[dict]:
         roots = [gen.segment(0, int(level), u, 0, True, cfg.prompt_tokens)
                  for _ in range(cfg.roots_per_problem)]
         solo = [{"correct": roots[0]["correct"],
-                 "cost": _sum_costs(s["cost"] for s in roots[0]["steps"])}]
+                 "cost": trace.sum_costs(s["cost"] for s in roots[0]["steps"])}]
         for k in range(1, cfg.num_models):
             leaf = gen.solution(k, int(level), u, 0, True, cfg.prompt_tokens)
             solo.append({"correct": leaf["correct"], "cost": leaf["cost"]})
@@ -215,14 +215,6 @@ def iter_problems(cfg: SyntheticConfig) -> Iterator[dict]:
             "difficulty": float(level + 1), "split": trace.SPLITS[int(splits[i])],
             "solo": solo, "roots": roots,
         }
-
-
-def _sum_costs(costs) -> dict:
-    total = {"flops": 0.0, "input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0}
-    for c in costs:
-        for key in total:
-            total[key] += c[key]
-    return total
 
 
 def synthetic_rollout(seed: int, b: int, t: int, d: int, k: int = 2) -> Rollout:

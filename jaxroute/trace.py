@@ -2,7 +2,7 @@
 
 A *trace set* is a folder with `manifest.json` and `trees.jsonl` (one problem per line).
 
-Semantics (BUILD_NOTES.md, "trace trees"). A *segment* is a run of steps by one model. Decision t
+Semantics (decisions 20–22). A *segment* is a run of steps by one model. Decision t
 observes step t of the current segment. "Continue" moves to step t+1 (after the final step it ends
 the episode with that segment's answer). "Escalate to k'" discards step t and lets model k'
 regenerate from the prefix y_{<t} (sticky: it never comes back). The escalation target is either a
@@ -29,9 +29,11 @@ Costs are kept as FLOPs and token counts; `pack` turns them into one cost unit: 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -184,11 +186,15 @@ def _need(d: Any, key: str, kind, where: str):
     return val
 
 
+# The fields every cost record has (`prefill_flops`, where present, is a separate column).
+COST_FIELDS = ("flops", "input_tokens", "cached_input_tokens", "output_tokens")
+
+
 def _check_cost(c: Any, where: str) -> None:
     _need(c, "flops", float, where)
     if c["flops"] < 0:
         raise TraceFormatError(f"{where}: field 'flops' must be ≥ 0, got {c['flops']}")
-    for k in ("input_tokens", "cached_input_tokens", "output_tokens"):
+    for k in COST_FIELDS[1:]:
         _need(c, k, int, where)
     if c["cached_input_tokens"] > c["input_tokens"]:
         raise TraceFormatError(f"{where}: cached_input_tokens > input_tokens")
@@ -344,7 +350,6 @@ class PackedTrees(NamedTuple):
 
     def fingerprint(self) -> str:
         """sha256 of every packed array: the identity of the data a run trained on."""
-        import hashlib
 
         h = hashlib.sha256()
         for a in self:
@@ -363,6 +368,16 @@ class PackedTrees(NamedTuple):
 
     def split_indices(self, name: str) -> np.ndarray:
         return np.flatnonzero((self.split == SPLITS.index(name)) & self.ok)
+
+
+def sum_costs(costs, keys: Sequence[str] = COST_FIELDS) -> dict:
+    """Field-wise sum of cost records; `keys` (by default every cost record's fields) are
+    present, 0, even when no record has them. The one way every layer adds costs up."""
+    out: dict = {k: 0.0 if k.endswith("flops") else 0 for k in keys}
+    for c in costs:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def cost_of(c: dict, model: ModelInfo, cost_model: str) -> float:
@@ -480,7 +495,7 @@ def concat(parts: Sequence[PackedTrees]) -> PackedTrees:
 def pack_stream(manifest: Manifest, problems: Iterable[dict], cost_model: str = "flops",
                 chunk: int = 4096) -> PackedTrees:
     """`pack` of a stream of problems, `chunk` at a time, so that at most `chunk` problems are
-    held as Python dicts (issue 14: 100 000 dict trees take gigabytes)."""
+    held as Python dicts (100 000 dict trees take gigabytes, decision 81)."""
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
     parts, batch = [], []
@@ -509,7 +524,6 @@ def repair(folder: str | os.PathLike) -> dict[str, Any]:
     that are not valid JSON or fail validation, and duplicate problem ids (the first valid
     record of an id is kept — two writers appended the same problems). The old file is kept as
     `trees.jsonl.bak`; the repaired one is written atomically. Returns what was dropped."""
-    import shutil
 
     folder = Path(folder)
     manifest = read_manifest(folder)

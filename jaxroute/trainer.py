@@ -1,244 +1,103 @@
-"""The whole TCPO loop over packed trace trees: rollout → update, as jitted scans; checkpoints;
-final κ calibration on the calibration split.
+"""Training runs: which learner with which config and seeds, resumable in a workdir, calibrated,
+exported — the one "train a router" path of every entry point.
 
-`train(trees, config, workdir)` is resumable: every `chunk` iterations the state and PRNG key are
-saved with orbax under `workdir/checkpoints/<iteration>`, and a restart continues from the latest
-one (same numbers as an uninterrupted run, since the chunk function is deterministic).
+`train(trees, TrainConfig(ExactConfig(...)))` runs the default learner (CPO on exact tree
+expectations, decision 67); `TrainConfig(TCPOConfig(...))` the paper's TCPO. Either way the
+loop is `learner.fit` and the result a `learner.TrainResult` (decision 82).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from absl import logging
+from tqdm import tqdm
 
-from jaxroute import env, tcpo
-from jaxroute import networks as nets_lib
+from jaxroute import exact, export, learner, tcpo
+from jaxroute.durable import atomic_write_text, exclusive
 from jaxroute.trace import PackedTrees
+
+# The learners by config type and by the name recorded in a run (train_config.json).
+LEARNERS = {"exact": (exact.ExactConfig, exact.make_learner),
+            "tcpo": (tcpo.TCPOConfig, tcpo.make_learner)}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The paper's defaults (Sec. 5.1): α = 0.02, 1000 iterations, batch 5, lr 1e-3, κ step 0.1."""
+    """One training run: the learner's config, the seeds (one router each; the first is
+    exported), and the loop's settings."""
 
-    tcpo: tcpo.TCPOConfig = tcpo.TCPOConfig()
-    iterations: int = 1000
-    batch_size: int = 5
-    hidden: tuple[int, ...] = (64, 64)
-    seed: int = 0
+    learner: exact.ExactConfig | tcpo.TCPOConfig = exact.ExactConfig()
+    seeds: tuple[int, ...] = (0,)
     chunk: int = 100  # iterations per jitted scan / checkpoint
     calibration_grid: int = 201  # κ quantiles of the train nodes' escalation scores (decision 24)
     final_calibration: bool = True
 
     def __post_init__(self):
-        if self.iterations < 0 or self.batch_size < 1 or self.chunk < 1:
-            raise ValueError("iterations ≥ 0, batch_size ≥ 1 and chunk ≥ 1 are required")
+        if not self.seeds or self.chunk < 1:
+            raise ValueError("at least one seed and chunk ≥ 1 are required")
+        self.learner_name  # noqa: B018 — refuses an unknown config type
+
+    @property
+    def learner_name(self) -> str:
+        for name, (cls, _) in LEARNERS.items():
+            if isinstance(self.learner, cls):
+                return name
+        raise ValueError(f"no learner takes a {type(self.learner).__name__}")
+
+    @property
+    def alpha(self) -> float:
+        return self.learner.alpha
+
+    def to_dict(self) -> dict:
+        return {"learner": self.learner_name, "config": dataclasses.asdict(self.learner),
+                "seeds": list(self.seeds), "chunk": self.chunk,
+                "calibration_grid": self.calibration_grid,
+                "final_calibration": self.final_calibration}
 
 
 def config_from_dict(d: dict) -> TrainConfig:
-    """Inverse of `dataclasses.asdict(TrainConfig)` (e.g. a run's train_config.json)."""
+    """Inverse of `TrainConfig.to_dict` (e.g. a run's train_config.json)."""
     try:
-        return TrainConfig(**{**d, "tcpo": tcpo.TCPOConfig(**d["tcpo"]),
-                              "hidden": tuple(int(h) for h in d["hidden"])})
+        cls = LEARNERS[d["learner"]][0]
+        cfg = dict(d["config"], hidden=tuple(int(h) for h in d["config"]["hidden"]))
+        return TrainConfig(cls(**cfg), tuple(int(s) for s in d["seeds"]), int(d["chunk"]),
+                           int(d["calibration_grid"]), bool(d["final_calibration"]))
     except (KeyError, TypeError) as e:
-        raise ValueError(f"not a TrainConfig: {e}") from None
+        raise ValueError(f"not a training run's config: {type(e).__name__}: {e}") from None
 
 
-@dataclasses.dataclass
-class TrainResult:
-    state: tcpo.TrainState
-    networks: nets_lib.RouterNetworks
-    kappa_online: float  # κ at the end of training
-    kappa: float  # κ to deploy (final calibration if enabled and feasible, else online)
-    calibration_feasible: bool
-    history: dict[str, np.ndarray]  # per-iteration metrics
+def make_learner(config: TrainConfig, trees: PackedTrees) -> learner.Learner:
+    return LEARNERS[config.learner_name][1](config.learner, trees.num_models,
+                                            trees.features.shape[-1])
 
 
-def make_chunk(networks: nets_lib.RouterNetworks, config: TrainConfig, n_iters: int):
-    """Jitted `(state, key, trees_train) -> (state, key, metrics[n_iters])`."""
-    update = tcpo.make_update(networks, config.tcpo)
-    b = config.batch_size
-    given = config.tcpo.coverage_event == "given"
-
-    def one(carry, _):
-        state, key, trees = carry
-        key, k_prob, k_root, k_act, k_upd = jax.random.split(key, 5)
-        problems = jax.random.randint(k_prob, (b,), 0, trees.num_roots.shape[0])
-        roots = jnp.floor(jax.random.uniform(k_root, (b,)) * trees.num_roots[problems])
-        roots = roots.astype(jnp.int32)
-        log_prob_fn = lambda obs, model: networks.log_probs(  # noqa: E731
-            state.policy_params, state.normalizer, obs, model)
-        h = env.horizon(trees)
-        batch, _ = env.rollout(trees, problems, roots, log_prob_fn, k_act, h)
-        if given:  # exact coverage of Γ_{π_k, κ_k} by replaying eq. 6 on the same problems
-            greedy = env.greedy_actions(log_prob_fn, env.gather(trees, problems), state.kappa)
-            replay = env.walk(trees, problems, roots, greedy, h)
-            batch = batch._replace(covered=replay.correct | batch.large_wrong)
-        state, metrics = update(state, batch, k_upd)
-        return (state, key, trees), metrics
-
-    @jax.jit
-    def chunk(state, key, trees):
-        (state, key, _), metrics = jax.lax.scan(one, (state, key, trees), None, length=n_iters)
-        return state, key, metrics
-
-    return chunk
-
-
-def fit_normalizer(trees: PackedTrees) -> nets_lib.Normalizer:
-    """Feature statistics over every valid step of the given trees."""
-    mask = np.arange(trees.step_cost.shape[2])[None, None] < trees.seg_len[..., None]
-    return nets_lib.Normalizer.fit(jnp.asarray(trees.features), jnp.asarray(mask))
-
-
-def calibrate(networks, state: tcpo.TrainState, trees: PackedTrees, problem_idx: np.ndarray,
-              alpha: float, grid_size: int = 201) -> tuple[float, bool, np.ndarray, np.ndarray]:
-    """Final κ on the problems `problem_idx` (the cal split) by the one calibration rule of every
-    method (`evaluate.router_family` + `evaluate.calibrate_family`, decisions 17, 24, 68).
-    Returns (κ̂, feasible, grid, per-problem errors [n, G])."""
-    from jaxroute import evaluate
-
-    fam = evaluate.router_family(trees, evaluate.policy_fn(networks, state), grid_size=grid_size)
-    idx, feasible, errors = evaluate.calibrate_family(trees, env.to_device(trees), fam,
-                                                      env.instances(trees, problem_idx), alpha)
-    return float(fam.grid[idx]), feasible, np.asarray(fam.grid), errors
-
-
-def _checkpoint_manager(workdir: Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-    )
-
-
-def train(
-    trees: PackedTrees,
-    config: TrainConfig = TrainConfig(),
-    workdir: str | Path | None = None,
-    progress: Callable[[int, dict[str, float]], Any] | None = None,
-) -> TrainResult:
-    """Train a router on the train split of `trees`, calibrate κ on the cal split.
-
-    Args:
-      trees: packed trace trees (host arrays) with train and cal splits.
-      config: training configuration.
-      workdir: if given, checkpoints go to `workdir/checkpoints` and training resumes from them.
-      progress: called after every chunk with (iterations done, mean metrics of the chunk).
-    """
+def train(trees: PackedTrees, config: TrainConfig = TrainConfig(),
+          workdir: str | Path | None = None,
+          progress: Callable[[int, dict[str, float]], Any] | None = None
+          ) -> learner.TrainResult:
+    """Train one router per seed on the train split of `trees` (resumably, with checkpoints in
+    `workdir` when given) and calibrate each κ on the cal split."""
     trees.require_splits(*(("train", "cal") if config.final_calibration else ("train",)))
-    train_idx = trees.split_indices("train")
-    train_trees = trees.subset(train_idx)
-    networks = nets_lib.make_networks(trees.num_models, trees.features.shape[-1], config.hidden)
-    key = jax.random.PRNGKey(config.seed)
-    key, init_key = jax.random.split(key)
-    state = tcpo.init_state(networks, config.tcpo, init_key, fit_normalizer(train_trees))
-    done = 0
-    history: list[dict[str, np.ndarray]] = []
-    manager = None
-    if workdir is not None:
-        workdir = Path(workdir)
-        manager = _checkpoint_manager(workdir)
-        # The newest intact checkpoint (a truncated one — a kill mid-save — falls back to the
-        # one before it) with the history saved beside it for that same step (decision 78).
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                restored = manager.restore(step, args=ocp.args.StandardRestore(
-                    {"state": state, "key": key}))
-            except Exception as e:  # noqa: BLE001 — any damage: try the previous one
-                logging.warning("checkpoint %d in %s is unreadable (%s); trying the previous one",
-                                step, workdir, type(e).__name__)
-                continue
-            state, key, done = restored["state"], restored["key"], int(step)
-            hist_file = _history_file(workdir, done)
-            if hist_file.exists():
-                with np.load(hist_file) as h:
-                    history.append({k: h[k][:done] for k in h.files})
-            break
-    dev = env.to_device(train_trees)
-    chunks: dict[int, Callable] = {}
-    while done < config.iterations:
-        n = min(config.chunk, config.iterations - done)
-        if n not in chunks:
-            chunks[n] = make_chunk(networks, config, n)
-        state, key, metrics = chunks[n](state, key, dev)
-        metrics = {k: np.asarray(v) for k, v in metrics.items()}
-        nonfinite = metrics["nonfinite"]
-        if nonfinite.any():
-            first = done + int(np.argmax(nonfinite)) + 1
-            raise FloatingPointError(f"non-finite policy gradient at iteration {first}; the "
-                                     "update kept θ but the data or config needs a look")
-        history.append(metrics)
-        done += n
-        if manager is not None:
-            _save_history(_history_file(workdir, done), history)  # before its checkpoint
-            manager.save(done, args=ocp.args.StandardSave({"state": state, "key": key}))
-            manager.wait_until_finished()
-            for old in workdir.glob("history-*.npz"):  # keep the histories of kept steps
-                if int(old.stem.split("-")[1]) not in set(manager.all_steps()) | {done}:
-                    old.unlink(missing_ok=True)
-        if progress is not None:
-            progress(done, {k: float(np.mean(v)) for k, v in metrics.items()})
-    hist = {k: np.concatenate([h[k] for h in history]) for k in history[0]} if history else {}
-    kappa_online = float(state.kappa)
-    kappa, feasible = kappa_online, False
+    result = learner.fit(make_learner(config, trees), trees, config.alpha,
+                         config.learner.iterations, config.seeds, chunk=config.chunk,
+                         workdir=workdir, progress=progress)
     if config.final_calibration:
-        cal_idx = trees.split_indices("cal")
-        if len(cal_idx) == 0:
-            raise ValueError("final_calibration needs problems in the 'cal' split")
-        k_hat, feasible, _, _ = calibrate(networks, state, trees, cal_idx, config.tcpo.alpha,
-                                          config.calibration_grid)
-        kappa = k_hat  # infeasible: κ = 0, escalate at the first decision
-    return TrainResult(state=state, networks=networks, kappa_online=kappa_online, kappa=kappa,
-                       calibration_feasible=feasible, history=hist)
-
-
-@functools.lru_cache(maxsize=16)
-def _many_fn(config: TrainConfig, num_models: int, num_features: int):
-    """Networks and the jitted, seed-vmapped whole run for `config` — cached, so every trace set
-    of the same shapes reuses one compiled program (the benchmark trains many)."""
-    networks = nets_lib.make_networks(num_models, num_features, config.hidden)
-    chunk = make_chunk(networks, config, config.iterations)
-    return networks, jax.jit(jax.vmap(chunk, in_axes=(0, 0, None)))
-
-
-def train_many(trees: PackedTrees, config: TrainConfig, seeds: Sequence[int]
-               ) -> tuple[nets_lib.RouterNetworks, tcpo.TrainState]:
-    """`train`'s TCPO loop for several seeds at once (one vmapped, jitted scan; no checkpoints,
-    no final calibration): the benchmark's way to report seeds. Returns the networks and the
-    final states stacked on a leading seed axis."""
-    train_idx = trees.split_indices("train")
-    if len(train_idx) == 0:
-        raise ValueError("no usable problems in the 'train' split")
-    train_trees = trees.subset(train_idx)
-    networks, run = _many_fn(config, trees.num_models, trees.features.shape[-1])
-    norm = fit_normalizer(train_trees)
-
-    def init(seed_key):
-        key, init_key = jax.random.split(seed_key)
-        return tcpo.init_state(networks, config.tcpo, init_key, norm), key
-
-    states, keys = jax.vmap(init)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-    states, _, metrics = run(states, keys, env.to_device(train_trees))
-    if np.asarray(metrics["nonfinite"]).any():
-        raise FloatingPointError("non-finite policy gradient in train_many")
-    return networks, states
+        result = learner.calibrate(result, trees, config.alpha, config.calibration_grid)
+    return result
 
 
 def run_fingerprint(trees: PackedTrees, config: TrainConfig, cost_model: str) -> dict:
     """What a resumable run is: its config (but the length, which a resume may extend), the cost
     unit and the trace set (`PackedTrees.fingerprint`)."""
-    cfg = dataclasses.asdict(config)
-    for k in ("iterations", "chunk"):
-        cfg.pop(k)
+    cfg = config.to_dict()
+    cfg["config"].pop("iterations")
+    cfg.pop("chunk")
     # Through JSON, as it is recorded (tuples become lists).
     return json.loads(json.dumps({"config": cfg, "cost_model": cost_model,
                                   "trace_set": trees.fingerprint()}, default=str))
@@ -248,8 +107,6 @@ def check_workdir(workdir: Path, fingerprint: dict, overwrite: bool) -> None:
     """A workdir belongs to one run (decision 78): resume only when `fingerprint` matches the
     one recorded there; otherwise refuse, naming the differences — or, with `overwrite`, delete
     its checkpoints and start over."""
-    import shutil
-
     ckpts = workdir / "checkpoints"
     record = workdir / "train_config.json"
     if not (ckpts.exists() and any(ckpts.iterdir())):
@@ -281,103 +138,70 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def train_and_export(trees: PackedTrees, manifest, config: TrainConfig, workdir: str | Path, *,
                      source: str, cost_model: str, router_dir: str | Path | None = None,
-                     show_progress: bool = True, overwrite: bool = False) -> TrainResult:
-    """The one "train a router and export it" path of every entry point: records the run
-    (`workdir/train_config.json`: config, trace source, cost unit — what `launch.export` needs
-    to re-export), trains resumably with checkpoints in `workdir`, and exports the router with
-    `export.export_trained` to `router_dir` (default `workdir/router`)."""
-
-    from jaxroute.durable import atomic_write_text, exclusive
-
+                     show_progress: bool = True, overwrite: bool = False
+                     ) -> learner.TrainResult:
+    """Record the run (`workdir/train_config.json`: config, trace source, cost unit, fingerprint
+    — what `launch.export` needs to re-export), train resumably with checkpoints in `workdir`,
+    and export the first seed's router to `router_dir` (default `workdir/router`)."""
     workdir = Path(workdir)
     with exclusive(workdir):
         trees.require_splits("train", "cal", where=source)
         fingerprint = run_fingerprint(trees, config, cost_model)
         check_workdir(workdir, fingerprint, overwrite)
         atomic_write_text(workdir / "train_config.json", json.dumps(
-            {"config": dataclasses.asdict(config), "source": source, "cost_model": cost_model,
+            {**config.to_dict(), "source": source, "cost_model": cost_model,
              "fingerprint": fingerprint}, indent=2, default=str) + "\n")
-        return _train_and_export(trees, manifest, config, workdir, source, cost_model,
-                                 router_dir, show_progress)
+        bar = tqdm(total=config.learner.iterations, desc=f"      train ({config.learner_name})",
+                   unit="it", disable=not show_progress)
+
+        def progress(done, m):
+            bar.update(done - bar.n)
+            shown = {k: m[k] for k in ("kappa", "miscoverage", "cost", "miss") if k in m}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+
+        result = train(trees, config, workdir, progress)
+        bar.close()
+        export_result(Path(router_dir) if router_dir else workdir / "router", result, config,
+                      manifest, source, cost_model)
+        return result
 
 
-def _train_and_export(trees, manifest, config, workdir, source, cost_model, router_dir,
-                      show_progress) -> TrainResult:
-    from tqdm import tqdm
-
-    from jaxroute import export
-
-    bar = tqdm(total=config.iterations, desc="      train", unit="it", disable=not show_progress)
-
-    def progress(done, m):
-        bar.update(done - bar.n)
-        bar.set_postfix(kappa=f"{m['kappa']:.3f}", miss=f"{m['miscoverage']:.3f}",
-                        cost=f"{m['batch_cost']:.2f}", esc=f"{m['batch_escalated']:.2f}")
-
-    result = train(trees, config, workdir, progress)
-    bar.close()
-    export.export_trained(
-        Path(router_dir) if router_dir else workdir / "router", networks=result.networks,
-        policy_params=result.state.policy_params, normalizer=result.state.normalizer,
-        kappa=result.kappa, manifest=manifest, alpha=config.tcpo.alpha, hidden=config.hidden,
-        train_config={"trainer": "tcpo", **dataclasses.asdict(config)},
-        extra={"kappa_online": result.kappa_online,
-               "calibration_feasible": result.calibration_feasible, "cost_model": cost_model,
-               "source": source})
-    return result
-
-
-def _history_file(workdir: Path, step: int) -> Path:
-    return workdir / f"history-{step:09d}.npz"
-
-
-def _save_history(path: Path, history: list[dict[str, np.ndarray]]) -> None:
-    merged = {k: np.concatenate([h[k] for h in history]) for k in history[0]}
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **merged)
-    tmp.replace(path)
+def export_result(path: Path, result: learner.TrainResult, config: TrainConfig, manifest,
+                  source: str, cost_model: str) -> Path:
+    """The first seed's router of `result` (`export.export_trained`, the one export path)."""
+    return export.export_trained(
+        path, networks=result.networks, policy_params=result.policy(0),
+        normalizer=result.normalizer, kappa=result.kappa, manifest=manifest, alpha=config.alpha,
+        hidden=config.learner.hidden,
+        train_config={"trainer": config.learner_name, **dataclasses.asdict(config.learner),
+                      "seed": config.seeds[0]},
+        extra={"kappa_online": float(result.kappa_online[0]),
+               "calibration_feasible": bool(result.feasible[0]) if result.feasible else False,
+               "cost_model": cost_model, "source": source})
 
 
 def reexport(workdir: Path, record: dict, trees: PackedTrees, manifest, source: str,
              out: Path) -> dict[str, float]:
     """Re-export the router of the run in `workdir` (its `train_config.json` is `record`) and
-    check the copy: a TCPO run resumes from its checkpoints (nothing is retrained when it
-    finished; they must be of this config and trace set), an exact-trainer run is retrained
-    (deterministic, seconds). The exported copy must give the run's π on every cal node
-    (max |Δπ| ≤ 1e-5), else `RuntimeError`. Returns κ, α, the nodes checked and the gap."""
-    from jaxroute import evaluate, exact, export
-
+    check the copy: the run resumes from its checkpoints (nothing is retrained when it
+    finished; they must be of this config and trace set). The exported copy must give the
+    run's π on every cal node (max |Δπ| ≤ 1e-5), else `RuntimeError`. Returns κ, α, the nodes
+    checked and the gap."""
     cost_model = record.get("cost_model", "flops")
-    if record.get("trainer") == "exact":
-        config = exact.config_from_dict(record["config"])
-        fit = exact.train_and_export(trees, manifest, config, workdir,
-                                     seeds=tuple(record.get("seeds", (0,))), source=source,
-                                     cost_model=cost_model, router_dir=out)
-        policy, kappa, alpha = fit.result.log_prob_fn(0), fit.kappas[0], config.alpha
-    else:
-        config = config_from_dict(record["config"])
-        if not (workdir / "checkpoints").exists():
-            raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoints to export")
-        check_workdir(workdir, run_fingerprint(trees, config, cost_model), overwrite=False)
-        result = train(trees, config, workdir)  # resumes; trains only what is missing
-        export.export_trained(
-            out, networks=result.networks, policy_params=result.state.policy_params,
-            normalizer=result.state.normalizer, kappa=result.kappa, manifest=manifest,
-            alpha=config.tcpo.alpha, hidden=config.hidden,
-            train_config={"trainer": "tcpo", **dataclasses.asdict(config)},
-            extra={"kappa_online": result.kappa_online,
-                   "calibration_feasible": result.calibration_feasible,
-                   "cost_model": cost_model, "source": source})
-        policy = evaluate.policy_fn(result.networks, result.state)
-        kappa, alpha = result.kappa, config.tcpo.alpha
+    config = config_from_dict(record)
+    if not (workdir / "checkpoints").exists():
+        raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoints to export")
+    check_workdir(workdir, run_fingerprint(trees, config, cost_model), overwrite=False)
+    result = train(trees, config, workdir)  # resumes; trains only what is missing
+    export_result(out, result, config, manifest, source, cost_model)
     router = export.load_router(out, feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models])
     cal = trees.subset(trees.split_indices("cal"))
     feats = cal.features.reshape(-1, cal.features.shape[-1])
     models = np.repeat(cal.seg_model.reshape(-1), cal.features.shape[-2])
-    mine = np.exp(np.asarray(policy(feats, models)))
-    theirs = np.asarray(router.probs(feats, models))
+    mine = np.exp(np.asarray(result.log_prob_fn(0)(feats, models)))
+    theirs = np.exp(np.asarray(router.log_probs(feats, models)))
     gap = float(np.max(np.abs(mine - theirs))) if mine.size else 0.0
     if not gap <= 1e-5:
         raise RuntimeError(f"{out}: exported router disagrees with the run (max |Δπ| = {gap})")
-    return {"kappa": kappa, "alpha": alpha, "nodes": len(feats), "gap": gap}
+    return {"kappa": result.kappa, "alpha": config.alpha, "nodes": len(feats), "gap": gap}

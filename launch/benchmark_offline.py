@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jaxroute import env, synthetic, trace, trainer
+from jaxroute import env, synthetic, tcpo, trace, trainer
 from launch import common
 from launch.results import save
 
@@ -53,8 +53,9 @@ def time_training(packed: trace.PackedTrees, cfg: trainer.TrainConfig):
     res = trainer.train(packed, cfg, progress=lambda d, m: times.append(time.perf_counter()))
     total = time.perf_counter() - start
     chunk_s = np.diff(times)
-    steady = float(np.median(chunk_s)) * cfg.iterations / cfg.chunk if len(chunk_s) else total
-    print(f"training, {cfg.iterations} iterations (batch {cfg.batch_size}), compile and final "
+    iters, batch = cfg.learner.iterations, cfg.learner.batch_size
+    steady = float(np.median(chunk_s)) * iters / cfg.chunk if len(chunk_s) else total
+    print(f"training, {iters} iterations (batch {batch}), compile and final "
           f"calibration included: {total:.1f} s (target ≤ 30 s); steady-state "
           f"{steady:.1f} s → compile/calibration overhead {total - steady:.1f} s")
     return total, steady, res
@@ -66,8 +67,9 @@ def main(argv):
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}")
     _, packed = synthetic.generate_packed(synthetic.SyntheticConfig(
         num_problems=_TRAIN_PROBLEMS.value))
-    cfg = trainer.TrainConfig()
+    cfg = trainer.TrainConfig(tcpo.TCPOConfig())  # the paper's TCPO: batch 5, 1000 iterations
     total, steady, res = time_training(packed, cfg)
+    log_prob = res.log_prob_fn(0)
 
     t0 = time.perf_counter()
     # Packed as they are drawn: 100 000 problems as Python dicts would take gigabytes.
@@ -81,8 +83,7 @@ def main(argv):
 
     def evaluate_all():
         sub = env.gather(dev, jnp.asarray(probs))
-        acts = env.greedy_actions(lambda o, m: res.networks.log_probs(
-            res.state.policy_params, res.state.normalizer, o, m), sub, res.state.kappa)
+        acts = env.greedy_actions(log_prob, sub, jnp.float32(res.kappa))
         w = env.walk(dev, jnp.asarray(probs), jnp.asarray(roots), acts, env.horizon(big_packed))
         return acts, w
 
@@ -106,7 +107,8 @@ def main(argv):
     print(f"peak resident memory: {common.peak_rss_mb():,.0f} MiB")
     save("offline", "Offline training and evaluation on synthetic trees",
                  ["measurement", "result", "target"],
-                 [[f"full training run, {cfg.iterations} iterations × batch {cfg.batch_size}, "
+                 [[f"full training run, {cfg.learner.iterations} iterations × batch "
+                   f"{cfg.learner.batch_size}, "
                    "compile + final calibration included", f"{total:.1f} s (steady state "
                    f"{steady:.1f} s)", "≤ 30 s"],
                   [f"evaluation of {len(probs):,} synthetic instances (policy on every node + "

@@ -61,8 +61,8 @@ def main(argv):
     for n in (1, 4, 16, 64, 256, 1024):
         f = rng.normal(size=(n, 5)).astype(np.float32)
         m = np.zeros(n, np.int32)
-        host = timed(lambda f=f, m=m: router.decide_host(f, m), _REPEATS.value)
-        jit = timed(lambda f=f, m=m: np.asarray(router.decide_jit(f, m)), _REPEATS.value)
+        host = timed(lambda f=f, m=m: router.decide(f, m, path="host"), _REPEATS.value)
+        jit = timed(lambda f=f, m=m: router.decide(f, m, path="device"), _REPEATS.value)
         served = timed(lambda f=f, m=m: router.decide(f, m), _REPEATS.value)
         rows.append([n, f"{1e6 * host:.1f}", f"{1e6 * jit:.1f}", f"{1e6 * served:.1f}",
                      "host" if host < jit else "jit"])

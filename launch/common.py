@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from absl import flags, logging
+import ctypes
+import ctypes.util
+import gc
+import platform
+import resource
+import sys
 
+from absl import app, flags, logging
+
+from generation.datasets import DatasetError
 from jaxroute import synthetic, trace
+from jaxroute.export import RouterSpecError
 
 _TRACES = flags.DEFINE_string("traces", None, "Trace-set folder (manifest.json + trees.jsonl).")
 _SYNTHETIC = flags.DEFINE_integer(
@@ -46,9 +55,6 @@ def quiet() -> None:
 
 def _libc():
     """glibc's C library, or None elsewhere (musl, macOS): the memory calls below are glibc's."""
-    import ctypes
-    import ctypes.util
-    import platform
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -75,7 +81,6 @@ def release_memory() -> None:
     stage's shapes are not the next one's; recompiling costs seconds, keeping them hundreds of MB),
     collect garbage, and hand the heap's free pages back to the OS (without `malloc_trim` a
     fragmented heap keeps its peak size)."""
-    import gc
 
     import jax
 
@@ -88,7 +93,6 @@ def release_memory() -> None:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
-    import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -96,9 +100,7 @@ def peak_rss_mb() -> float:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Failures of input or environment that a user fixes: printed as one line, no traceback."""
     from generation.answers import WorkerError
-    from generation.datasets import DatasetError
     from generation.openai_backend import FatalBackendError
-    from jaxroute.export import RouterSpecError
 
     return (FatalBackendError, WorkerError, DatasetError, trace.TraceFormatError,
             RouterSpecError, flags.ValidationError, FileNotFoundError, ValueError,
@@ -108,9 +110,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run(main) -> None:
     """`absl.app.run(main)`, with bad input and fatal backend failures reported as one line
     (`error: …`, exit 2) and Ctrl-C as one line (exit 130) instead of tracebacks."""
-    import sys
-
-    from absl import app
 
     def wrapped(argv):
         try:

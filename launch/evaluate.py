@@ -15,7 +15,7 @@ from pathlib import Path
 from absl import flags
 from tqdm import tqdm
 
-from jaxroute import evaluate, exact, export
+from jaxroute import evaluate, exact, export, trainer
 from launch import common, report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training folder holding router/.")
@@ -50,7 +50,8 @@ def alpha_sweep(trees, feature_names, alphas) -> list[dict]:
     """One router per α (trained, calibrated at that α); its test row, tagged with α."""
     points = []
     for a in tqdm(alphas, desc="α sweep"):
-        res = exact.train_exact(trees, exact.ExactConfig(alpha=a))
+        res = trainer.train(trees, trainer.TrainConfig(exact.ExactConfig(alpha=a),
+                                                       final_calibration=False))
         out = evaluate.evaluate_all(trees, {"r": res.log_prob_fn(0)}, a, feature_names,
                                     _SEED.value, references=False)
         points.append(dict(next(r for r in out["rows"] if r["method"] == "r"), alpha=a))

@@ -26,7 +26,6 @@ import json
 import time
 from pathlib import Path
 
-import jax
 from absl import flags
 
 from generation import answers
@@ -81,18 +80,17 @@ def run(work: Path, seed: int, alpha: float) -> None:
     print(f"[2/5] training the router (α = {alpha}, {_SEEDS.value} seeds) and the paper's TCPO")
     cfg = exact.ExactConfig(alpha=alpha, iterations=_ITERS.value)
     seeds = tuple(range(seed, seed + _SEEDS.value))
-    fit = exact.train_and_export(trees, manifest, cfg, work / "train", seeds=seeds,
-                                 source=str(work / "traces"), cost_model="mflops",
-                                 router_dir=work / "router")
-    paper_nets, paper_states = trainer.train_many(trees, suite.paper_config(alpha), (seed,))
+    fit = trainer.train_and_export(trees, manifest, trainer.TrainConfig(cfg, seeds=seeds),
+                                   work / "train", source=str(work / "traces"),
+                                   cost_model="mflops", router_dir=work / "router")
+    paper = trainer.train(trees, suite.paper_config(alpha, (seed,)))
     clock["train"] = time.perf_counter()
     memory["train"] = common.peak_rss_mb()
     common.release_memory()
     print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; "
           f"{clock['train'] - clock['traces']:.0f} s")
     print("[3/5] every method at the same guarantee on the test split")
-    result = embedded.offline_result(trees, manifest, fit, (paper_nets, jax.tree.map(
-        lambda a: a[0], paper_states)), alpha, seed)
+    result = embedded.offline_result(trees, manifest, fit, paper, alpha, seed)
     clock["evaluate"] = time.perf_counter()
     memory["evaluate"] = common.peak_rss_mb()
     common.release_memory()

@@ -21,7 +21,8 @@ from pathlib import Path
 from absl import flags
 
 from generation import answers, costs, datasets, tracegen
-from generation.backend import make_backend, redact_spec
+from generation.backend import redact_spec
+from generation.backends import make_backend
 from generation.verifier import StepVerifier
 from jaxroute import trace
 from launch import common, presets

@@ -23,6 +23,7 @@ from typing import Any
 from absl import app, flags
 
 from jaxroute.durable import atomic_write_text
+from launch import presets
 
 README_BEGIN = "<!-- BEGIN generated results (python -m launch.results) -->"
 README_END = "<!-- END generated results -->"
@@ -98,7 +99,7 @@ def main_job(runs: Path) -> str | None:
     when = datetime.date.fromtimestamp((rep / "table.md").stat().st_mtime).isoformat()
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
     mem = cfg.get("peak_rss_mb", {})
-    if mem:  # issue 14's targets: ≤ 5 minutes, ≤ 2 GB
+    if mem:  # the performance targets: ≤ 5 minutes, ≤ 2 GB
         timing += (" (target ≤ 300 s); peak resident memory of the main process after each "
                    "stage: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items())
                    + " (target ≤ 2048 MiB)")
@@ -113,7 +114,7 @@ def _load(runs: Path, name: str) -> dict | None:
 
 
 def targets(runs: Path) -> str:
-    """Issue 14's performance targets (items 10–13) against what the latest runs measured,
+    """The performance targets against what the latest runs measured,
     each read from the output of the run that measured it."""
     rows = []
     cfg_path = runs / "experiment" / "report" / "config.json"
@@ -142,13 +143,12 @@ def targets(runs: Path) -> str:
     ratio = (_load(runs, "tinylm") or {}).get("stepwise_ratio")
     rows.append(["stepwise vs one-shot generation, tiny LMs", BENCHMARKS["tinylm"],
                  "not run" if ratio is None else f"{ratio:.2f}×", "≤ 1.2×", verdict(ratio, 1.2)])
-    return ("### Performance targets (issue 14, items 10–13)\n\n"
+    return ("### Performance targets\n\n"
             + table(["quantity", "command", "measured", "target", ""], rows))
 
 
 def _presets_section() -> list[str]:
     """The presets' GPU memory (computed from the presets, not measured; decision 71)."""
-    from launch import presets
 
     lines = ["### GPU memory of the presets (computed by `launch.presets.memory_table`)", ""]
     for gb in (80, 141):

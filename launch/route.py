@@ -21,8 +21,10 @@ from pathlib import Path
 
 from absl import flags
 
-from generation import answers, comparison, costs, datasets, features, online, rules, scorers
-from generation.backend import make_backend, redact_spec
+from generation import answers, comparison, datasets, features, online, rules, scorers
+from generation.backend import redact_spec
+from generation.backends import make_backend, model_infos
+from generation.tinylm import embedded
 from jaxroute import baselines, export, records, trace
 from jaxroute.durable import atomic_write_text
 from launch import common, presets, report
@@ -114,16 +116,14 @@ def main(argv):
                              gpu_memory_utilization=pre.memory(i),
                              max_model_len=pre.max_model_len, api_key=_API_KEY.value)
                 for i, s in enumerate(pre.models)]
-    prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
-    infos = tuple(trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input, p.output)
-                  for b, p in zip(backends, prices, strict=True))
+    infos = model_infos(backends)
     manifest = trace.Manifest(models=infos, feature_names=features.FEATURE_NAMES,
                               provenance={"preset": _PRESET.value,
                                           "models": [redact_spec(m) for m in pre.models],
                                           "dataset": pre.dataset})
-    cal, test = datasets.cal_and_test(pre.dataset, _DATA.value, _LIMIT.value, _SEED.value,
-                                      tuple(int(n) for n in _N.value))
     tiny = pre.dataset == "tiny"
+    cal, test = (embedded.cal_and_test(tuple(int(n) for n in _N.value), _SEED.value) if tiny
+                 else datasets.cal_and_test(pre.dataset, _DATA.value, _LIMIT.value, _SEED.value))
     cfg = online.OnlineConfig(max_steps=_MAX_STEPS.value or (8 if tiny else 40),
                               max_tokens_per_step=64 if tiny else 1024,
                               max_tokens_per_solution=_MAX_TOKENS.value or (160 if tiny else 4096),

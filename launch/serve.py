@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 
+import uvicorn
 from absl import flags
 
 from generation import serving
@@ -38,6 +39,8 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port.")
 _API_KEY = flags.DEFINE_string("api_key", None, "Key clients must send (default: the "
                                "JAXROUTE_API_KEY environment variable; none: open).")
+_METRICS_OPEN = flags.DEFINE_bool("metrics_open", False, "With a key: serve /metrics without "
+                                  "it (a scraper inside your network; /health is always open).")
 _UPSTREAM_KEY = flags.DEFINE_string("upstream_api_key", None, "Key for OpenAI-style upstreams "
                                     "(default: OPENAI_API_KEY).")
 _PARAMS = flags.DEFINE_list("params", None, "Parameter counts of OpenAI-style upstreams, small → "
@@ -69,11 +72,11 @@ common.check_flags(port=(lambda v: 0 <= v < 65536, "a port"),
 
 def main(argv):
     del argv
-    import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     cfg = serving.ServeConfig(
         model_name=_NAME.value, api_key=_API_KEY.value or os.environ.get("JAXROUTE_API_KEY"),
+        metrics_need_key=not _METRICS_OPEN.value,
         max_body_bytes=_MAX_BODY.value, max_steps=_MAX_STEPS.value,
         max_tokens=_MAX_TOKENS.value, max_tokens_per_step=_MAX_STEP_TOKENS.value,
         max_concurrent=_MAX_CONCURRENT.value, request_timeout_s=_TIMEOUT.value,

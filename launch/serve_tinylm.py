@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import uvicorn
 from absl import flags
 
 from generation.tinylm import backend, server
@@ -26,7 +27,6 @@ common.check_flags(port=(lambda v: 0 <= v < 65536, "a port"),
 
 def main(argv):
     del argv
-    import uvicorn
 
     models = {b.name: b for b in (backend.load("small"), backend.load("large"))}
     app = server.make_app(models, _MODE.value, server.TinyServerConfig(

@@ -15,6 +15,8 @@ import sys
 
 from absl import app, flags
 
+from generation import vllm_smoke
+
 _SMALL = flags.DEFINE_string("small", None, "Small model folder (or hub name, online).")
 _LARGE = flags.DEFINE_string("large", None, "Large model folder.")
 _PRM = flags.DEFINE_string("prm", None, "Process reward model folder (Qwen2.5-Math-PRM-7B).")
@@ -27,7 +29,6 @@ flags.mark_flags_as_required(["small", "large"])
 
 def main(argv):
     del argv
-    from generation import vllm_smoke
 
     table = vllm_smoke.run(_SMALL.value, _LARGE.value, _PRM.value,
                            mem=[float(m) for m in _MEM.value], prm_memory=_PRM_MEM.value,

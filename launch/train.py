@@ -4,14 +4,14 @@
     python -m launch.train --traces=traces/gsm8k --workdir=runs/gsm8k --alpha=0.02
     python -m launch.train --trainer=tcpo --synthetic=1000 --workdir=runs/paper   # the paper's
 
-`--trainer=exact` (default, decision 67): the CPO step on exact tree expectations, one router
-per `--seeds`, the first exported. `--trainer=tcpo`: the paper's sampled TCPO (V-trace, batch 5),
-resumable from checkpoints in --workdir. Unset flags take the chosen trainer's config defaults.
+`--trainer=exact` (default, decision 67): the CPO step on exact tree expectations.
+`--trainer=tcpo`: the paper's sampled TCPO (V-trace, batch 5). Either trains one router per
+`--seeds` through the one training loop (decision 82), resumable from checkpoints in
+--workdir, and exports the first. Unset flags take the chosen learner's config defaults.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from absl import flags
@@ -25,7 +25,7 @@ _ALPHA = flags.DEFINE_float("alpha", None, "Target miscoverage α.")
 _ITERS = flags.DEFINE_integer("iterations", None, "Training iterations.")
 _HIDDEN = flags.DEFINE_list("hidden", None, "Hidden layer widths.")
 _SEED = flags.DEFINE_integer("seed", 0, "Training seed (the first of --seeds).")
-_SEEDS = flags.DEFINE_integer("seeds", 1, "exact: routers to train, one per seed.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Routers to train, one per seed (the first exported).")
 _MAX_KL = flags.DEFINE_float("max_kl", None, "Trust-region radius δ.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "tcpo: episodes per iteration (exact: problems "
                               "per iteration, 0 = all).")
@@ -34,7 +34,7 @@ _KAPPA_STEP = flags.DEFINE_float("kappa_step", None, "tcpo: κ step size η₀."
 _EPS = flags.DEFINE_float("softmask_eps", None, "tcpo: softmask temperature ε.")
 _EVENT = flags.DEFINE_enum("coverage_event", None, ["verifier", "outcome", "given"],
                            "tcpo: coverage event of the online κ update.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "tcpo: start over in a --workdir that holds "
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over in a --workdir that holds "
                                "another run's checkpoints (default: refuse, naming differences).")
 flags.mark_flags_as_required(["workdir"])
 common.check_flags(alpha=(common.probability, "in (0, 1)"),
@@ -48,33 +48,26 @@ def _given(**kw):
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def build_config():
+def build_config() -> trainer.TrainConfig:
     hidden = tuple(int(h) for h in _HIDDEN.value) if _HIDDEN.value else None
+    common_kw = _given(alpha=_ALPHA.value, iterations=_ITERS.value, hidden=hidden,
+                       max_kl=_MAX_KL.value, batch_size=_BATCH.value)
     if _TRAINER.value == "exact":
-        return exact.ExactConfig(**_given(alpha=_ALPHA.value, iterations=_ITERS.value,
-                                          hidden=hidden, max_kl=_MAX_KL.value,
-                                          batch_size=_BATCH.value))
-    t = tcpo.TCPOConfig(**_given(alpha=_ALPHA.value, critic_lr=_LR.value, eta0=_KAPPA_STEP.value,
-                                 softmask_eps=_EPS.value, max_kl=_MAX_KL.value,
-                                 coverage_event=_EVENT.value))
-    return trainer.TrainConfig(tcpo=t, seed=_SEED.value, **_given(
-        iterations=_ITERS.value, batch_size=_BATCH.value, hidden=hidden))
-
-
-def run(config, workdir: Path):
-    manifest, trees, source = common.load_trees()
-    if isinstance(config, exact.ExactConfig):
-        seeds = tuple(range(_SEED.value, _SEED.value + _SEEDS.value))
-        fit = exact.train_and_export(trees, manifest, config, workdir, seeds=seeds, source=source,
-                                     cost_model=common.cost_model())
-        kappa, ok = fit.kappas[0], fit.feasible[0]
+        cfg = exact.ExactConfig(**common_kw)
     else:
-        res = trainer.train_and_export(trees, manifest, config, workdir, source=source,
-                                       cost_model=common.cost_model(),
-                                       overwrite=_OVERWRITE.value)
-        kappa, ok = res.kappa, res.calibration_feasible
-    print(f"κ deployed {kappa:.4g} (calibration {'feasible' if ok else 'INFEASIBLE'}); "
-          f"router exported to {workdir / 'router'} ({dataclasses.asdict(config)})")
+        cfg = tcpo.TCPOConfig(**common_kw, **_given(
+            critic_lr=_LR.value, eta0=_KAPPA_STEP.value, softmask_eps=_EPS.value,
+            coverage_event=_EVENT.value))
+    return trainer.TrainConfig(cfg, seeds=tuple(range(_SEED.value, _SEED.value + _SEEDS.value)))
+
+
+def run(config: trainer.TrainConfig, workdir: Path):
+    manifest, trees, source = common.load_trees()
+    res = trainer.train_and_export(trees, manifest, config, workdir, source=source,
+                                   cost_model=common.cost_model(), overwrite=_OVERWRITE.value)
+    print(f"κ deployed {res.kappa:.4g} (calibration "
+          f"{'feasible' if res.feasible[0] else 'INFEASIBLE'}); router exported to "
+          f"{workdir / 'router'} ({config.to_dict()})")
 
 
 def main(argv):

@@ -112,8 +112,8 @@ def test_cost_at_accuracy_uses_the_lower_hull():
 
 
 def test_matched_costs_read_every_curve_at_the_reference_accuracy():
-    rows = [{"method": "TCPO router (ours)", "accuracy": 70.0, "cost": 3.0}]
-    curves = {"TCPO router (ours)": [{"accuracy": 70.0, "cost": 3.0}],
+    rows = [{"method": "router (ours)", "accuracy": 70.0, "cost": 3.0}]
+    curves = {"router (ours)": [{"accuracy": 70.0, "cost": 3.0}],
               "a": [{"accuracy": 60.0, "cost": 1.0}, {"accuracy": 80.0, "cost": 5.0}],
               "b": [{"accuracy": 50.0, "cost": 1.0}]}
     m = evaluate.matched_costs(rows, curves)

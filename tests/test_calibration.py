@@ -52,7 +52,7 @@ def test_online_rule_long_run_miscoverage_converges_to_alpha(xi):
 def test_seed_literal_eq5_diverges_regression():
     """Seed eq. 5 as printed raises κ after a miss: κ runs to its bound and coverage is lost.
 
-    Documented deviation (BUILD_NOTES.md). If this starts passing α, someone changed the rule.
+    Documented deviation (decision 1). If this starts passing α, someone changed the rule.
     """
     errs, kappas = run(cal.kappa_update_seed_literal, jax.random.PRNGKey(0), 200_000, 0.1)
     assert kappas[-1] > 0.99

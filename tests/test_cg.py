@@ -132,3 +132,35 @@ def test_gauss_newton_fvp_equals_forward_over_reverse():
     a = dense(fisher.make_fvp(mean_kl, flat, 0.1), flat.shape[0])
     b = dense(fisher.make_ggn_fvp(logits, flat, h_u, 0.1), flat.shape[0])
     np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("target", ["softmask", "policy"])
+def test_the_learners_trust_region_fvp_equals_forward_over_reverse(target):
+    """`categorical_kl_fvp` (both learners' Fisher) equals the jvp-of-grad Fisher of the same
+    weighted KL, with uneven weights and rows of weight 0, for the softmask and for π."""
+    nets = networks.make_networks(3, 3, hidden=(8, 8))
+    params, _, _ = networks.init_params(nets, jax.random.PRNGKey(16))
+    flat, unravel = fisher.flatten(params)
+    flat = flat + 0.3 * jax.random.normal(jax.random.PRNGKey(17), flat.shape)
+    obs = jax.random.normal(jax.random.PRNGKey(18), (6, 5, 3))
+    model = jax.random.randint(jax.random.PRNGKey(19), (6, 5), 0, 3)
+    norm = networks.Normalizer.identity(3)
+    valid = threshold.valid_actions(model, 3)
+    w = jax.random.uniform(jax.random.PRNGKey(20), (6, 5)) * (jnp.arange(5)[None] < 4)
+    w = w / w.sum()
+
+    def log_q(u, ok):
+        log_p = threshold.masked_log_softmax(u, ok)
+        return log_p if target == "policy" else threshold.log_softmask(jnp.exp(log_p), 0.3, ok,
+                                                                        0.05)
+
+    def logits(f):
+        return nets.logits(unravel(f), norm, obs, model)
+
+    u = logits(flat)
+    ref = jax.lax.stop_gradient(log_q(u, valid))
+    weighted_kl = lambda f: jnp.sum(w * fisher.categorical_kl(ref, log_q(logits(f), valid)))  # noqa
+    a = dense(fisher.make_fvp(weighted_kl, flat, 0.1), flat.shape[0])
+    b = dense(fisher.categorical_kl_fvp(logits, flat, u, ref, valid, w, log_q, damping=0.1),
+              flat.shape[0])
+    np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())

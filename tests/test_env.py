@@ -93,7 +93,7 @@ def test_rollout_batch_is_consistent_with_the_walk():
 
 
 def test_policy_over_many_trees_is_evaluated_in_chunks_with_the_same_result(monkeypatch):
-    """Regression (issue 14, item 10): 100 000 problems' nodes went through the MLP at once."""
+    """Regression (decision 81): 100 000 problems' nodes went through the MLP at once."""
     manifest, packed = synthetic.generate_packed(synthetic.SyntheticConfig(num_problems=23))
     sub = env.gather(env.to_device(packed), jnp.arange(23))
     w = jax.random.normal(jax.random.PRNGKey(0), (len(manifest.feature_names), 2))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxroute import env, evaluate, exact, synthetic, trace
+from jaxroute import env, evaluate, exact, synthetic, trace, trainer
 
 
 def _instances(trees):
@@ -77,7 +77,8 @@ def test_exact_trainer_meets_the_train_constraint_and_beats_the_threshold_at_the
     m, probs = synthetic.generate(synthetic.family_config(0.75, 0.9, seed=3, num_problems=600,
                                                           max_steps=10))
     trees = trace.pack(m, probs)
-    res = exact.train_exact(trees, exact.ExactConfig(alpha=alpha), seeds=(0, 1))
+    res = trainer.train(trees, trainer.TrainConfig(exact.ExactConfig(alpha=alpha), seeds=(0, 1),
+                                                   final_calibration=False))
     cost, miss = exact.train_objective(trees, res.networks, res.normalizer, res.params)
     assert np.all(miss <= alpha * 1.02) and np.all(cost < 0.9)
     out = evaluate.evaluate_all(trees, {"r0": res.log_prob_fn(0), "r1": res.log_prob_fn(1)},
@@ -87,19 +88,3 @@ def test_exact_trainer_meets_the_train_constraint_and_beats_the_threshold_at_the
         assert rows[r]["coverage_ci"][1] >= 1 - alpha
         assert rows[r]["cost"] < rows["confidence threshold"]["cost"]
     assert abs(rows["r0"]["cost"] - rows["r1"]["cost"]) < 0.1 * rows["r0"]["cost"]
-
-
-def test_train_and_export_writes_a_calibrated_router(tmp_path):
-    from jaxroute import export
-
-    m, probs = synthetic.generate(synthetic.SyntheticConfig(num_problems=200, seed=2))
-    trees = trace.pack(m, probs)
-    cfg = exact.ExactConfig(alpha=0.1, iterations=5)
-    fit = exact.train_and_export(trees, m, cfg, tmp_path, seeds=(0, 1), source="synthetic",
-                                 cost_model="flops")
-    router = export.load_router(tmp_path / "router", feature_names=m.feature_names)
-    assert router.kappa == pytest.approx(fit.kappas[0]) and router.meta["alpha"] == 0.1
-    assert router.meta["train_config"]["trainer"] == "exact"
-    again = exact.config_from_dict({k: v for k, v in router.meta["train_config"].items()
-                                    if k not in ("trainer", "seed")})
-    assert again == cfg

@@ -73,10 +73,14 @@ def test_the_host_path_decides_exactly_as_the_jitted_one(tmp_path, k):
     router = export.load_router(path)
     f = rng.normal(size=(500, 5)).astype(np.float32) * 3
     m = rng.integers(0, k - 1, 500).astype(np.int32)
-    host, jit = router.decide_host(f, m), np.asarray(router.decide_jit(f, m))
-    np.testing.assert_allclose(router._host.probs(f, m), np.asarray(router.probs(f, m)),
-                               atol=1e-5)
-    assert (host == jit).mean() > 0.998  # ties at κ within float rounding aside
-    assert len(set(host.tolist())) > 1
-    np.testing.assert_array_equal(router.decide(f[:1], m[:1]), host[:1])
-    np.testing.assert_array_equal(router.decide(f, m), jit)  # a large batch: the jitted path
+    host, dev = router.decide(f, m, path="host"), router.decide(f, m, path="device")
+    np.testing.assert_allclose(host.escalation_prob, dev.escalation_prob, atol=1e-5)
+    # π itself against an independent jax evaluation of the exported networks
+    probs = np.exp(np.asarray(nets.log_probs(params, norm, f, m)))
+    np.testing.assert_allclose(router._host.probs(f, m), probs, atol=1e-5)
+    assert (host.model == dev.model).mean() > 0.998  # ties at κ within float rounding aside
+    assert len(set(host.model.tolist())) > 1
+    np.testing.assert_array_equal(router.decide(f[:1], m[:1]).model, host.model[:1])
+    np.testing.assert_array_equal(router.decide(f, m).model, dev.model)  # large: device path
+    with pytest.raises(ValueError, match="path"):
+        router.decide(f, m, path="gpu")

@@ -33,6 +33,7 @@ def test_core_public_api_is_explicit_and_has_no_module_name_clash():
 
 
 def _imports(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside functions."""
     tree = ast.parse(path.read_text())
     out = set()
     for node in ast.walk(tree):
@@ -40,7 +41,63 @@ def _imports(path: Path) -> set[str]:
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
     return out
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Project module → the project modules it imports (function-level imports included; a
+    `from package import module` counts as the module)."""
+    files = {}
+    for pkg in ("jaxroute", "generation", "launch"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+            files[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for mod in _imports(path):
+            while mod and mod not in files:
+                mod = mod.rpartition(".")[0]
+            if mod and mod != name and not name.startswith(mod + "."):
+                deps.add(mod)
+        graph[name] = deps
+    return graph
+
+
+def test_the_import_graph_has_no_circle():
+    """No module reaches itself through imports (function-level ones too); the circles are
+    printed when one appears."""
+    graph = _module_graph()
+    index, low, stack, on, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    print(f"{len(graph)} modules, {sum(map(len, graph.values()))} import arrows, circles: "
+          f"{circles or 'none'}")
+    assert not circles
 
 
 @pytest.mark.parametrize("package, forbidden", [
@@ -96,7 +153,65 @@ def test_package_lists_importable_modules():
         importlib.import_module(f"jaxroute.{name}")
 
 
+def _decisions() -> dict[int, str]:
+    text = (ROOT / "docs" / "decisions.md").read_text()
+    parts = re.split(r"^(\d+)\. \*\*", text, flags=re.M)
+    return {int(n): body.split("\n\n")[0].split("\n## ")[0] for n, body in
+            zip(parts[1::2], parts[2::2], strict=True)}
+
+
 def test_decision_log_is_numbered_once_and_in_order():
     nums = [int(n) for n in re.findall(r"^(\d+)\. \*\*", (ROOT / "docs" / "decisions.md")
                                        .read_text(), flags=re.M)]
     assert nums == list(range(1, len(nums) + 1)), nums
+
+
+def _repository_texts():
+    for pattern in ("jaxroute/**/*.py", "generation/**/*.py", "launch/*.py", "tests/*.py",
+                    "docs/*.md", "*.md", ".ci/run", "pyproject.toml"):
+        yield from sorted(ROOT.glob(pattern))
+
+
+def test_every_decision_cited_exists_and_superseded_ones_say_by_which():
+    log = _decisions()
+    for path in _repository_texts():
+        for m in re.finditer(r"\bdecisions? ((?:\d+(?:[–-]\d+)?(?:, | and )?)+)",
+                             path.read_text()):
+            for a, b in re.findall(r"(\d+)(?:[–-](\d+))?", m.group(1)):
+                for n in range(int(a), int(b or a) + 1):
+                    assert n == 0 or n in log, f"{path.relative_to(ROOT)} cites decision {n}"
+    for n, body in log.items():
+        assert len(body.strip().splitlines()) <= 10, f"decision {n} is an essay"
+        for by in re.findall(r"Superseded by (\d+)", body):
+            assert int(by) in log and int(by) > n, f"decision {n}: superseded by {by}?"
+
+
+def test_every_function_named_in_the_decision_log_exists():
+    text = (ROOT / "docs" / "decisions.md").read_text()
+    prefixes = ("", "jaxroute.", "jaxroute.core.", "generation.", "generation.tinylm.",
+                "generation.serving.")
+    roots = {p.stem for d in ("jaxroute", "jaxroute/core", "generation", "generation/tinylm",
+                              "generation/serving", "launch") for p in (ROOT / d).glob("*.py")}
+    roots |= {"core", "jaxroute", "generation", "launch"}
+    names = sorted({n for n in re.findall(r"`([a-z_]+(?:\.[A-Za-z_]\w*)+)`", text)
+                    if n.split(".")[0] in roots})
+    assert len(names) >= 15
+    for name in names:
+        if name.startswith("launch."):  # entry points: a module file (importing defines flags)
+            assert (ROOT / "launch" / f"{name.split('.')[1]}.py").exists(), name
+            continue
+        for prefix in prefixes:
+            try:
+                _resolve(prefix + name)
+                break
+            except (ImportError, AttributeError):
+                continue
+        else:
+            raise AssertionError(f"docs/decisions.md names `{name}`, which does not exist")
+
+
+def test_no_text_refers_to_an_issue_number():
+    """Issue numbers mean nothing to a reader of the repository: say the decision instead."""
+    for path in _repository_texts():
+        for line in path.read_text().splitlines():
+            assert not re.search(r"\b[Ii]ssues? #?\d+", line), f"{path.relative_to(ROOT)}: {line}"

@@ -8,7 +8,7 @@ from fakes import ScriptedBackend
 
 from generation import answers, comparison, costs, online, rules, scorers
 from generation.datasets import Problem
-from jaxroute import baselines, evaluate, records, trace
+from jaxroute import baselines, evaluate, export, records, trace
 
 PROBLEMS = [Problem(f"p{i}", f"What is {i + 3}+{2 * i + 1}?", str(3 * i + 4), "gsm8k", 1.0)
             for i in range(30)]
@@ -107,7 +107,8 @@ class ThresholdRouter:
     """Stands in for `export.Router`: escalate when the confidence feature is below 5."""
 
     def decide(self, feats, models):
-        return np.where(feats[:, 0] < 5.0, 1, models)
+        return export.Decisions(np.where(feats[:, 0] < 5.0, 1, models),
+                         (feats[:, 0] < 5.0).astype(np.float32))
 
 
 def test_router_rule_is_sticky_and_the_large_model_writes_the_rest(checker):
@@ -292,7 +293,7 @@ class Failing(Recording):
 
 
 def test_failed_requests_are_left_out_of_every_summary_and_counted(checker):
-    """Regression: a failed request was scored as a wrong answer (issue 14, item 2)."""
+    """Regression: a failed request was scored as a wrong answer (decision 72)."""
     models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
     cal, test = PROBLEMS[:12], PROBLEMS[12:24]
     bad_small, bad_large = {"p13", "p2"}, {"p15", "p4"}

@@ -253,7 +253,7 @@ def test_completions_eos_without_an_answer_ends_the_solution():
 
 
 def test_raw_logit_servers_get_max_logit_confidence():
-    from generation.backend import make_backend
+    from generation.backends import make_backend
 
     with FakeOpenAI() as srv:
         be = make_backend(f"openai-completions-raw:tiny@{srv.base_url}", api_key="x")

@@ -1,6 +1,6 @@
 """The routing server on loopback, with the OpenAI SDK as the client: answers and routing traces
 equal `generation.online`'s, streaming, auth, every error in OpenAI's shape, draining, metrics,
-a bounded load test, and tiny-model upstreams over HTTP (issue 13)."""
+a bounded load test, and tiny-model upstreams over HTTP (decision 80)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 
 from generation import asgi, features, online, rules, serving
 from generation.answers import AnswerChecker
+from generation.backends import model_infos
 from generation.datasets import Problem
 from generation.openai_backend import OpenAIBackend
 from generation.tinylm import backend as tiny
@@ -68,14 +69,14 @@ def router_dir(tmp_path_factory, backends):
     path = tmp_path_factory.mktemp("router") / "router"
     export.export_router(path, nets, params, norm, 0.5, feature_names=features.FEATURE_NAMES,
                          model_names=NAMES, alpha=0.1, hidden=(8,))
-    _, esc = export.load_router(path).decide_scored(f, np.zeros(len(f), np.int32))
+    esc = export.load_router(path).decide(f, np.zeros(len(f), np.int32)).escalation_prob
     return export.export_router(path, nets, params, norm, float(np.quantile(esc, 0.85)),
                                 feature_names=features.FEATURE_NAMES, model_names=NAMES,
                                 alpha=0.1, hidden=(8,))
 
 
 def models_of(backends):
-    return [trace.ModelInfo(b.name, float(b.params), 0, 0, 0) for b in backends]
+    return list(model_infos(backends))
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,13 @@ def test_auth(served):
     assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
     ids = [m.id for m in client(srv).models.list()]
     assert ids == [CFG.model_name]
+    root = srv.base_url.removesuffix("/v1")
+    # /metrics needs the key too (decision 83); /health stays open for load balancers.
+    assert call("GET", root + "/metrics")[0] == 401
+    assert call("GET", root + "/metrics", headers=AUTH)[0] == 200
+    assert call("GET", root + "/health")[0] == 200
+    # An unauthenticated request learns nothing about routes either.
+    assert call("GET", root + "/nowhere")[0] == 401
 
 
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -233,7 +241,7 @@ def test_the_sdk_sees_typed_errors(served):
     with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
         client(srv).chat.completions.create(model=CFG.model_name, n=2,
                                             messages=[{"role": "user", "content": "x"}])
-    status, _, text = call("GET", srv.base_url.removesuffix("/v1") + "/nowhere")
+    status, _, text = call("GET", srv.base_url.removesuffix("/v1") + "/nowhere", headers=AUTH)
     assert status == 404 and json.loads(text)["error"]["code"] == 404
 
 
@@ -342,7 +350,7 @@ def test_load_32_clients_by_10_requests_and_metrics(served):
     assert after - before == 320
     esc = sum(r.model_extra["jaxroute"]["escalated_at"] is not None for r in results)
     assert _metric(srv, "jaxroute_escalations_total") >= esc
-    text = call("GET", srv.base_url.removesuffix("/v1") + "/metrics")[2]
+    text = call("GET", srv.base_url.removesuffix("/v1") + "/metrics", headers=AUTH)[2]
     for name in ("jaxroute_request_latency_seconds_bucket", "jaxroute_steps_total",
                  "jaxroute_request_cost_flops_bucket", "jaxroute_saving_flops_total",
                  "jaxroute_errors_total"):
@@ -354,7 +362,7 @@ def test_load_32_clients_by_10_requests_and_metrics(served):
 
 
 def _metric(srv, name: str) -> float:
-    text = call("GET", srv.base_url.removesuffix("/v1") + "/metrics")[2]
+    text = call("GET", srv.base_url.removesuffix("/v1") + "/metrics", headers=AUTH)[2]
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name))
 
@@ -411,8 +419,8 @@ def test_parse_request_is_strict_about_types():
     cfg = serving.ServeConfig(max_tokens=100, max_tokens_per_step=10)
     ok = {"model": cfg.model_name, "messages": [{"role": "system", "content": "be brief"},
                                                 {"role": "user", "content": "2 + 2?"}]}
-    assert serving.parse_request(ok, True, cfg)["question"] == "2 + 2?"
-    assert serving.parse_request({**ok, "max_tokens": 7.0}, True, cfg)["max_tokens"] == 7
+    assert serving.parse_request(ok, True, cfg).question == "2 + 2?"
+    assert serving.parse_request({**ok, "max_tokens": 7.0}, True, cfg).max_tokens == 7
     for bad in ({"max_tokens": 7.5}, {"max_tokens": True}, {"max_tokens": float("nan")},
                 {"seed": "1"}, {"messages": [{"role": "user", "content": ["x"]}]},
                 {"messages": []}, {"stream_options": 3}):
@@ -420,7 +428,7 @@ def test_parse_request_is_strict_about_types():
             serving.parse_request({**ok, **bad}, True, cfg)
         assert e.value.status == 400
     assert serving.parse_request({"model": cfg.model_name, "prompt": ["hi"]}, False,
-                                 cfg)["question"] == "hi"
+                                 cfg).question == "hi"
 
 
 def test_admission_counts_and_drains():

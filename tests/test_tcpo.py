@@ -35,8 +35,8 @@ def test_update_is_finite_and_respects_trust_region(setup):
         chex.assert_tree_all_finite((new.policy_params, new.critic_params, m))
         assert int(new.step) == int(state.step) + 1
         assert not bool(m["nonfinite"])
-        if bool(m["step_accepted"]):
-            assert float(m["kl"]) <= cfg.max_kl * (1 + 1e-5)
+        if bool(m["cpo_accepted"]):
+            assert float(m["cpo_kl"]) <= cfg.max_kl * (1 + 1e-5)
             assert int(m["cpo_case"]) in (0, 1, 2, 3, 4)
         state = new
 
@@ -67,7 +67,7 @@ def test_padding_never_changes_the_update(setup):
     chex.assert_trees_all_close(a.policy_params, b.policy_params, atol=1e-5)
     chex.assert_trees_all_close(a.critic_params, b.critic_params, atol=1e-5)
     np.testing.assert_allclose(a.kappa, b.kappa)
-    assert bool(ma["step_accepted"]) == bool(mb["step_accepted"])
+    assert bool(ma["cpo_accepted"]) == bool(mb["cpo_accepted"])
 
 
 def test_kappa_moves_toward_more_escalation_after_misses(setup):
@@ -83,6 +83,76 @@ def test_kappa_moves_toward_more_escalation_after_misses(setup):
     covered = batch._replace(large_wrong=jnp.ones(5, bool))
     new, m = update(state_hi, covered, jax.random.PRNGKey(0))
     assert float(m["miscoverage"]) == 0.0 and float(new.kappa) > 0.9
+
+
+def test_kappa_step_is_eq5_in_closed_form(setup):
+    nets, cfg, state, _ = setup
+    batch = random_rollout(5)
+    kappa, err, eta = tcpo.kappa_step(nets, cfg, state, batch, cfg.alpha)
+    covered = tcpo.coverage_event(nets, cfg, state, batch)
+    rows = np.asarray(batch.mask).any(-1)
+    want_err = float(np.sum(rows & ~np.asarray(covered)) / rows.sum())
+    want_eta = cfg.eta0 * (int(state.step) + 1) ** -(0.5 + cfg.xi)
+    assert float(err) == pytest.approx(want_err)
+    assert float(eta) == pytest.approx(want_eta, rel=1e-6)
+    assert float(kappa) == pytest.approx(float(state.kappa) - want_eta * (want_err - cfg.alpha),
+                                         rel=1e-6)
+
+
+def test_surrogates_at_the_current_policy(setup):
+    """At θ_k the ratios are 1: the objective is the mean summed advantage, the KL is 0 and flat,
+    and the IS miscoverage is one minus the clipped-IS coverage of the batch."""
+    nets, cfg, state, _ = setup
+    batch = random_rollout(11)
+    flat_k, unravel = tcpo.fisher.flatten(state.policy_params)
+
+    def logits_of(flat):
+        return nets.logits(unravel(flat), state.normalizer, batch.obs, batch.model)
+
+    valid = threshold.valid_actions(batch.model, 2)
+    log_q = tcpo.target_log_probs(cfg, state.kappa)
+    log_q_k = log_q(logits_of(flat_k), valid)
+    adv = tcpo.advantages(nets, cfg, state, batch, jnp.ones(batch.mask.shape))
+    sur = tcpo.surrogates(logits_of, log_q, cfg, batch, log_q_k, adv)
+    m = np.asarray(batch.mask, np.float32)
+    rows = max(m.any(-1).sum(), 1)
+    assert float(sur.objective(flat_k)) == pytest.approx(
+        float(np.sum(m * np.asarray(adv.adv_cost)) / rows), rel=1e-5, abs=1e-6)
+    assert float(sur.mean_kl(flat_k)) == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(jax.grad(sur.mean_kl)(flat_k), 0.0, atol=1e-5)
+    assert 0.0 <= float(sur.miscoverage_is(flat_k)) <= 1.0 + 1e-6
+
+
+def test_critic_step_lowers_the_critic_loss(setup):
+    nets, cfg, state, _ = setup
+    batch = random_rollout(2)
+    adv = tcpo.advantages(nets, cfg, state, batch, jnp.ones(batch.mask.shape))
+    targets = jnp.stack([adv.cost.vs, adv.correct.vs])
+    m = np.asarray(batch.mask, np.float32)
+
+    def loss(params):
+        v = tcpo.critic_values(nets, params, state.normalizer, batch)
+        return np.sum(m[None] * (np.asarray(v) - np.asarray(targets)) ** 2, axis=(1, 2)) / m.sum()
+
+    critics, _, losses = tcpo.critic_step(nets, dataclasses.replace(cfg, critic_steps=50), state,
+                                          batch, adv)
+    assert np.all(loss(critics) < loss(state.critic_params))
+    np.testing.assert_allclose(losses, loss(critics), rtol=0.5)  # the last step's own loss
+
+
+def test_the_learner_samples_its_batches_from_the_trees():
+    """`make_learner`'s update = a rollout from the trees + the rollout update: a jitted run over
+    a synthetic tree set stays finite and moves κ."""
+    from jaxroute import learner, synthetic, trace
+
+    m, probs = synthetic.generate(synthetic.SyntheticConfig(num_problems=80))
+    trees = trace.pack(m, probs)
+    cfg = tcpo.TCPOConfig(iterations=30, batch_size=8)
+    res = learner.fit(tcpo.make_learner(cfg, trees.num_models, trees.features.shape[-1]), trees,
+                      cfg.alpha, cfg.iterations, (0,))
+    assert res.history["kappa"].shape == (1, 30)
+    assert np.all(np.isfinite(res.history["cpo_objective"]))
+    assert float(res.kappa_online[0]) != cfg.kappa_init
 
 
 def test_config_validation():

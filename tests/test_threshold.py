@@ -89,6 +89,24 @@ def test_route_is_eq6_for_two_models_and_monotone_in_kappa():
         prev = a
 
 
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_the_host_rule_is_eq6_on_random_inputs(k):
+    """`route_rule` in numpy (the serving and offline path) equals the checked jax `route`, and
+    `escalation_score` is max_{a>k} π(a|o) by a plain loop."""
+    rng = np.random.default_rng(k)
+    probs = np.asarray(random_probs(jax.random.PRNGKey(k), (50, 7), k), np.float32)
+    model = rng.integers(0, k, (50, 7)).astype(np.int32)
+    for kappa in (0.0, 0.1, 0.35, 0.5, 0.9, 1.0):
+        host = th.route_rule(np, probs, np.float32(kappa), model)
+        assert host.dtype == np.int32
+        np.testing.assert_array_equal(host, np.asarray(th.route(jnp.asarray(probs),
+                                                                jnp.float32(kappa), model)))
+    score = th.escalation_score(np, probs, model)
+    for i, j in itertools.product(range(50), range(7)):
+        above = [probs[i, j, a] for a in range(model[i, j] + 1, k)]
+        assert score[i, j] == (max(above) if above else 0.0)
+
+
 def test_escalation_in_set():
     probs = jnp.array([[0.8, 0.2], [0.3, 0.7], [0.55, 0.45]])
     model = jnp.zeros(3, jnp.int32)

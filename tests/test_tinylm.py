@@ -100,7 +100,7 @@ def test_prefix_cache_continues_exactly_where_prefill_would(random_backend):
 
 
 def test_prefix_cache_holds_its_own_bytes_within_its_budget(random_backend):
-    """Regression (issue 14, item 10): entries were views that kept whole batches' K/V buffers
+    """Regression (decision 81): entries were views that kept whole batches' K/V buffers
     alive, and the cache was bounded in entries, not bytes."""
     cfg, w = random_backend.cfg, random_backend.weights
     budget = 1.2 * 2**20  # two rounds of 24 rows (32 with padding) at 64 positions
@@ -275,7 +275,7 @@ def test_prm_learns_a_step_label_and_prm_data_uses_the_rule_verifier(random_back
 
 def test_stand_in_scorers_score_in_bounded_chunks_without_changing_a_score(random_backend,
                                                                           monkeypatch):
-    """Regression (issue 14, item 10): one forward over every item made activation memory grow
+    """Regression (decision 81): one forward over every item made activation memory grow
     with the batch; scores in chunks equal each item scored alone."""
     from generation.tinylm import scorers
 

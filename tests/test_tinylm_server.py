@@ -1,5 +1,5 @@
 """The tiny-model HTTP server: every field honoured or refused in OpenAI's error shape, limits
-that protect other clients (issue 14, item 8), on the shared Starlette/uvicorn stack."""
+that protect other clients (decision 80), on the shared Starlette/uvicorn stack."""
 
 from __future__ import annotations
 

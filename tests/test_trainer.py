@@ -1,12 +1,14 @@
-"""The TCPO trainer: resumable checkpoints, K = 3, learnability on an informative synthetic tree."""
+"""The one training loop (`learner.fit` through `trainer.train`) with either learner: resumable
+checkpoints, K = 3, learnability on an informative synthetic tree, one workdir per run."""
 
 import dataclasses
 
 import chex
+import jax
 import numpy as np
 import pytest
 
-from jaxroute import evaluate, export, synthetic, tcpo, trace, trainer
+from jaxroute import evaluate, exact, export, synthetic, tcpo, trace, trainer
 from jaxroute.core import threshold
 
 
@@ -16,28 +18,42 @@ def trees():
     return manifest, trace.pack(manifest, problems)
 
 
-def test_resume_continues_exactly(tmp_path, trees):
+def _tcpo(iterations, **kw):
+    return tcpo.TCPOConfig(iterations=iterations, **kw)
+
+
+@pytest.mark.parametrize("name", ["tcpo", "exact"])
+def test_resume_continues_exactly(tmp_path, trees, name):
+    """Either learner, two seeds at once: a run interrupted after its first chunk and resumed
+    (with a longer length) gives the uninterrupted run's numbers."""
     _, packed = trees
-    cfg = trainer.TrainConfig(iterations=40, chunk=20, final_calibration=False)
-    straight = trainer.train(packed, cfg)
-    # Interrupted after the first chunk, then resumed from the checkpoint.
-    trainer.train(packed, dataclasses.replace(cfg, iterations=20), tmp_path)
-    resumed = trainer.train(packed, cfg, tmp_path)
-    chex.assert_trees_all_close(resumed.state.policy_params, straight.state.policy_params,
-                                atol=1e-6)
-    np.testing.assert_allclose(resumed.kappa_online, straight.kappa_online, rtol=1e-6)
-    assert resumed.history["kappa"].shape == (40,)
-    np.testing.assert_allclose(resumed.history["kappa"], straight.history["kappa"], rtol=1e-6)
+    cfg = (_tcpo(40) if name == "tcpo" else exact.ExactConfig(alpha=0.1, iterations=8,
+                                                                batch_size=64))
+    run = trainer.TrainConfig(cfg, seeds=(0, 1), chunk=cfg.iterations // 2,
+                              final_calibration=False)
+    straight = trainer.train(packed, run)
+    half = dataclasses.replace(run, learner=dataclasses.replace(cfg,
+                                                                iterations=cfg.iterations // 2))
+    trainer.train(packed, half, tmp_path)
+    resumed = trainer.train(packed, run, tmp_path)
+    assert resumed.learner == name and resumed.seeds == (0, 1)
+    chex.assert_trees_all_close(resumed.params, straight.params, atol=1e-6)
+    key = "kappa" if name == "tcpo" else "cost"
+    assert resumed.history[key].shape == (2, cfg.iterations)
+    np.testing.assert_allclose(resumed.history[key], straight.history[key], rtol=1e-6)
+    # The seeds are different runs.
+    assert not np.allclose(jax.tree.leaves(straight.policy(0))[0],
+                           jax.tree.leaves(straight.policy(1))[0])
 
 
 def test_three_models_train_and_evaluate(tmp_path):
     manifest, problems = synthetic.generate(synthetic.three_model_config(num_problems=120))
     packed = trace.pack(manifest, problems)
-    cfg = trainer.TrainConfig(tcpo=tcpo.TCPOConfig(alpha=0.1), iterations=60, chunk=30)
+    cfg = trainer.TrainConfig(_tcpo(60, alpha=0.1), chunk=30)
     res = trainer.train(packed, cfg)
-    assert np.all(np.isfinite(res.history["objective_new"]))
-    out = evaluate.evaluate_all(packed, {"TCPO router (ours)": evaluate.policy_fn(
-        res.networks, res.state)}, 0.1, manifest.feature_names, references=False)
+    assert np.all(np.isfinite(res.history["cpo_objective"]))
+    out = evaluate.evaluate_all(packed, {"TCPO router (ours)": res.log_prob_fn(0)}, 0.1,
+                                manifest.feature_names, references=False)
     names = [r["method"] for r in out["rows"]]
     assert names[:3] == ["model 0 only", "model 1 only", "model 2 only"]
     router = out["rows"][3]
@@ -45,16 +61,15 @@ def test_three_models_train_and_evaluate(tmp_path):
     # The evaluation calibrates κ by the same rule as the trainer's final calibration.
     assert router["threshold"] == pytest.approx(res.kappa)
     # Export round trip keeps the decisions.
-    path = export.export_router(tmp_path / "r", res.networks, res.state.policy_params,
-                                res.state.normalizer, res.kappa,
-                                feature_names=manifest.feature_names,
+    path = export.export_router(tmp_path / "r", res.networks, res.policy(0), res.normalizer,
+                                res.kappa, feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models], alpha=0.1,
-                                hidden=cfg.hidden)
+                                hidden=cfg.learner.hidden)
     loaded = export.load_router(path, feature_names=manifest.feature_names)
     x = packed.features[:, 0, 0]
     model = np.zeros(len(x), np.int32)
-    probs = np.exp(res.networks.log_probs(res.state.policy_params, res.state.normalizer, x, model))
-    np.testing.assert_array_equal(loaded.decide(x, model),
+    probs = np.exp(res.log_prob_fn(0)(x, model))
+    np.testing.assert_array_equal(loaded.decide(x, model).model,
                                   threshold.route(probs, np.float32(res.kappa), model))
     with pytest.raises(export.RouterSpecError, match="trained on features"):
         export.load_router(path, feature_names=list(manifest.feature_names)[::-1])
@@ -69,12 +84,11 @@ def test_learnability_on_an_informative_synthetic_tree():
         informativeness=1.5, seed=1)
     manifest, problems = synthetic.generate(scfg)
     packed = trace.pack(manifest, problems)
-    cfg = trainer.TrainConfig(tcpo=tcpo.TCPOConfig(alpha=alpha, softmask_eps=0.05),
-                              batch_size=16, iterations=500, seed=0)
+    cfg = trainer.TrainConfig(_tcpo(500, alpha=alpha, softmask_eps=0.05, batch_size=16))
     res = trainer.train(packed, cfg)
-    assert res.calibration_feasible
-    out = evaluate.evaluate_all(packed, {"TCPO router (ours)": evaluate.policy_fn(
-        res.networks, res.state)}, alpha, manifest.feature_names, references=False)
+    assert res.feasible[0]
+    out = evaluate.evaluate_all(packed, {"TCPO router (ours)": res.log_prob_fn(0)}, alpha,
+                                manifest.feature_names, references=False)
     router = next(r for r in out["rows"] if r["method"] == "TCPO router (ours)")
     assert router["coverage_ci"][1] >= 1 - alpha
     large = next(r for r in out["rows"] if r["method"] == "model 1 only")
@@ -85,18 +99,18 @@ def test_learnability_on_an_informative_synthetic_tree():
 
 def test_a_workdir_belongs_to_one_run(tmp_path, trees):
     manifest, packed = trees
-    cfg = trainer.TrainConfig(tcpo=tcpo.TCPOConfig(alpha=0.1), iterations=20, chunk=10)
+    cfg = trainer.TrainConfig(_tcpo(20, alpha=0.1), chunk=10)
     trainer.train_and_export(packed, manifest, cfg, tmp_path, source="s", cost_model="flops",
                              show_progress=False)
-    other = dataclasses.replace(cfg, tcpo=tcpo.TCPOConfig(alpha=0.3))
-    with pytest.raises(FileExistsError, match=r"tcpo.alpha: 0.1 → 0.3.*--overwrite"):
+    other = dataclasses.replace(cfg, learner=_tcpo(20, alpha=0.3))
+    with pytest.raises(FileExistsError, match=r"config.alpha: 0.1 → 0.3.*--overwrite"):
         trainer.train_and_export(packed, manifest, other, tmp_path, source="s",
                                  cost_model="flops", show_progress=False)
     # A longer run of the same config resumes; --overwrite starts the other one over.
-    longer = dataclasses.replace(cfg, iterations=30)
+    longer = dataclasses.replace(cfg, learner=_tcpo(30, alpha=0.1))
     res = trainer.train_and_export(packed, manifest, longer, tmp_path, source="s",
                                    cost_model="flops", show_progress=False)
-    assert res.history["kappa"].shape == (30,)
+    assert res.history["kappa"].shape == (1, 30)
     res = trainer.train_and_export(packed, manifest, other, tmp_path, source="s",
                                    cost_model="flops", show_progress=False, overwrite=True)
     assert export.load_router(tmp_path / "router").meta["alpha"] == 0.3
@@ -104,7 +118,7 @@ def test_a_workdir_belongs_to_one_run(tmp_path, trees):
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, trees):
     _, packed = trees
-    cfg = trainer.TrainConfig(iterations=20, chunk=10, final_calibration=False)
+    cfg = trainer.TrainConfig(_tcpo(20), chunk=10, final_calibration=False)
     straight = trainer.train(packed, cfg)
     trainer.train(packed, cfg, tmp_path)
     latest = tmp_path / "checkpoints" / "20"
@@ -112,6 +126,26 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, 
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # a kill mid-save
     resumed = trainer.train(packed, cfg, tmp_path)  # from step 10, retrains 10 → 20
-    chex.assert_trees_all_close(resumed.state.policy_params, straight.state.policy_params,
-                                atol=1e-6)
+    chex.assert_trees_all_close(resumed.params, straight.params, atol=1e-6)
     np.testing.assert_allclose(resumed.history["kappa"], straight.history["kappa"], rtol=1e-6)
+
+
+def test_a_run_records_its_config_and_reexports_the_same_router(tmp_path, trees):
+    manifest, packed = trees
+    cfg = trainer.TrainConfig(exact.ExactConfig(alpha=0.1, iterations=5), seeds=(0, 1))
+    res = trainer.train_and_export(packed, manifest, cfg, tmp_path, source="synthetic",
+                                   cost_model="flops", show_progress=False)
+    router = export.load_router(tmp_path / "router", feature_names=manifest.feature_names)
+    assert router.kappa == pytest.approx(res.kappas[0]) and router.meta["alpha"] == 0.1
+    assert router.meta["train_config"]["trainer"] == "exact"
+    import json
+
+    record = json.loads((tmp_path / "train_config.json").read_text())
+    assert trainer.config_from_dict(record) == cfg
+    done = trainer.reexport(tmp_path, record, packed, manifest, "synthetic", tmp_path / "again")
+    assert done["kappa"] == pytest.approx(res.kappas[0]) and done["gap"] <= 1e-5
+
+
+def test_an_unknown_learner_config_is_refused():
+    with pytest.raises(ValueError, match="no learner takes"):
+        trainer.TrainConfig(learner=object())

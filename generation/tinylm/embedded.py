@@ -6,13 +6,15 @@ PRM and judge).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from generation import comparison, costs, rules, tracegen
+from generation import comparison, costs, online, rules, tracegen
 from generation.answers import AnswerChecker
 from generation.datasets import Problem
 from generation.tinylm import scorers, task
-from jaxroute import baselines
+from jaxroute import baselines, evaluate, export
+from jaxroute import records as records_lib
 
 SPLIT_NAMES = ("train", "cal", "test")
 
@@ -26,6 +28,12 @@ def problems_and_splits(sizes: dict[str, int], seed: int
             problems.append(p.problem)
             splits[p.problem.problem_id] = split
     return problems, splits
+
+
+def cal_and_test(sizes: tuple[int, int], seed: int) -> tuple[list[Problem], list[Problem]]:
+    """The procedural task's calibration and test problems (`sizes` problems each)."""
+    return ([p.problem for p in task.generate(sizes[0], seed, "cal")],
+            [p.problem for p in task.generate(sizes[1], seed, "test")])
 
 
 def rule_verifier(items):
@@ -70,13 +78,11 @@ def live_methods(router, backends) -> list[comparison.LiveMethod]:
 def offline_result(trees, manifest, fit, paper, alpha: float, seed: int) -> dict:
     """Every method at the same guarantee on the test split (`evaluate.evaluate_all`): the
     routers of `fit` (one row per seed, plus their mean ± sd) and the paper's TCPO `paper`
-    (networks, state)."""
-    from jaxroute import evaluate
+    (`learner.TrainResult`s)."""
 
-    n = len(fit.result.seeds)
-    routers = {f"router (ours), seed {s}": fit.result.log_prob_fn(i)
-               for i, s in enumerate(fit.result.seeds)}
-    routers["TCPO (paper settings)"] = evaluate.policy_fn(*paper)
+    n = len(fit.seeds)
+    routers = {f"router (ours), seed {s}": fit.log_prob_fn(i) for i, s in enumerate(fit.seeds)}
+    routers["TCPO (paper settings)"] = paper.log_prob_fn(0)
     result = evaluate.evaluate_all(trees, routers, alpha, manifest.feature_names, seed)
     result["rows"].insert(n + 2, evaluate.mean_row(
         [r for r in result["rows"] if r["method"].startswith("router (ours), seed ")],
@@ -90,11 +96,6 @@ def live_result(result: dict, work: Path, manifest, records: list[dict], backend
     """Add the live rows (`live_methods` through `comparison.compare_live`, R_M from the trees)
     to `result`, and write each method's records to `work/online/<method>`. `between` is
     called after each method (see `compare_live`)."""
-    import re
-
-    from generation import online
-    from jaxroute import evaluate, export
-    from jaxroute import records as records_lib
 
     router = export.load_router(work / "router", feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models])

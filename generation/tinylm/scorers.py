@@ -1,6 +1,6 @@
 """Stand-ins for RSD's process reward model and SpecReason's judge on the embedded default.
 
-Both are documented stand-ins (BUILD_NOTES), not the real thing:
+Both are documented stand-ins (decision 57), not the real thing:
 
 - `TinyPRM` — a process reward model in the real PRMs' shape (an LM backbone + a scalar value
   head read at the end of the last step, as Skywork-o1-PRM and Qwen2.5-Math-PRM are built),

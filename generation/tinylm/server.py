@@ -24,6 +24,11 @@ import dataclasses
 import threading
 import time
 
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
 from generation import asgi
 from generation.asgi import RequestError
 from generation.backend import STEP_DELIMITER, StepRequest
@@ -174,10 +179,6 @@ def respond(req: TinyRequest, chat: bool, model: str, raw_logits: bool) -> dict:
 def make_app(backends: dict[str, TinyLMBackend], logprobs_mode: str = "logprobs",
              config: TinyServerConfig = TinyServerConfig()):
     """The Starlette application serving `backends` by name."""
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
 
     if logprobs_mode not in ("logprobs", "raw_logits"):
         raise ValueError(f"logprobs_mode must be 'logprobs' or 'raw_logits', got "

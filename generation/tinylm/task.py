@@ -10,6 +10,7 @@ sequences short enough for CPU training.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -68,7 +69,6 @@ def check_step(step: str) -> bool | None:
     """Rule-based step verifier: every "a op b = c" in the step must hold exactly.
 
     Returns None when the step holds no equation (nothing to check)."""
-    import re
 
     eqs = re.findall(r"(\d+)\s*([+\-*])\s*(\d+)\s*=\s*(\d+)", step)
     if not eqs:

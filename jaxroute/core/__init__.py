@@ -7,8 +7,10 @@ involved; shapes and units are in each docstring.
 
 - V-trace (Sec. 4.1, IMPALA): `vtrace_targets`, `episodic_discounts`, `terminal_indicator`.
 - Π_{π,κ}, S, softmask S̃, eq. 6, IS weights: `action_set`, `set_behaviour`, `log_softmask`,
-  `route`, `log_clipped_weights`, `coverage_estimate`.
-- Fisher-vector products: `make_fvp`, `make_ggn_fvp`, `categorical_kl`; CG: `conjugate_gradient`.
+  `route` (`route_rule`, `escalation_score`: eq. 6 for any array namespace),
+  `log_clipped_weights`, `coverage_estimate`.
+- Fisher-vector products: `make_fvp`, `make_ggn_fvp`, `categorical_kl`, and the categorical-KL
+  trust region's `categorical_kl_fvp`; CG: `conjugate_gradient`.
 - Eq. 4 (CPO trust-region step): `cpo_step` (= `cpo_dual` + `cpo_direction` + `line_search`).
 - Eq. 5 (κ update) and the final calibration: `kappa_update`, `step_size`,
   `covered_by_verifier`, `conformal_threshold`.
@@ -30,15 +32,23 @@ from jaxroute.core.cpo import (
     cpo_step,
     line_search,
 )
-from jaxroute.core.fisher import categorical_kl, flatten, make_fvp, make_ggn_fvp
+from jaxroute.core.fisher import (
+    categorical_kl,
+    categorical_kl_fvp,
+    flatten,
+    make_fvp,
+    make_ggn_fvp,
+)
 from jaxroute.core.threshold import (
     action_set,
     coverage_estimate,
     escalation_in_set,
+    escalation_score,
     log_clipped_weights,
     log_softmask,
     masked_log_softmax,
     route,
+    route_rule,
     set_behaviour,
     valid_actions,
 )
@@ -57,6 +67,7 @@ __all__ = [
     "VTraceOutput",
     "action_set",
     "categorical_kl",
+    "categorical_kl_fvp",
     "conformal_threshold",
     "conjugate_gradient",
     "coverage_estimate",
@@ -66,6 +77,7 @@ __all__ = [
     "cpo_step",
     "episodic_discounts",
     "escalation_in_set",
+    "escalation_score",
     "flatten",
     "kappa_update",
     "line_search",
@@ -75,6 +87,7 @@ __all__ = [
     "make_ggn_fvp",
     "masked_log_softmax",
     "route",
+    "route_rule",
     "set_behaviour",
     "step_size",
     "terminal_indicator",

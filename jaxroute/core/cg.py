@@ -1,7 +1,7 @@
 """Conjugate gradient for symmetric positive-definite systems given only matrix-vector products.
 
-Used to solve (F + damping·I) x = g for the natural-gradient and CPO directions, where F is the
-Fisher matrix of the mean KL, available only through `fisher.make_fvp`.
+Used to solve (F + damping·I) x = g for the CPO directions, where F is the Fisher matrix of the
+trust region's mean KL, available only as a product (`fisher.categorical_kl_fvp`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 At θ = θ_k the Hessian of θ ↦ KL(p_{θ_k} ‖ p_θ) is the Fisher information of p_θ. Two forms:
 `make_fvp` (forward-over-reverse: F v = ∇_θ[(∇_θ KL̄)ᵀ v], the gradient linearised once) is the
-reference; `make_ggn_fvp` (Gauss–Newton, Jᵀ H_u J, decision 13) is what the trainers use.
+reference; `make_ggn_fvp` (Gauss–Newton, Jᵀ H_u J, decision 13) is the product itself, and
+`categorical_kl_fvp` assembles it for the categorical-KL trust region both learners use (per-row
+K×K logit Hessians, weighted like the mean).
 """
 
 from __future__ import annotations
@@ -75,3 +77,42 @@ def categorical_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     chex.assert_equal_shape([log_p, log_q])
     p = jnp.exp(log_p)
     return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+
+
+def categorical_kl_fvp(
+    logits_of: Callable[[jax.Array], jax.Array],
+    flat_params: jax.Array,
+    logits: jax.Array,
+    ref_log_probs: jax.Array,
+    valid: jax.Array,
+    weights: jax.Array,
+    log_probs_of_logits: Callable[[jax.Array, jax.Array], jax.Array],
+    damping: float = 0.0,
+) -> Callable[[jax.Array], jax.Array]:
+    """Fisher-vector product of the trust region Σ w · KL(ref ‖ q(u(θ))) at θ_k, in Gauss–Newton
+    form: the K×K Hessian of each row's KL in logit space (exact, by autodiff), weighted by
+    `weights`, then `make_ggn_fvp`. The one Fisher of both learners (TCPO: q = the softmask
+    S̃; exact CPO: q = π).
+
+    Args:
+      logits_of: flat θ ↦ logits `[..., K]`.
+      flat_params: `[N]` θ_k.
+      logits: `[..., K]` logits_of(θ_k) (already computed by the caller).
+      ref_log_probs: `[..., K]` log q at θ_k (held fixed).
+      valid: `[..., K]` bool valid actions.
+      weights: `[...]` the mean's weights (e.g. mask / Σ mask); rows of weight 0 drop out.
+      log_probs_of_logits: (u `[K]`, valid `[K]`) ↦ log q `[K]`, the map from logits to the
+        distribution the trust region is on.
+      damping: Tikhonov damping.
+    """
+    chex.assert_equal_shape([logits, ref_log_probs, valid])
+    chex.assert_rank(weights, logits.ndim - 1)
+    k = logits.shape[-1]
+
+    def kl_of_logits(u, ref, ok):
+        return categorical_kl(ref, log_probs_of_logits(u, ok))
+
+    rows = lambda x: x.reshape(-1, k)  # noqa: E731
+    h_u = jax.vmap(jax.hessian(kl_of_logits))(rows(logits), rows(ref_log_probs), rows(valid))
+    h_u = h_u.reshape(weights.shape + (k, k)) * weights[..., None, None]
+    return make_ggn_fvp(logits_of, flat_params, h_u, damping=damping)

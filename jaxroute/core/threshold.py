@@ -83,10 +83,24 @@ def route(probs: jax.Array, kappa: jax.Array, model: jax.Array) -> jax.Array:
     model = jnp.asarray(model)
     chex.assert_rank(probs, model.ndim + 1)
     chex.assert_rank(kappa, 0)
-    ids = _action_ids(model, probs.shape[-1])
+    return route_rule(jnp, probs, kappa, model)
+
+
+def route_rule(xp, probs, kappa, model):
+    """Eq. 6 written once for any array namespace `xp` (`jax.numpy` inside jitted code, `numpy`
+    on the host: the serving path and the offline families, decision 79). Same shapes as
+    `route`; no checks (`route` is the checked entry)."""
+    ids = xp.broadcast_to(xp.arange(probs.shape[-1]), probs.shape)  # no rank promotion
     ok = (ids > model[..., None]) & (probs >= kappa)
-    best = jnp.max(jnp.where(ok, ids, -1), axis=-1)
-    return jnp.where(best >= 0, best, model).astype(jnp.int32)
+    best = xp.max(xp.where(ok, ids, -1), axis=-1)
+    return xp.where(best >= 0, best, model).astype(xp.int32)
+
+
+def escalation_score(xp, probs, model):
+    """max_{a > k} π(a|o), `[...]`: the probability eq. 6 compares with κ (0 for the largest
+    model). Any array namespace `xp`."""
+    higher = xp.broadcast_to(xp.arange(probs.shape[-1]), probs.shape) > model[..., None]
+    return xp.max(xp.where(higher, probs, 0.0), axis=-1)
 
 
 def escalation_in_set(probs: jax.Array, kappa: jax.Array, model: jax.Array) -> jax.Array:

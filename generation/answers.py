@@ -18,6 +18,8 @@ import select
 import subprocess
 import sys
 
+from jaxroute.errors import InputError
+
 
 class Verdict(enum.StrEnum):
     CORRECT = "correct"
@@ -72,7 +74,7 @@ def verify(gold: str, pred: str, dataset: str, timeout: int) -> str:
     if not pred_parsed:
         return Verdict.UNPARSED.value
     if not gold_parsed:
-        raise ValueError(f"gold answer {gold!r} could not be parsed")
+        raise InputError(f"gold answer {gold!r} could not be parsed")
     ok = mv_verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
     return (Verdict.CORRECT if ok else Verdict.INCORRECT).value
 
@@ -145,7 +147,7 @@ class AnswerChecker:
     def __init__(self, workers: int = 2, timeout: int = 5, start_timeout: float = 120.0,
                  retries: int = 1):
         if workers < 1 or timeout < 1:
-            raise ValueError("workers ≥ 1 and timeout ≥ 1 are required")
+            raise InputError("workers ≥ 1 and timeout ≥ 1 are required")
         self.timeout, self.start_timeout, self.retries = timeout, start_timeout, retries
         self.stats = {"checks": 0, "timeouts": 0, "errors": 0, "restarts": 0}
         self._workers: list[_Worker] = []

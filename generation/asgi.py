@@ -74,9 +74,31 @@ async def read_json(request, max_bytes: int, timeout_s: float) -> dict:
         raise RequestError(400, "the body is not UTF-8") from None
     except json.JSONDecodeError as e:
         raise RequestError(400, f"the body is not JSON: {e}") from None
+    except RecursionError:  # "[" × 5000: the parser's recursion, not a server error
+        raise RequestError(400, "the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, not {type(body).__name__}")
+    if _depth(body) > MAX_JSON_DEPTH:  # later code (repr in messages, comparisons) recurses
+        raise RequestError(400, f"the body's JSON is nested more than {MAX_JSON_DEPTH} deep")
     return body
+
+
+MAX_JSON_DEPTH = 32
+
+
+def _depth(obj) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        x, d = todo.pop()
+        deepest = max(deepest, d)
+        if d > MAX_JSON_DEPTH:
+            break
+        if isinstance(x, dict):
+            todo.extend((v, d + 1) for v in x.values())
+        elif isinstance(x, list):
+            todo.extend((v, d + 1) for v in x)
+    return deepest
 
 
 def check_fields(body: dict, honoured: set[str], fixed: dict[str, Any]) -> None:
@@ -188,15 +210,72 @@ def exception_handlers() -> dict:
     return {404: not_found, 405: not_allowed, Exception: crashed}
 
 
+def guarded_h11(header_timeout_s: float = 10.0, max_connections: int = 1024):
+    """uvicorn's h11 protocol with what uvicorn lacks for untrusted clients (decision 83): a
+    connection that has not sent a complete request head within `header_timeout_s` (after it
+    opened, or after its last response) is closed, and a connection beyond `max_connections`
+    open ones is closed as soon as it is accepted. Bodies have their own limit (`read_json`)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                log.warning("%d connections open: refusing another", len(self.connections) - 1)
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self):
+            self._disarm()
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _disarm(self):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self):
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # no request head within the limit
+
+        def handle_events(self):
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def uvicorn_config(app, *, header_timeout_s: float = 10.0, max_connections: int = 1024,
+                   **kw):
+    """A `uvicorn.Config` for `app` on the guarded h11 protocol (`guarded_h11`)."""
+    kw.setdefault("log_level", "warning")
+    return uvicorn.Config(app, http=guarded_h11(header_timeout_s, max_connections), **kw)
+
+
 class BackgroundServer:
     """uvicorn serving `app` in a daemon thread on a port bound before it starts (`port=0`: a
-    free one), so `base_url` is known at once. A context manager; `close()` stops it."""
+    free one), so `base_url` is known at once; `uvicorn_config_kw` go to `uvicorn_config`. A
+    context manager; `close()` stops it."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_config):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_config_kw):
         self._sock = socket.create_server((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, log_level="warning", lifespan="off", **uvicorn_config))
+        self.server = uvicorn.Server(uvicorn_config(app, lifespan="off", **uvicorn_config_kw))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
                                         name=f"uvicorn-{self.port}", daemon=True)
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from generation import costs
 from generation.backend import Backend
 from jaxroute import trace
+from jaxroute.errors import InputError
 
 
 def _vllm(rest: str, **kw) -> Backend:
@@ -25,7 +26,7 @@ def _openai(kind: str) -> Callable[..., Backend]:
 
         model, _, base = rest.partition("@")
         if not model:
-            raise ValueError(f"backend spec {kind}:{rest!r} names no model")
+            raise InputError(f"backend spec {kind}:{rest!r} names no model")
         return OpenAIBackend(model, base_url=base or None, api_key=kw["api_key"],
                              params=kw["params"] or 0.0,
                              mode="chat" if kind == "openai" else "completions",
@@ -65,7 +66,7 @@ def make_backend(spec: str, *, params: float | None = None, cache=None, seed: in
     (`FatalBackendError`)."""
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:
-        raise ValueError(f"unknown backend spec {spec!r} ({', '.join(k + ':…' for k in KINDS)})")
+        raise InputError(f"unknown backend spec {spec!r} ({', '.join(k + ':…' for k in KINDS)})")
     return KINDS[kind](rest, params=params, cache=cache, seed=seed,
                        tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization,

@@ -24,6 +24,7 @@ from generation.backend import Backend
 from generation.datasets import Problem
 from generation.rules import FixedRule, Rule
 from jaxroute import evaluate, records
+from jaxroute.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +46,9 @@ class LiveMethod:
 
     def __post_init__(self):
         if (self.rule is None) == (self.family is None):
-            raise ValueError(f"{self.name}: give exactly one of rule= and family=")
+            raise InputError(f"{self.name}: give exactly one of rule= and family=")
         if self.family is not None and not self.grid:
-            raise ValueError(f"{self.name}: a thresholded family needs a grid")
+            raise InputError(f"{self.name}: a thresholded family needs a grid")
 
 
 class SharedBackend:

@@ -9,6 +9,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from jaxroute.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class Price:
@@ -68,7 +70,7 @@ def params_from_config(path: str | Path | dict) -> float:
         inter = cfg["intermediate_size"]
         heads = cfg["num_attention_heads"]
     except KeyError as e:
-        raise ValueError(f"{path}: config.json lacks {e.args[0]!r}") from None
+        raise InputError(f"{path}: config.json lacks {e.args[0]!r}") from None
     kv_heads = cfg.get("num_key_value_heads", heads)
     kv_dim = h // heads * kv_heads
     attn = 2 * h * h + 2 * h * kv_dim

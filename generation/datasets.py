@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from generation import answers
+from jaxroute.errors import InputError
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     pass
 
 

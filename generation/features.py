@@ -25,6 +25,8 @@ import re
 
 import numpy as np
 
+from jaxroute.errors import InputError
+
 FEATURE_NAMES = ("confidence", "step_index", "step_length", "is_final", "difficulty")
 _OPS = set("+-*/=^_<>()[]{}|!%×÷±≤≥≠")
 _PUNCT = set(".,:;?")  # maths only inside a math span
@@ -101,7 +103,7 @@ class Confidence:
 def _over_math(values, mask: np.ndarray, reduce) -> Confidence:
     values = np.asarray(values, np.float64)
     if values.size == 0:
-        raise ValueError("empty step: no tokens to score")
+        raise InputError("empty step: no tokens to score")
     use = mask if mask.any() else np.ones_like(mask)  # no math token: use every token
     return Confidence(float(reduce(values[use])), int(mask.sum()), not mask.any(),
                       float(reduce(values)))

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxroute.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class LoadResult:
@@ -40,7 +42,7 @@ def run_load(base_url: str, model: str, questions: Sequence[str], clients: int,
     import openai
 
     if clients < 1 or requests_per_client < 1 or not questions:
-        raise ValueError("clients ≥ 1, requests_per_client ≥ 1 and some questions are needed")
+        raise InputError("clients ≥ 1, requests_per_client ≥ 1 and some questions are needed")
 
     async def go() -> LoadResult:
         lat: list[float] = []

@@ -102,6 +102,20 @@ def _features_of(s: Live, r: StepResult) -> tuple[np.ndarray, features.MathSpanS
     return np.asarray(f, np.float64), span
 
 
+def _isolated(backend: Backend, reqs: list[StepRequest], whole: bool, limit: int
+              ) -> list[StepResult]:
+    """`backend.generate(reqs)`, where a request the backend refuses (`ValueError`: bad input
+    that a batched in-process call raises for the whole batch) fails alone — as its own
+    `StepResult.error` — and never takes its batch mates down with it (decision 83)."""
+    try:
+        return backend.generate(reqs, whole=whole, max_tokens=limit)
+    except ValueError as e:
+        if len(reqs) == 1:
+            return [StepResult("", [], [], [], "max_logit", 0, 0, 0, "error", True,
+                               error=f"request {reqs[0].key}: {e}")]
+    return [r for req in reqs for r in _isolated(backend, [req], whole, limit)]
+
+
 def _piece(r: StepResult, model: int, params: float, **extra) -> dict:
     return {"model": model, "text": r.text, "cost": costs.generation_cost(r, params), **extra}
 
@@ -148,9 +162,8 @@ class Engine:
             limits.setdefault(s.max_tokens if whole else min(cfg.max_tokens_per_step,
                                                              s.max_tokens), []).append(s)
         for limit, members in limits.items():
-            res = self.backends[m].generate(
-                [_request(s, m, s.seed + seed_offset, attempt) for s in members], whole=whole,
-                max_tokens=limit)
+            reqs = [_request(s, m, s.seed + seed_offset, attempt) for s in members]
+            res = _isolated(self.backends[m], reqs, whole, limit)
             out.update({id(s): r for s, r in zip(members, res, strict=True)})
         return [out[id(s)] for s in group]
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from generation import costs
 from generation.backend import SYSTEM_PROMPT
+from jaxroute.errors import InputError
 
 JUDGE_INSTRUCTION = (
     "Look only at the last step of the solution above. Is it factually correct and does it "
@@ -112,7 +113,7 @@ class VLLMRewardModel:
 
     def __post_init__(self):
         if self.prompt_format not in ("qwen", "skywork"):
-            raise ValueError(f"prompt_format must be 'qwen' or 'skywork', got "
+            raise InputError(f"prompt_format must be 'qwen' or 'skywork', got "
                              f"{self.prompt_format!r}")
         if self.llm is None:
             from vllm import LLM  # lazy: only on a GPU machine
@@ -225,5 +226,5 @@ def from_spec(spec: str, backends, *, role: str, cache=None, seed: int = 0,
         from generation.backends import make_backend
 
         return OpenAIJudge(make_backend(spec, cache=cache, seed=seed))
-    raise ValueError(f"unknown scorer spec {spec!r} (tiny, vllm-large, vllm:MODEL[:qwen|skywork], "
+    raise InputError(f"unknown scorer spec {spec!r} (tiny, vllm-large, vllm:MODEL[:qwen|skywork], "
                      "openai:MODEL[@BASE_URL])")

@@ -29,6 +29,7 @@ from generation.backend import Backend, StepRequest, StepResult, prefix_text
 from generation.backends import model_infos
 from generation.datasets import Problem
 from jaxroute import durable, trace
+from jaxroute.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,7 @@ class TraceGenerator:
                  verifier: Callable[[list[tuple[str, list[str], str]]], list[bool | None]] | None,
                  config: GenConfig = GenConfig(), prices: Sequence[costs.Price] | None = None):
         if len(backends) < 2:
-            raise ValueError("trace generation needs at least two models")
+            raise InputError("trace generation needs at least two models")
         self.backends, self.checker, self.verifier, self.cfg = list(backends), checker, verifier, config
         self.prices = list(prices) if prices else [costs.Price(0, 0, 0)] * len(backends)
 
@@ -359,7 +360,7 @@ def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str]
     unusable (`trace.problem_errors`; packing excludes it). The summary (counts, reasons, the
     backends' request statistics) is returned and recorded in the manifest's provenance."""
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
+        raise InputError(f"shard_index {shard_index} not in [0, {num_shards})")
     with durable.exclusive(out):  # one writer per folder (decision 78)
         return _run(gen, problems, splits, Path(out), provenance, num_shards, shard_index, spend,
                     accept_partial)
@@ -391,7 +392,7 @@ def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, 
         if [m.name for m in old.models] != [m.name for m in manifest.models] or \
                 old.feature_names != manifest.feature_names or \
                 old.provenance.get("model_versions") != manifest.provenance["model_versions"]:
-            raise ValueError(f"{mpath}: existing trace set was made with other models, weights or "
+            raise InputError(f"{mpath}: existing trace set was made with other models, weights or "
                              "features; use a new --out folder")
         diffs = _same_run(old.provenance, manifest.provenance)
         if diffs:
@@ -455,12 +456,12 @@ def merge(parts: Sequence[Path], out: Path) -> Path:
     for p, m in zip(parts, manifests, strict=True):
         if m.to_json()["models"] != first.to_json()["models"] or \
                 m.feature_names != first.feature_names:
-            raise ValueError(f"{p}: manifest differs from {parts[0]}")
+            raise InputError(f"{p}: manifest differs from {parts[0]}")
     records, seen = [], set()
     for p in parts:
         for n, rec in trace.read_records(p / trace.TREES):
             if rec["problem_id"] in seen:
-                raise ValueError(f"{p / trace.TREES}: line {n}: duplicate problem_id "
+                raise InputError(f"{p / trace.TREES}: line {n}: duplicate problem_id "
                                  f"{rec['problem_id']!r}")
             seen.add(rec["problem_id"])
             records.append(rec)

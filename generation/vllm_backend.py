@@ -33,6 +33,7 @@ from generation.backend import (
     is_final_step,
     prefix_text,
 )
+from jaxroute.errors import InputError
 
 
 def engine_kwargs(model: str, *, gpu_memory_utilization: float, tensor_parallel_size: int = 1,
@@ -67,7 +68,7 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
         out = out["input_ids"]
     ids = [int(i) for i in out]
     if not ids:
-        raise ValueError("the chat template rendered no tokens")
+        raise InputError("the chat template rendered no tokens")
     return ids
 
 

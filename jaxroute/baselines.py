@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
 
 GRID = tuple(round(0.1 * i, 1) for i in range(11))  # the paper's 0.1-step threshold grid
@@ -58,7 +59,7 @@ def fit_mixture(x: np.ndarray, iters: int = 200, min_std: float = 1e-3) -> Mixtu
     at the 25th/75th percentiles."""
     x = np.asarray(x, np.float64)
     if x.size < 2:
-        raise ValueError("fit_mixture needs at least 2 points")
+        raise InputError("fit_mixture needs at least 2 points")
     mu = np.percentile(x, [25, 75]).astype(np.float64)
     sd = np.full(2, max(x.std(), min_std))
     w = np.array([0.5, 0.5])

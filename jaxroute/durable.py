@@ -49,7 +49,9 @@ def append_records(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 
 def repair_tail(path: str | os.PathLike) -> int:
-    """Drop a torn final line (no trailing newline) left by a crash. Returns bytes removed."""
+    """Drop a torn final line (no trailing newline, not a whole JSON value) left by a crash;
+    a final line that is whole JSON only lacks its newline, which is added. Returns the bytes
+    removed."""
     path = Path(path)
     if not path.exists():
         return 0
@@ -57,11 +59,25 @@ def repair_tail(path: str | os.PathLike) -> int:
     if not data or data.endswith(b"\n"):
         return 0
     keep = data.rfind(b"\n") + 1
+    if whole_json(data[keep:]):
+        with open(path, "ab") as f:
+            f.write(b"\n")
+        return 0
     with open(path, "r+b") as f:
         f.truncate(keep)
     return len(data) - keep
 
-__all__ = ["FolderInUse", "append_records", "atomic_write_text", "exclusive", "repair_tail"]
+
+def whole_json(raw: bytes) -> bool:
+    """Is `raw` one complete JSON value (UTF-8)?"""
+    try:
+        json.loads(raw.decode("utf-8"))
+        return True
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+        return False
+
+__all__ = ["FolderInUse", "append_records", "atomic_write_text", "exclusive", "repair_tail",
+           "whole_json"]
 
 
 def _umask() -> int:

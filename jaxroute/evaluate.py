@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxroute import baselines, env, records, references
 from jaxroute.core import calibration, threshold
+from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
 
 
@@ -213,7 +214,7 @@ def walk_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, test=
     """Walk `family` on the calibration instances `cal = (problems, roots)` (and on `test`)."""
     pc, rc = cal
     if len(pc) == 0:
-        raise ValueError("calibration needs problems in the 'cal' split")
+        raise InputError("calibration needs problems in the 'cal' split")
     correct, _, _ = walk_grid(trees, dev, family, pc, rc)
     errors = per_problem(((~correct) & trees.solo_correct[pc, -1][None]).T.astype(float), pc)
     if test is None:
@@ -387,7 +388,7 @@ def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
     test = env.instances(trees, trees.split_indices("test"))
     pt, rt = test
     if len(pt) == 0:
-        raise ValueError("no usable problems in the 'test' split")
+        raise InputError("no usable problems in the 'test' split")
     rows, curves = [], {}
     for m in range(trees.num_models):
         rows.append({"method": f"model {m} only", "external": "–", "kind": "single model",

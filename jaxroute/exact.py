@@ -33,6 +33,7 @@ import optax
 from jaxroute import env, learner
 from jaxroute import networks as nets_lib
 from jaxroute.core import cpo, fisher, threshold
+from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
 
 
@@ -118,11 +119,11 @@ class ExactConfig:
 
     def __post_init__(self):
         if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+            raise InputError(f"alpha must be in (0, 1), got {self.alpha}")
         if self.iterations < 0 or self.max_kl <= 0 or self.learning_rate <= 0:
-            raise ValueError("iterations ≥ 0, max_kl > 0 and learning_rate > 0 are required")
+            raise InputError("iterations ≥ 0, max_kl > 0 and learning_rate > 0 are required")
         if self.optimizer not in ("cpo", "lagrangian"):
-            raise ValueError(f"optimizer: 'cpo' or 'lagrangian', got {self.optimizer!r}")
+            raise InputError(f"optimizer: 'cpo' or 'lagrangian', got {self.optimizer!r}")
 
 
 class Batch(NamedTuple):
@@ -239,9 +240,12 @@ def prepare(trees: PackedTrees, alpha_scale: float, alpha: float) -> Data:
 def make_learner(config: ExactConfig, num_models: int, num_features: int) -> learner.Learner:
     """The exact learner for `config` (α comes with the data, so configs that differ only in α
     share one compiled program — cached)."""
-    if config.alpha != ExactConfig.alpha:
-        return make_learner(dataclasses.replace(config, alpha=ExactConfig.alpha), num_models,
-                            num_features)
+    # α comes with the data and the length is the loop's: configs that differ only in them
+    # share one learner, so one compiled program.
+    if config.alpha != ExactConfig.alpha or config.iterations != ExactConfig.iterations:
+        return make_learner(dataclasses.replace(config, alpha=ExactConfig.alpha,
+                                                iterations=ExactConfig.iterations),
+                            num_models, num_features)
     networks = nets_lib.make_networks(num_models, num_features, config.hidden)
     bsz = config.batch_size
 

@@ -30,13 +30,14 @@ import orbax.checkpoint as ocp
 from jaxroute import networks as nets_lib
 from jaxroute.core import threshold
 from jaxroute.durable import atomic_write_text
+from jaxroute.errors import InputError
 
 ROUTER_SCHEMA = 1
 # κ is compared with probabilities; calibration puts it in [0, just above the largest score].
 KAPPA_RANGE = (0.0, 1.0 + 1e-6)
 
 
-class RouterSpecError(ValueError):
+class RouterSpecError(InputError):
     """The router's feature spec or models do not match what the caller generates."""
 
 
@@ -85,7 +86,7 @@ class Router:
                 self.policy_params, self.normalizer.mean, self.normalizer.std, jnp.asarray(f),
                 jnp.asarray(m)))
         else:
-            raise ValueError(f"path must be 'auto', 'host' or 'device', got {path!r}")
+            raise InputError(f"path must be 'auto', 'host' or 'device', got {path!r}")
         return Decisions(threshold.route_rule(np, probs, np.float32(self.kappa), m),
                          threshold.escalation_score(np, probs, m).astype(np.float32))
 
@@ -219,15 +220,34 @@ def load_router(path: str | Path, feature_names: Sequence[str] | None = None,
     if model_names is not None and list(model_names) != meta["model_names"]:
         raise RouterSpecError(f"{meta_file}: router was trained for models {meta['model_names']}"
                               f", not {list(model_names)}")
+    if meta["num_models"] != len(meta["model_names"]) or meta["num_models"] < 2:
+        raise RouterSpecError(f"{meta_file}: field 'num_models' = {meta['num_models']} but "
+                              f"'model_names' lists {len(meta['model_names'])}")
+    if not meta["hidden"] or not all(isinstance(h, int) and h >= 1 for h in meta["hidden"]):
+        raise RouterSpecError(f"{meta_file}: field 'hidden' = {meta['hidden']!r} is not a list "
+                              "of layer widths ≥ 1")
     networks = nets_lib.make_networks(meta["num_models"], len(meta["feature_names"]),
                                       tuple(meta["hidden"]))
     template_policy, _, _ = nets_lib.init_params(networks, jax.random.PRNGKey(0))
     d = len(meta["feature_names"])
     template = {"policy": template_policy, "norm_mean": np.zeros(d, np.float32),
                 "norm_std": np.ones(d, np.float32)}
-    with ocp.PyTreeCheckpointer() as ckpt:
-        tree = ckpt.restore(path / "params", item=template)
-    norm = nets_lib.Normalizer(jnp.asarray(tree["norm_mean"]), jnp.asarray(tree["norm_std"]))
+    try:  # as stored (no template: a template of other shapes is an error of its own kind)
+        with ocp.PyTreeCheckpointer() as ckpt:
+            tree = ckpt.restore(path / "params")
+    except Exception as e:  # noqa: BLE001 — orbax/tensorstore raise many kinds; name the file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise RouterSpecError(f"{path / 'params'}: the router's parameters are unreadable "
+                              f"({type(e).__name__}: {first}); re-export the router") from None
+    want = jax.tree.map(np.shape, template)
+    got = jax.tree.map(np.shape, tree)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+        raise RouterSpecError(
+            f"{path / 'params'}: parameter shapes do not match {meta_file} (num_models "
+            f"{meta['num_models']}, {d} features, hidden {meta['hidden']}): was router.json "
+            "edited? re-export the router")
+    tree = jax.tree.map(jnp.asarray, tree)
+    norm = nets_lib.Normalizer(tree["norm_mean"], tree["norm_std"])
     return Router(networks=networks, policy_params=tree["policy"], normalizer=norm,
                   kappa=float(meta["kappa"]), meta=meta)
 

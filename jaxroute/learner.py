@@ -31,6 +31,7 @@ from absl import logging
 
 from jaxroute import env, evaluate
 from jaxroute import networks as nets_lib
+from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
 
 
@@ -130,10 +131,10 @@ def fit(learner: Learner, trees: PackedTrees, alpha: float, iterations: int,
       progress: called after every chunk with (iterations done, the chunk's mean metrics).
     """
     if iterations < 0 or chunk < 1 or not seeds:
-        raise ValueError("iterations ≥ 0, chunk ≥ 1 and at least one seed are required")
+        raise InputError("iterations ≥ 0, chunk ≥ 1 and at least one seed are required")
     train_idx = trees.split_indices("train")
     if len(train_idx) == 0:
-        raise ValueError("no usable problems in the 'train' split")
+        raise InputError("no usable problems in the 'train' split")
     data = learner.prepare(trees.subset(train_idx), alpha)
     states, run_keys = _init(learner, data, seeds)
     done, history = 0, []

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxroute.core import threshold
+from jaxroute.errors import InputError
 
 
 class Normalizer(NamedTuple):
@@ -92,9 +93,9 @@ def make_networks(
     num_models: int, num_features: int, hidden: Sequence[int] = (64, 64)
 ) -> RouterNetworks:
     if num_models < 2:
-        raise ValueError(f"routing needs at least 2 models, got num_models={num_models}")
+        raise InputError(f"routing needs at least 2 models, got num_models={num_models}")
     if num_features < 1:
-        raise ValueError(f"num_features must be ≥ 1, got {num_features}")
+        raise InputError(f"num_features must be ≥ 1, got {num_features}")
     return RouterNetworks(
         num_models=num_models,
         num_features=num_features,

@@ -25,13 +25,14 @@ import optax
 
 from jaxroute import baselines, env
 from jaxroute import networks as nets_lib
+from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
 
 
 def _names_index(feature_names, name: str) -> int:
     names = list(feature_names)
     if name not in names:
-        raise ValueError(f"feature {name!r} not among {names}")
+        raise InputError(f"feature {name!r} not among {names}")
     return names.index(name)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxroute import trace
+from jaxroute.errors import InputError
 from jaxroute.types import Rollout
 
 FEATURES = ("confidence", "step_index", "step_length", "is_final", "difficulty")
@@ -51,14 +52,14 @@ class SyntheticConfig:
     def __post_init__(self):
         k = self.num_models
         if k < 2:
-            raise ValueError("num_models must be ≥ 2")
+            raise InputError("num_models must be ≥ 2")
         if len(self.accuracy) != k or len(self.params) != k or len(self.prices) != k:
-            raise ValueError("accuracy, params and prices need one entry per model")
+            raise InputError("accuracy, params and prices need one entry per model")
         levels = len(self.level_probs)
         if any(len(a) != levels for a in self.accuracy) or len(self.mean_steps) != levels:
-            raise ValueError("accuracy rows and mean_steps need one entry per difficulty level")
+            raise InputError("accuracy rows and mean_steps need one entry per difficulty level")
         if not np.isclose(sum(self.level_probs), 1.0) or not np.isclose(sum(self.split_fractions), 1):
-            raise ValueError("level_probs and split_fractions must each sum to 1")
+            raise InputError("level_probs and split_fractions must each sum to 1")
 
 
 def three_model_config(**overrides) -> SyntheticConfig:
@@ -85,13 +86,13 @@ def family_config(small_coverage: float, auroc: float, num_models: int = 2, seed
     """
 
     if not 0.0 < small_coverage < 1.0 or not 0.5 <= auroc < 1.0:
-        raise ValueError("small_coverage in (0, 1) and auroc in [0.5, 1) are required")
+        raise InputError("small_coverage in (0, 1) and auroc in [0.5, 1) are required")
     base = SyntheticConfig() if num_models == 2 else three_model_config()
     large = np.asarray(base.accuracy[-1])
     solvable = float(np.dot(base.level_probs, large))
     r = 1.0 - (1.0 - small_coverage) / solvable
     if r < 0:
-        raise ValueError(f"small_coverage {small_coverage} is below what this family reaches")
+        raise InputError(f"small_coverage {small_coverage} is below what this family reaches")
     small = r * large
     acc = [tuple(small)] + ([tuple((small + large) / 2)] if num_models == 3 else []) + \
         [tuple(large)]

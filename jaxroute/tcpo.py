@@ -29,6 +29,7 @@ import optax
 from jaxroute import env, learner
 from jaxroute import networks as nets_lib
 from jaxroute.core import calibration, cpo, fisher, threshold, vtrace
+from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
 from jaxroute.types import Rollout
 
@@ -70,31 +71,31 @@ class TCPOConfig:
 
     def __post_init__(self):
         if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+            raise InputError(f"alpha must be in (0, 1), got {self.alpha}")
         for name in ("max_kl", "softmask_eps", "eta0", "critic_lr", "rho_bar_is"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.damping < 0:
-            raise ValueError(f"damping must be ≥ 0, got {self.damping}")
+            raise InputError(f"damping must be ≥ 0, got {self.damping}")
         if self.coverage_estimator not in ("exact", "union_bound"):
-            raise ValueError(f"coverage_estimator: 'exact' or 'union_bound', got "
+            raise InputError(f"coverage_estimator: 'exact' or 'union_bound', got "
                              f"{self.coverage_estimator!r}")
         if self.constraint_gradient not in ("advantage", "is"):
-            raise ValueError(f"constraint_gradient: 'advantage' or 'is', got "
+            raise InputError(f"constraint_gradient: 'advantage' or 'is', got "
                              f"{self.constraint_gradient!r}")
         if self.coverage_event not in ("verifier", "outcome", "given"):
-            raise ValueError(f"coverage_event: 'verifier', 'outcome' or 'given', got "
+            raise InputError(f"coverage_event: 'verifier', 'outcome' or 'given', got "
                              f"{self.coverage_event!r}")
         if not 0.0 <= self.constraint_smoothing < 1.0:
-            raise ValueError(f"constraint_smoothing must be in [0, 1), got {self.constraint_smoothing}")
+            raise InputError(f"constraint_smoothing must be in [0, 1), got {self.constraint_smoothing}")
         if self.target not in ("softmask", "policy"):
-            raise ValueError(f"target: 'softmask' or 'policy', got {self.target!r}")
+            raise InputError(f"target: 'softmask' or 'policy', got {self.target!r}")
         if self.iterations < 0 or self.batch_size < 1:
-            raise ValueError("iterations ≥ 0 and batch_size ≥ 1 are required")
+            raise InputError("iterations ≥ 0 and batch_size ≥ 1 are required")
         if self.cg_iters < 1 or self.critic_steps < 0 or self.backtrack_iters < 1:
-            raise ValueError("cg_iters and backtrack_iters must be ≥ 1, critic_steps ≥ 0")
+            raise InputError("cg_iters and backtrack_iters must be ≥ 1, critic_steps ≥ 0")
         if not 0.0 <= self.kappa_init <= 1.0:
-            raise ValueError(f"kappa_init must be in [0, 1], got {self.kappa_init}")
+            raise InputError(f"kappa_init must be in [0, 1], got {self.kappa_init}")
 
 
 @flax.struct.dataclass
@@ -143,7 +144,7 @@ def coverage_event(networks, config: TCPOConfig, state: TrainState, batch: Rollo
     """`[B]` bool coverage of the current (π, κ) on `batch`, per `config.coverage_event`."""
     if config.coverage_event == "given":
         if batch.covered is None:
-            raise ValueError("coverage_event='given' needs Rollout.covered")
+            raise InputError("coverage_event='given' needs Rollout.covered")
         return batch.covered.astype(bool)
     probs = jnp.exp(networks.log_probs(state.policy_params, state.normalizer, batch.obs,
                                        batch.model))
@@ -385,9 +386,12 @@ def make_learner(config: TCPOConfig, num_models: int, num_features: int) -> lear
     π_k out on the trees, then runs steps 1–4. With `coverage_event="given"` the coverage of
     Γ_{π_k,κ_k} is replayed exactly on the same problems (eq. 6 on the trees). α comes with the
     data (configs that differ only in α share one compiled program)."""
-    if config.alpha != TCPOConfig.alpha:
-        return make_learner(dataclasses.replace(config, alpha=TCPOConfig.alpha), num_models,
-                            num_features)
+    # α comes with the data and the length is the loop's: configs that differ only in them
+    # share one learner, so one compiled program.
+    if config.alpha != TCPOConfig.alpha or config.iterations != TCPOConfig.iterations:
+        return make_learner(dataclasses.replace(config, alpha=TCPOConfig.alpha,
+                                                iterations=TCPOConfig.iterations),
+                            num_models, num_features)
     networks = nets_lib.make_networks(num_models, num_features, config.hidden)
     step = update_fn(networks, config)
     b = config.batch_size

@@ -28,11 +28,14 @@ Costs are kept as FLOPs and token counts; `pack` turns them into one cost unit: 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -40,7 +43,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxroute.durable import atomic_write_text
+from jaxroute.durable import atomic_write_text, whole_json
+from jaxroute.errors import InputError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -57,7 +61,7 @@ FIELD_MAX = {"params": 1e15, "price_input": 1e6, "price_cached_input": 1e6,
              "price_output": 1e6, "flops": 1e40, "tokens": 1e12, "feature": 1e30}
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(InputError):
     """A trace file that does not follow the format; the message names file, problem and field."""
 
 
@@ -158,13 +162,16 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                                        f"{e.start})") from None
             if not line.strip():
                 continue
-            if not line.endswith("\n"):
-                raise TraceFormatError(f"{path}: line {n}: truncated last line (an interrupted "
-                                       "write); run repair_tail() or re-run the generator")
             try:
-                yield n, json.loads(line)
+                rec = json.loads(line)
             except json.JSONDecodeError as e:
+                if not line.endswith("\n"):  # a whole last record without its newline is kept
+                    raise TraceFormatError(
+                        f"{path}: line {n}: truncated last line (an interrupted write); run "
+                        f"`python -m launch.repair --traces={Path(path).parent}` or re-run the "
+                        "generator") from None
                 raise TraceFormatError(f"{path}: line {n}: invalid JSON: {e}") from None
+            yield n, rec
 
 
 def _need(d: Any, key: str, kind, where: str):
@@ -519,36 +526,64 @@ def spend(manifest: Manifest, problems: Sequence[dict]) -> dict[str, float]:
             "PFLOPs": float(flops.step_cost.sum() + flops.branch_cost.sum()) / 1e3}
 
 
-def repair(folder: str | os.PathLike) -> dict[str, Any]:
-    """Make a damaged trace set loadable again (decision 78): drop a torn last line, records
-    that are not valid JSON or fail validation, and duplicate problem ids (the first valid
-    record of an id is kept — two writers appended the same problems). The old file is kept as
-    `trees.jsonl.bak`; the repaired one is written atomically. Returns what was dropped."""
+class RepairRefused(InputError):
+    """`repair` would drop most of a trace set for one reason: a manifest/records mismatch to
+    fix, not damage to repair."""
 
+
+def repair(folder: str | os.PathLike, force: bool = False) -> dict[str, Any]:
+    """Make a damaged trace set loadable again (decision 78), conservatively: keep every record
+    that parses and validates (a whole last record without its newline too); drop a torn last
+    line, invalid records and duplicate problem ids (the first valid record of an id is kept —
+    two writers appended the same problems). When most records fail the same check (an edited
+    manifest, not damage) it refuses, naming the check, unless `force`. The old file is kept
+    as `trees.jsonl.bak` — or `.bak.1`, `.bak.2`, … : a backup is never overwritten — and the
+    repaired one is written atomically. Returns what was kept and dropped."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     path = folder / TREES
-    report: dict[str, Any] = {"kept": 0, "torn_bytes": 0, "invalid": [], "duplicates": []}
+    report: dict[str, Any] = {"kept": 0, "torn_bytes": 0, "invalid": [], "duplicates": [],
+                              "backup": None}
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    if data and not data.endswith(b"\n") and not whole_json(data[data.rfind(b"\n") + 1:]):
         report["torn_bytes"] = len(data) - (data.rfind(b"\n") + 1)
         data = data[:data.rfind(b"\n") + 1]
-    keep, seen = [], set()
+    keep, seen, reasons = [], set(), collections.Counter()
     for n, raw in enumerate(data.splitlines(), 1):
         if not raw.strip():
             continue
         try:
             rec = json.loads(raw.decode("utf-8"))
             validate_problem(rec, manifest, where=f"{path}: line {n}")
-        except (ValueError, UnicodeDecodeError) as e:  # TraceFormatError is a ValueError
-            report["invalid"].append(f"line {n}: {str(e)[:160]}")
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            message = str(e).removeprefix(f"{path}: line {n}: ")
+            report["invalid"].append(f"line {n}: {message[:160]}")
+            reasons[_reason(message)] += 1
             continue
         if rec["problem_id"] in seen:
             report["duplicates"].append(f"line {n}: {rec['problem_id']}")
             continue
         seen.add(rec["problem_id"])
         keep.append(raw.decode("utf-8"))
-    shutil.copyfile(path, path.with_name(TREES + ".bak"))
+    if reasons and not force:
+        reason, count = reasons.most_common(1)[0]
+        if count > len(keep):
+            raise RepairRefused(
+                f"{path}: {count} of {count + len(keep) + len(report['duplicates'])} records "
+                f"fail the same check ({reason}); that is a manifest/records mismatch (was "
+                f"{folder / MANIFEST} edited?), not damage — nothing was changed. Fix the "
+                "manifest, or repair with --force to drop them")
+    backup = path.with_name(TREES + ".bak")
+    for i in itertools.count(1):
+        if not backup.exists():
+            break
+        backup = path.with_name(f"{TREES}.bak.{i}")
+    shutil.copyfile(path, backup)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
-    report["kept"] = len(keep)
+    report["kept"], report["backup"] = len(keep), str(backup)
     return report
+
+
+def _reason(message: str) -> str:
+    """A validation message without what varies per record (numbers, quoted ids)."""
+    return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", message))[:120]

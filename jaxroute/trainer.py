@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from jaxroute import exact, export, learner, tcpo
 from jaxroute.durable import atomic_write_text, exclusive
+from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
 
 # The learners by config type and by the name recorded in a run (train_config.json).
@@ -40,7 +41,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if not self.seeds or self.chunk < 1:
-            raise ValueError("at least one seed and chunk ≥ 1 are required")
+            raise InputError("at least one seed and chunk ≥ 1 are required")
         self.learner_name  # noqa: B018 — refuses an unknown config type
 
     @property
@@ -48,7 +49,7 @@ class TrainConfig:
         for name, (cls, _) in LEARNERS.items():
             if isinstance(self.learner, cls):
                 return name
-        raise ValueError(f"no learner takes a {type(self.learner).__name__}")
+        raise InputError(f"no learner takes a {type(self.learner).__name__}")
 
     @property
     def alpha(self) -> float:
@@ -69,7 +70,7 @@ def config_from_dict(d: dict) -> TrainConfig:
         return TrainConfig(cls(**cfg), tuple(int(s) for s in d["seeds"]), int(d["chunk"]),
                            int(d["calibration_grid"]), bool(d["final_calibration"]))
     except (KeyError, TypeError) as e:
-        raise ValueError(f"not a training run's config: {type(e).__name__}: {e}") from None
+        raise InputError(f"not a training run's config: {type(e).__name__}: {e}") from None
 
 
 def make_learner(config: TrainConfig, trees: PackedTrees) -> learner.Learner:

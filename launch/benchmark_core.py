@@ -13,10 +13,11 @@ from __future__ import annotations
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from jaxroute import networks, tcpo
 from jaxroute.synthetic import synthetic_rollout
+from launch import common
 from launch.results import save
 
 _REPEATS = flags.DEFINE_integer("repeats", 200, "Timed jitted iterations per configuration.")
@@ -75,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

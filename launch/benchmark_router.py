@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from generation import features
 from generation.backend import StepRequest
@@ -24,6 +24,7 @@ from generation.tinylm import backend as tiny
 from generation.tinylm import task
 from jaxroute import export
 from jaxroute import networks as nets_lib
+from launch import common
 from launch.results import save
 
 _ROUTER = flags.DEFINE_string("router", None, "Exported router folder (default: a fresh one).")
@@ -89,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

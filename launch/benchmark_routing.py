@@ -17,14 +17,14 @@ import re
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from generation import answers
 from generation.tinylm import backend as tiny
 from generation.tinylm import embedded
 from jaxroute import exact, suite, trace
 from jaxroute.durable import append_records, atomic_write_text
-from launch import report
+from launch import common, report
 from launch.results import save
 
 _QUICK = flags.DEFINE_bool("quick", False, "Two worlds, one data seed (the ≤ 5-minute subset).")
@@ -109,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

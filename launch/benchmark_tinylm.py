@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from generation import features
 from generation.answers import extract_boxed
@@ -22,6 +22,7 @@ from generation.backend import StepRequest
 from generation.tinylm import backend as tiny
 from generation.tinylm import task
 from jaxroute import evaluate
+from launch import common
 from launch.results import save
 
 _N = flags.DEFINE_integer("problems", 250, "Test problems.")
@@ -111,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -8,12 +8,12 @@ import gc
 import platform
 import resource
 import sys
+import warnings
 
 from absl import app, flags, logging
 
-from generation.datasets import DatasetError
 from jaxroute import synthetic, trace
-from jaxroute.export import RouterSpecError
+from jaxroute.errors import InputError
 
 _TRACES = flags.DEFINE_string("traces", None, "Trace-set folder (manifest.json + trees.jsonl).")
 _SYNTHETIC = flags.DEFINE_integer(
@@ -49,8 +49,13 @@ def cost_model() -> str:
 
 
 def quiet() -> None:
-    """Keep orbax's per-save INFO lines out of the progress output."""
+    """Library logs at WARNING and up only — orbax's per-save INFO lines, JAX's backend probing
+    and orbax's restore warnings stay out of the output — unless `--verbosity` (or `-v`) was
+    given. `run` calls it for every entry point."""
+    if flags.FLAGS["verbosity"].present:
+        return
     logging.set_verbosity(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"orbax\..*")
 
 
 def _libc():
@@ -98,20 +103,24 @@ def peak_rss_mb() -> float:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Failures of input or environment that a user fixes: printed as one line, no traceback."""
+    """Failures of input or environment that a user fixes, printed as one line: `InputError`
+    (bad flags, configs, files, records — trace, dataset, router errors are kinds of it), fatal
+    backend and worker failures, missing or locked files. Any other exception — a bug — keeps
+    its traceback."""
     from generation.answers import WorkerError
     from generation.openai_backend import FatalBackendError
 
-    return (FatalBackendError, WorkerError, DatasetError, trace.TraceFormatError,
-            RouterSpecError, flags.ValidationError, FileNotFoundError, ValueError,
-            FileExistsError, PermissionError)
+    return (InputError, FatalBackendError, WorkerError, flags.ValidationError,
+            FileNotFoundError, FileExistsError, PermissionError)
 
 
 def run(main) -> None:
-    """`absl.app.run(main)`, with bad input and fatal backend failures reported as one line
-    (`error: …`, exit 2) and Ctrl-C as one line (exit 130) instead of tracebacks."""
+    """`absl.app.run(main)`, quiet (`quiet`), with bad input and fatal backend failures reported
+    as one line (`error: …`, exit 2) and Ctrl-C as one line (exit 130); any other exception (a
+    bug) keeps its traceback."""
 
     def wrapped(argv):
+        quiet()
         try:
             return main(argv)
         except KeyboardInterrupt:

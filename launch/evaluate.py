@@ -60,7 +60,6 @@ def alpha_sweep(trees, feature_names, alphas) -> list[dict]:
 
 def main(argv):
     del argv
-    common.quiet()
     run(Path(_WORKDIR.value), Path(_OUT.value) if _OUT.value else None)
 
 

@@ -56,7 +56,6 @@ common.check_flags(alpha=(common.probability, "in (0, 1)"),
 
 def main(argv):
     del argv
-    common.quiet()
     common.large_blocks_outside_the_heap()
     with exclusive(Path(_WORKDIR.value)):  # one run per workdir at a time (decision 78)
         run(Path(_WORKDIR.value), _SEED.value, _ALPHA.value)

@@ -27,7 +27,6 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    common.quiet()
     work = Path(_WORKDIR.value)
     cfg_file = work / "train_config.json"
     if not cfg_file.exists():

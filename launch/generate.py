@@ -84,7 +84,6 @@ def settings() -> presets.Preset:
 
 def main(argv):
     del argv
-    common.quiet()
     out = Path(_OUT.value)
     if _MERGE.value:
         tracegen.merge([Path(p) for p in _MERGE.value], out)

@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 from jaxroute.durable import atomic_write_text
-from launch import presets
+from jaxroute.errors import InputError
+from launch import common, presets
 
 README_BEGIN = "<!-- BEGIN generated results (python -m launch.results) -->"
 README_END = "<!-- END generated results -->"
@@ -180,7 +181,7 @@ def render(runs: Path) -> tuple[str, str]:
 def replace_block(text: str, block: str) -> str:
     """`text` with the generated block between the README markers replaced by `block`."""
     if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"README has no generated block ({README_BEGIN} … {README_END})")
+        raise InputError(f"README has no generated block ({README_BEGIN} … {README_END})")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     return head + README_BEGIN + "\n" + block.rstrip() + "\n" + README_END + tail
@@ -201,4 +202,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

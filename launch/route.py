@@ -106,7 +106,6 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
 
 def main(argv):
     del argv
-    common.quiet()
     pre = presets.get(_PRESET.value).merged(models=_MODELS.value, params=_PARAMS.value,
                                             dataset=_DATASET.value)
     cost_model = common.cost_model() if flags.FLAGS["cost_model"].present else pre.cost_model

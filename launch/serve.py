@@ -27,7 +27,7 @@ import threading
 import uvicorn
 from absl import flags
 
-from generation import serving
+from generation import asgi, serving
 from launch import common
 
 _ROUTER = flags.DEFINE_string("router", None, "Exported router folder.")
@@ -60,6 +60,10 @@ _MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", serving.ServeConfig.max
                                        "Requests in flight (beyond: 429).")
 _TIMEOUT = flags.DEFINE_float("request_timeout", serving.ServeConfig.request_timeout_s,
                               "Seconds before an unanswered request gets 504.")
+_HEADER_TIMEOUT = flags.DEFINE_float("header_timeout", 10.0, "Seconds a connection may take to "
+                                     "send a request head (beyond: closed).")
+_MAX_CONNECTIONS = flags.DEFINE_integer("max_connections", 1024, "Open connections (beyond: a "
+                                        "new one is closed at once).")
 flags.mark_flags_as_required(["router"])
 common.check_flags(port=(lambda v: 0 <= v < 65536, "a port"),
                    max_body_bytes=(common.positive, "≥ 1"), max_steps=(common.positive, "≥ 1"),
@@ -67,7 +71,9 @@ common.check_flags(port=(lambda v: 0 <= v < 65536, "a port"),
                    max_tokens_per_step=(common.positive, "≥ 1"),
                    max_concurrent=(common.positive, "≥ 1"),
                    request_timeout=(lambda v: v > 0, "> 0"),
-                   read_timeout=(lambda v: v > 0, "> 0"))
+                   read_timeout=(lambda v: v > 0, "> 0"),
+                   header_timeout=(lambda v: v > 0, "> 0"),
+                   max_connections=(common.positive, "≥ 1"))
 
 
 def main(argv):
@@ -85,8 +91,10 @@ def main(argv):
     application, service = serving.build(_ROUTER.value, _UPSTREAMS.value, _RULE.value, cfg,
                                          upstream_api_key=_UPSTREAM_KEY.value, params=params)
     cfg = service.config
-    server = uvicorn.Server(uvicorn.Config(application, host=_HOST.value, port=_PORT.value,
-                                           log_level="warning", timeout_graceful_shutdown=60))
+    server = uvicorn.Server(asgi.uvicorn_config(
+        application, header_timeout_s=_HEADER_TIMEOUT.value,
+        max_connections=_MAX_CONNECTIONS.value, host=_HOST.value, port=_PORT.value,
+        timeout_graceful_shutdown=60))
 
     def shutdown(signum, frame):  # drain, then stop the server; a second signal: at once
         if application.state.admission.draining:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uvicorn
 from absl import flags
 
+from generation import asgi
 from generation.tinylm import backend, server
 from launch import common
 
@@ -20,9 +21,15 @@ _MAX_BODY = flags.DEFINE_integer("max_body_bytes", server.TinyServerConfig.max_b
                                  "Largest request body.")
 _MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", server.TinyServerConfig.max_concurrent,
                                        "Requests in flight (beyond: 429).")
+_HEADER_TIMEOUT = flags.DEFINE_float("header_timeout", 10.0, "Seconds a connection may take to "
+                                     "send a request head (beyond: closed).")
+_MAX_CONNECTIONS = flags.DEFINE_integer("max_connections", 1024, "Open connections (beyond: a "
+                                        "new one is closed at once).")
 common.check_flags(port=(lambda v: 0 <= v < 65536, "a port"),
                    max_body_bytes=(common.positive, "≥ 1"),
-                   max_concurrent=(common.positive, "≥ 1"))
+                   max_concurrent=(common.positive, "≥ 1"),
+                   header_timeout=(lambda v: v > 0, "> 0"),
+                   max_connections=(common.positive, "≥ 1"))
 
 
 def main(argv):
@@ -32,8 +39,10 @@ def main(argv):
     app = server.make_app(models, _MODE.value, server.TinyServerConfig(
         max_body_bytes=_MAX_BODY.value, max_concurrent=_MAX_CONCURRENT.value))
     print(f"serving {sorted(models)} at http://{_HOST.value}:{_PORT.value}/v1", flush=True)
-    uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="warning",
-                timeout_keep_alive=30, timeout_graceful_shutdown=30)
+    uvicorn.Server(asgi.uvicorn_config(
+        app, header_timeout_s=_HEADER_TIMEOUT.value, max_connections=_MAX_CONNECTIONS.value,
+        host=_HOST.value, port=_PORT.value, timeout_keep_alive=30,
+        timeout_graceful_shutdown=30)).run()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from generation import vllm_smoke
+from launch import common
 
 _SMALL = flags.DEFINE_string("small", None, "Small model folder (or hub name, online).")
 _LARGE = flags.DEFINE_string("large", None, "Large model folder.")
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -72,7 +72,6 @@ def run(config: trainer.TrainConfig, workdir: Path):
 
 def main(argv):
     del argv
-    common.quiet()
     run(build_config(), Path(_WORKDIR.value))
 
 

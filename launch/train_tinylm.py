@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from generation.tinylm import train
 from generation.tinylm.model import LMConfig, Tokenizer
+from launch import common
 
 _OUT = flags.DEFINE_string("out", str(Path(__file__).resolve().parents[1] / "generation" /
                                       "tinylm" / "weights"), "Output folder.")
@@ -64,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

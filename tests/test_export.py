@@ -84,3 +84,31 @@ def test_the_host_path_decides_exactly_as_the_jitted_one(tmp_path, k):
     np.testing.assert_array_equal(router.decide(f, m).model, dev.model)  # large: device path
     with pytest.raises(ValueError, match="path"):
         router.decide(f, m, path="gpu")
+
+
+def test_an_edited_or_truncated_router_is_refused_naming_the_file(tmp_path):
+    """Regression: edited num_models/hidden gave flax's ScopeParamShapeError, truncated params a
+    bare JSONDecodeError or a tensorstore dump."""
+    import json
+    import shutil
+
+    path = _export(tmp_path / "r")
+    meta_file = path / "router.json"
+    meta = json.loads(meta_file.read_text())
+    for field, value, words in (("hidden", [32, 32], "parameter shapes"),
+                                ("num_models", 3, "num_models"),
+                                ("hidden", [0], "layer widths")):
+        edited = tmp_path / f"edit-{field}-{value}"
+        shutil.copytree(path, edited)
+        (edited / "router.json").write_text(json.dumps({**meta, field: value}))
+        with pytest.raises(export.RouterSpecError, match=words) as e:
+            export.load_router(edited)
+        assert str(edited) in str(e.value)
+    broken = tmp_path / "truncated"
+    shutil.copytree(path, broken)
+    for f in (broken / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(export.RouterSpecError, match="unreadable") as e:
+        export.load_router(broken)
+    assert str(broken / "params") in str(e.value)

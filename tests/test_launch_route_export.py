@@ -22,7 +22,7 @@ def _run(args, **kw):
 
 def test_export_reexports_a_finished_run_identically(tmp_path):
     work = tmp_path / "run"
-    res = _run(["launch.train", "--synthetic=80", "--iterations=20", f"--workdir={work}",
+    res = _run(["launch.train", "--synthetic=80", "--iterations=5", f"--workdir={work}",
                 "--alpha=0.1"])
     assert res.returncode == 0, res.stderr[-3000:]
     res = _run(["launch.export", f"--workdir={work}", "--synthetic=80",

@@ -1,6 +1,7 @@
 """Online routing engine, rules, per-step baselines and their scorers (scripted backends)."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -315,3 +316,28 @@ def test_failed_requests_are_left_out_of_every_summary_and_counted(checker):
     assert not records.usable(next(r for r in recs if r["problem_id"] == "p13"))
     assert records.usable({"status": "ok", "verdict": "incorrect"})
     assert not records.usable({"status": "ok", "verdict": "timeout"})
+
+
+class RaisingBackend(ScriptedBackend):
+    """An in-process backend that raises for a whole batch when one request is bad (as a
+    batched tiny-LM call does for a character outside its alphabet)."""
+
+    def generate(self, requests, *, whole=False, max_tokens=1024):
+        bad = [r.question for r in requests if "poison" in r.question]
+        if bad:
+            raise ValueError(f"cannot encode {bad[0]!r}")
+        return super().generate(requests, whole=whole, max_tokens=max_tokens)
+
+
+def test_a_request_a_backend_refuses_fails_alone(checker):
+    """Regression (decision 83): one bad request made the batched call raise, and the failing
+    round failed every problem in it, each quoting the bad one's text."""
+    problems = PROBLEMS + [Problem("bad", "What is 2+poison?", "4", "toy")]
+    backends = [RaisingBackend("small", 1e9, n_steps=2), RaisingBackend("large", 7e9, n_steps=2)]
+    recs = online.run_online(problems, backends, rules.FixedRule("small only", 0), checker,
+                             online.OnlineConfig(max_steps=10))
+    by_id = {r["problem_id"]: r for r in recs}
+    assert by_id["bad"]["status"].startswith("error") and "poison" in by_id["bad"]["status"]
+    for p in PROBLEMS:
+        assert by_id[p.problem_id]["status"] == "ok" and "poison" not in json.dumps(
+            by_id[p.problem_id])

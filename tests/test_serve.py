@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -130,7 +131,11 @@ def assert_same_route(resp_trace: dict, record: dict, models):
         if p.get("score") is None:
             assert s["escalation_probability"] is None
         else:
-            assert s["escalation_probability"] == pytest.approx(p["score"], rel=1e-6)
+            # Texts, models and decisions are defined equal and compared exactly. The probability
+            # is float32 arithmetic on features from logits computed in other batch shapes (so
+            # other reduction orders: ~1e-6 relative per logit, from one CPU to the next), passed
+            # through the router's MLP, which can amplify them up to ~100×: 1e-4 absolute.
+            assert s["escalation_probability"] == pytest.approx(p["score"], abs=1e-4)
 
 
 def test_sdk_answers_equal_online_routing(served, backends, router_dir):
@@ -451,3 +456,103 @@ def test_admission_counts_and_drains():
     with pytest.raises(asgi.RequestError) as e:
         adm.enter()
     assert e.value.status == 503
+
+
+# -- hardening: one client cannot lock or poison the server (decision 83) -----------------------
+
+
+def test_deeply_nested_bodies_get_400_and_never_hold_an_admission_slot(backends, router_dir):
+    """Regression: "[" × 5000 raised RecursionError → 500, and the admission slot taken before
+    the body read was never released: 4 such bodies locked a max_concurrent=4 server."""
+    router = export.load_router(router_dir, features.FEATURE_NAMES, NAMES)
+    service = _service(backends, rules.RouterRule(router), max_concurrent=4)
+    app = serving.make_app(service)
+    try:
+        with asgi.BackgroundServer(app) as srv:
+            url = srv.base_url + "/chat/completions"
+            deep_inside = json.dumps({"model": CFG.model_name, "messages": [
+                {"role": "user", "content": QUESTIONS[0]}], "user": [[[[[[[[[[[[[[[[[[[[[[[[[[[[
+                    [[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}).encode()
+            for body in [b"[" * 5000] * 5 + [b'{"a": ' * 3000 + b"1" + b"}" * 3000,
+                                             deep_inside]:
+                status, _, text = call("POST", url, body)
+                assert status == 400, text
+                assert "nested" in json.loads(text)["error"]["message"]
+            assert app.state.admission.in_flight == 0
+            ok = client(srv, key="x").chat.completions.create(
+                model=CFG.model_name, seed=1, messages=[{"role": "user", "content": QUESTIONS[1]}])
+            assert ok.choices[0].message.content
+    finally:
+        service.close()
+
+
+def test_a_prompt_the_upstream_cannot_take_fails_alone(backends, router_dir):
+    """Regression: among 12 concurrent valid requests, one prompt the tiny upstream could not
+    encode (a character outside its alphabet, or 100 000 characters) failed 7–10 of the valid
+    ones with 502, quoting the bad prompt's character. Now: 400 for that request alone."""
+    router = export.load_router(router_dir, features.FEATURE_NAMES, NAMES)
+    service = _service(backends, rules.RouterRule(router))
+    bad = ["Ada has 3 cöins. How many?", "Ada has 3 coins. " * 6000 + "How many?"]
+    try:
+        with asgi.BackgroundServer(serving.make_app(service)) as srv:
+            c = client(srv, key="x")
+
+            def ask(q):
+                try:
+                    r = c.chat.completions.create(model=CFG.model_name, seed=3,
+                                                  messages=[{"role": "user", "content": q}])
+                    return 200, r.choices[0].message.content
+                except openai.APIStatusError as e:
+                    return e.status_code, str(e)
+
+            with cf.ThreadPoolExecutor(14) as pool:
+                out = list(pool.map(ask, QUESTIONS + bad))
+    finally:
+        service.close()
+    assert [s for s, _ in out[:12]] == [200] * 12
+    assert all("ö" not in text for _, text in out[:12])
+    assert [s for s, _ in out[12:]] == [400, 400]
+    assert "'ö'" in out[12][1] and "context" in out[13][1]
+
+
+def _idle_connections(port: int, n: int, partial_head: bytes = b"") -> list:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if partial_head:
+            s.sendall(partial_head)
+        socks.append(s)
+    return socks
+
+
+def _closed_by_server(s, within: float) -> bool:
+    s.settimeout(within)
+    try:
+        return s.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_without_a_request_head_are_closed_and_capped(backends):
+    """Regression: 3000 connections that never finished their headers stayed open (3016 file
+    descriptors after 45 s). A head must arrive within the header timeout; connections beyond
+    the cap are closed as soon as they are accepted; a real request still works."""
+    service = _service(backends)
+    app = serving.make_app(service)
+    try:
+        with asgi.BackgroundServer(app, header_timeout_s=0.5, max_connections=8) as srv:
+            silent = _idle_connections(srv.port, 4)
+            slow = _idle_connections(srv.port, 3, b"POST /v1/chat/completions HTTP/1.1\r\nHo")
+            extra = _idle_connections(srv.port, 4)  # 11 open: 3 beyond the cap of 8
+            t0 = time.perf_counter()
+            closed = [_closed_by_server(s, 5.0) for s in silent + slow + extra]
+            assert all(closed) and time.perf_counter() - t0 < 5.0
+            for s in silent + slow + extra:
+                s.close()
+            r = client(srv, key="x").chat.completions.create(
+                model=CFG.model_name, messages=[{"role": "user", "content": QUESTIONS[2]}])
+            assert r.choices[0].message.content
+    finally:
+        service.close()

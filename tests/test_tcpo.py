@@ -140,21 +140,6 @@ def test_critic_step_lowers_the_critic_loss(setup):
     np.testing.assert_allclose(losses, loss(critics), rtol=0.5)  # the last step's own loss
 
 
-def test_the_learner_samples_its_batches_from_the_trees():
-    """`make_learner`'s update = a rollout from the trees + the rollout update: a jitted run over
-    a synthetic tree set stays finite and moves κ."""
-    from jaxroute import learner, synthetic, trace
-
-    m, probs = synthetic.generate(synthetic.SyntheticConfig(num_problems=80))
-    trees = trace.pack(m, probs)
-    cfg = tcpo.TCPOConfig(iterations=30, batch_size=8)
-    res = learner.fit(tcpo.make_learner(cfg, trees.num_models, trees.features.shape[-1]), trees,
-                      cfg.alpha, cfg.iterations, (0,))
-    assert res.history["kappa"].shape == (1, 30)
-    assert np.all(np.isfinite(res.history["cpo_objective"]))
-    assert float(res.kappa_online[0]) != cfg.kappa_init
-
-
 def test_config_validation():
     with pytest.raises(ValueError, match="alpha"):
         tcpo.TCPOConfig(alpha=1.5)
@@ -185,6 +170,7 @@ def bandit_rollout(state, nets, key, b):
         correct=(action[:, 0] == 1) | small_right, large_wrong=jnp.zeros(b, bool))
 
 
+@pytest.mark.benchmark  # slow; `tests/test_trainer.py` checks TCPO learns on trace trees
 def test_learns_to_escalate_only_when_needed():
     nets = networks.make_networks(2, 1, hidden=(32, 32))
     cfg = dataclasses.replace(tcpo.TCPOConfig(), alpha=0.05, softmask_eps=0.05)

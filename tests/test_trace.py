@@ -199,3 +199,46 @@ def test_pack_stream_refuses_nothing_and_bad_chunks():
         trace.pack_stream(manifest, iter([]))
     with pytest.raises(ValueError, match="chunk"):
         trace.pack_stream(manifest, iter(problems), chunk=0)
+
+
+def test_repair_refuses_when_most_records_fail_the_same_check(tmp_path, small_set):
+    """Regression: after a manifest edit (a model added) repair reported "kept 0 … invalid
+    records" and emptied trees.jsonl; a second run overwrote the backup with the empty file."""
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems[:6])
+    before = (tmp_path / "trees.jsonl").read_bytes()
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["models"].append(dict(m["models"][-1], name="another"))  # three models now
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    for _ in range(2):
+        with pytest.raises(trace.RepairRefused, match=r"6 of 6 records fail the same check"):
+            trace.repair(tmp_path)
+        assert (tmp_path / "trees.jsonl").read_bytes() == before  # nothing changed
+        assert not list(tmp_path.glob("trees.jsonl.bak*"))
+    report = trace.repair(tmp_path, force=True)  # asked for: drops them, keeps a backup
+    assert report["kept"] == 0 and (tmp_path / "trees.jsonl.bak").read_bytes() == before
+
+
+def test_repair_never_overwrites_a_backup_and_keeps_a_whole_last_record(tmp_path, small_set):
+    manifest, problems = small_set
+    trace.write_trace_set(tmp_path, manifest, problems[:3])
+    path = tmp_path / "trees.jsonl"
+    with open(path, "ab") as f:
+        f.write(json.dumps(problems[3]).encode())  # whole, but without its newline
+    # The loader keeps a whole last record; only a torn one is an error.
+    _, loaded = trace.load_trace_set(tmp_path)
+    assert [p["problem_id"] for p in loaded] == [p["problem_id"] for p in problems[:4]]
+    first = path.read_bytes()
+    report = trace.repair(tmp_path)
+    assert report["kept"] == 4 and report["torn_bytes"] == 0
+    assert (tmp_path / "trees.jsonl.bak").read_bytes() == first
+    with open(path, "ab") as f:
+        f.write(b'{"problem_id": "torn", "roo')  # now a torn one
+    second = path.read_bytes()
+    with pytest.raises(trace.TraceFormatError, match="launch.repair --traces="):
+        trace.load_trace_set(tmp_path)
+    report = trace.repair(tmp_path)
+    assert report["kept"] == 4 and report["torn_bytes"] > 0
+    assert (tmp_path / "trees.jsonl.bak").read_bytes() == first  # the first backup is intact
+    assert (tmp_path / "trees.jsonl.bak.1").read_bytes() == second
+    assert durable.repair_tail(path) == 0  # nothing left to cut

@@ -27,7 +27,7 @@ def test_resume_continues_exactly(tmp_path, trees, name):
     """Either learner, two seeds at once: a run interrupted after its first chunk and resumed
     (with a longer length) gives the uninterrupted run's numbers."""
     _, packed = trees
-    cfg = (_tcpo(40) if name == "tcpo" else exact.ExactConfig(alpha=0.1, iterations=8,
+    cfg = (_tcpo(16) if name == "tcpo" else exact.ExactConfig(alpha=0.1, iterations=6,
                                                                 batch_size=64))
     run = trainer.TrainConfig(cfg, seeds=(0, 1), chunk=cfg.iterations // 2,
                               final_calibration=False)
@@ -41,9 +41,11 @@ def test_resume_continues_exactly(tmp_path, trees, name):
     key = "kappa" if name == "tcpo" else "cost"
     assert resumed.history[key].shape == (2, cfg.iterations)
     np.testing.assert_allclose(resumed.history[key], straight.history[key], rtol=1e-6)
-    # The seeds are different runs.
+    # The seeds are different runs; TCPO's own κ moved.
     assert not np.allclose(jax.tree.leaves(straight.policy(0))[0],
                            jax.tree.leaves(straight.policy(1))[0])
+    if name == "tcpo":
+        assert np.all(straight.kappa_online != cfg.kappa_init)
 
 
 def test_three_models_train_and_evaluate(tmp_path):

@@ -18,6 +18,7 @@ from generation.serving import handlers
 from generation.serving.metrics import ServerMetrics
 from generation.serving.service import RoutingService, ServeConfig
 from jaxroute import export
+from jaxroute.errors import InputError
 
 RULES = ("router", "large", "small")
 
@@ -64,15 +65,15 @@ def build(router_dir: str, upstreams: Sequence[str] | None = None, rule: str = "
     `params`: parameter counts of OpenAI-style upstreams (their FLOPs in the trace)."""
     config = config or ServeConfig()
     if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        raise InputError(f"rule must be one of {RULES}, got {rule!r}")
     names = export.load_router(router_dir).meta["model_names"]
     if not upstreams:
         if not all(n.startswith("tinylm-") for n in names):
-            raise ValueError(f"{router_dir}: the router was trained for {names}; give the "
+            raise InputError(f"{router_dir}: the router was trained for {names}; give the "
                              "upstreams for them (small → large)")
         upstreams = [f"tinylm:{n.removeprefix('tinylm-')}" for n in names]
     if params is not None and len(params) != len(upstreams):
-        raise ValueError(f"{len(params)} parameter counts for {len(upstreams)} upstreams")
+        raise InputError(f"{len(params)} parameter counts for {len(upstreams)} upstreams")
     # A server outlives an upstream's outage: each failed request is a 502 (no error-rate
     # stop, which suits batch jobs); a bad key, URL or model stops it at start (`check`).
     backends = [make_backend(spec, api_key=upstream_api_key, max_error_rate=1.0,

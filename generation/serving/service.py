@@ -22,6 +22,7 @@ from generation import online
 from generation.asgi import RequestError
 from generation.datasets import Problem
 from jaxroute import trace
+from jaxroute.errors import InputError
 
 log = logging.getLogger("jaxroute.serve")
 
@@ -49,9 +50,9 @@ class ServeConfig:
         for name in ("max_body_bytes", "max_steps", "max_tokens", "max_tokens_per_step",
                      "max_concurrent"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.read_timeout_s <= 0 or self.batch_window_s < 0:
-            raise ValueError("request_timeout_s > 0, read_timeout_s > 0 and batch_window_s ≥ 0 "
+            raise InputError("request_timeout_s > 0, read_timeout_s > 0 and batch_window_s ≥ 0 "
                              "are required")
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from generation.backend import StepRequest, StepResult, is_final_step, prefix_text
 from generation.tinylm import train
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
+from jaxroute.errors import InputError
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 TOPK = 5
@@ -301,6 +302,14 @@ class TinyLMBackend:
     def _drop(self, hid: int) -> None:
         self._cache_bytes -= self._held.pop(hid)[2]
 
+    def check_prompt(self, question: str) -> None:
+        """Refuse (`ValueError`) a question this model cannot start from: a character outside
+        its alphabet, or a prompt that leaves no room in its context (decision 83)."""
+        n = len(self.tok.prompt(question))
+        if n >= self.cfg.max_len - 1:
+            raise InputError(f"a prompt of {n} tokens leaves no room in the tiny model's context "
+                             f"({self.cfg.max_len})")
+
     def generate(self, requests: Sequence[StepRequest], *, whole: bool = False,
                  max_tokens: int = 256) -> list[StepResult]:
         if not requests:
@@ -308,10 +317,10 @@ class TinyLMBackend:
         prompts = [self._prompt_ids(r) for r in requests]
         longest = max(len(p) for p in prompts)
         if longest >= self.cfg.max_len - 1:
-            raise ValueError(f"prompt of {longest} tokens exceeds the tiny model's "
+            raise InputError(f"prompt of {longest} tokens exceeds the tiny model's "
                              f"context ({self.cfg.max_len})")
         if max_tokens < 1:
-            raise ValueError(f"max_tokens must be ≥ 1, got {max_tokens}")
+            raise InputError(f"max_tokens must be ≥ 1, got {max_tokens}")
         # Output buffer, sized after the clamp to the context (a request for 1e9 tokens must not
         # allocate for them); per-row budgets are the real limit.
         max_new = _bucket(min(max_tokens, self.cfg.max_len), 32)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxroute.errors import InputError
+
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<asst>")
 ALPHABET = string.ascii_letters + string.digits + " .,?!+-*=/\\{}()\n'"
 
@@ -34,7 +36,7 @@ class Tokenizer:
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the tiny model's alphabet") from None
+            raise InputError(f"character {e.args[0]!r} is not in the tiny model's alphabet") from None
 
     def decode(self, ids) -> str:
         return "".join(self.itos[i] if i >= len(SPECIALS) else "" for i in ids)

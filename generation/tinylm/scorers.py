@@ -32,6 +32,7 @@ from generation import features
 from generation.backend import StepRequest, prefix_text
 from generation.tinylm import task, train
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
+from jaxroute.errors import InputError
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -54,7 +55,7 @@ def _ids(tok: Tokenizer, text: str) -> list[int]:
     try:
         return tok.encode(text)
     except ValueError as e:
-        raise ValueError(f"{e}: the tiny stand-ins read only the procedural task's text (use "
+        raise InputError(f"{e}: the tiny stand-ins read only the procedural task's text (use "
                          "them with the tinylm backends)") from None
 
 

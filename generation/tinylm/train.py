@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from generation.tinylm import task
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
+from jaxroute.errors import InputError
 
 
 def encode_batch(tok: Tokenizer, problems: list[task.TaskProblem], max_len: int):
@@ -86,7 +87,7 @@ def save(path: Path, name: str, cfg: LMConfig, params, meta: dict) -> None:
         indent=2) + "\n")
 
 
-class ChecksumError(ValueError):
+class ChecksumError(InputError):
     pass
 
 

@@ -17,7 +17,8 @@ def _vllm(rest: str, **kw) -> Backend:
 
     return VLLMBackend(rest, params=kw["params"], tensor_parallel_size=kw["tensor_parallel_size"],
                        gpu_memory_utilization=kw["gpu_memory_utilization"],
-                       max_model_len=kw["max_model_len"], seed=kw["seed"])
+                       max_model_len=kw["max_model_len"], seed=kw["seed"], dtype=kw["dtype"],
+                       block_size=kw["block_size"])
 
 
 def _openai(kind: str) -> Callable[..., Backend]:
@@ -32,7 +33,8 @@ def _openai(kind: str) -> Callable[..., Backend]:
                              mode="chat" if kind == "openai" else "completions",
                              cache_path=kw["cache"], seed=kw["seed"],
                              max_error_rate=kw["max_error_rate"],
-                             confidence="max_logit" if kind.endswith("-raw") else "top1_prob")
+                             confidence="max_logit" if kind.endswith("-raw") else "top1_prob",
+                             **({"template": kw["template"]} if kw.get("template") else {}))
 
     return make
 
@@ -56,14 +58,17 @@ KINDS: dict[str, Callable[..., Backend]] = {
 def make_backend(spec: str, *, params: float | None = None, cache=None, seed: int = 0,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  max_model_len: int | None = None, api_key: str | None = None,
-                 max_error_rate: float = 0.5) -> Backend:
+                 max_error_rate: float = 0.5, dtype: str = "auto",
+                 block_size: int | None = None, template: str | None = None) -> Backend:
     """A backend from a spec: `vllm:PATH_OR_HUB_NAME`, `openai:MODEL[@BASE_URL]`,
     `openai-completions:MODEL@BASE_URL`, `openai-completions-raw:MODEL@BASE_URL` (a server
     started with `--logprobs-mode raw_logits`: the confidence is the max raw logit, S_os) or
     `tinylm:small|large` (the embedded default).
 
     An OpenAI-style backend checks its server, key and model before the first request
-    (`FatalBackendError`)."""
+    (`FatalBackendError`). `dtype` and `block_size` are the in-process vLLM engine's
+    (`vllm_backend.engine_kwargs`); `template` is a completions backend's prompt
+    (`openai_backend.completion_template`; default Qwen's)."""
     kind, _, rest = spec.partition(":")
     if kind not in KINDS:
         raise InputError(f"unknown backend spec {spec!r} ({', '.join(k + ':…' for k in KINDS)})")
@@ -71,7 +76,8 @@ def make_backend(spec: str, *, params: float | None = None, cache=None, seed: in
                        tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, api_key=api_key,
-                       max_error_rate=max_error_rate)
+                       max_error_rate=max_error_rate, dtype=dtype, block_size=block_size,
+                       template=template)
 
 
 def model_infos(backends: Sequence[Backend], prices: Sequence[costs.Price] | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from jaxroute.errors import InputError
@@ -52,29 +53,66 @@ def usd(prompt_tokens: int, cached_tokens: int, completion_tokens: int, price: P
             + completion_tokens * price.output) / 1e6
 
 
+# Model families whose MLP has no gate (two matrices, h·I each); every other family's MLP is
+# gated (three: Llama, Qwen, Mistral, Gemma — Gemma's activation is gelu_pytorch_tanh, so the
+# activation's name cannot tell).
+NON_GATED = frozenset({"gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "opt", "bloom",
+                       "falcon", "phi", "starcoder2", "codegen", "mpt"})
+# GPT-2-family config names of the same quantities.
+_ALIASES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+            "intermediate_size": "n_inner", "num_attention_heads": "n_head"}
+
+
 def params_from_config(path: str | Path | dict) -> float:
     """Parameter count N of a decoder-only transformer from its Hugging Face `config.json` (a
-    folder, the file, or the config as a dict).
+    folder, the file, or the config as a dict), in either naming (Llama/Qwen's `hidden_size`,
+    GPT-2's `n_embd`).
 
-    N = embeddings (+ untied LM head) + L × (attention + MLP + norms): attention with grouped
-    KV heads (q, o: h²; k, v: h·kv_dim each), gated MLP 3·h·I (Llama/Qwen), or 2·h·I if
-    `hidden_act` is not gated. Biases are ignored (< 0.1%).
+    N = embeddings (+ an untied LM head) (+ learned positions) + L × (attention + MLP + norms):
+    attention with grouped KV heads (q, o: h²; k, v: h·kv_dim each), an MLP of 3·h·I (gated)
+    or 2·h·I (`NON_GATED` families; GPT-2's I defaults to 4h). Biases are ignored (< 0.1%).
+    Where the weights are at hand, `params_from_weights` counts exactly.
     """
     if isinstance(path, dict):
         cfg, path = path, "config"
     else:
         path = Path(path)
         cfg = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    try:
-        h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-        inter = cfg["intermediate_size"]
-        heads = cfg["num_attention_heads"]
-    except KeyError as e:
-        raise InputError(f"{path}: config.json lacks {e.args[0]!r}") from None
-    kv_heads = cfg.get("num_key_value_heads", heads)
-    kv_dim = h // heads * kv_heads
-    attn = 2 * h * h + 2 * h * kv_dim
-    gated = cfg.get("hidden_act", "silu") in ("silu", "swiglu", "gelu_pytorch_tanh", "geglu")
+
+    def get(key, default=None):
+        for k in (key, _ALIASES.get(key)):
+            if k is not None and cfg.get(k) is not None:
+                return cfg[k]
+        if default is not None:
+            return default
+        raise InputError(f"{path}: config.json lacks {key!r}"
+                         + (f" (or {_ALIASES[key]!r})" if key in _ALIASES else ""))
+
+    h, layers, vocab = get("hidden_size"), get("num_hidden_layers"), get("vocab_size")
+    heads = get("num_attention_heads")
+    model_type = cfg.get("model_type", "")
+    gated = model_type not in NON_GATED
+    inter = get("intermediate_size", default=4 * h if not gated else None)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or h // heads
+    attn = 2 * h * heads * head_dim + 2 * h * head_dim * kv_heads
     mlp = (3 if gated else 2) * h * inter
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
-    return float(embed + layers * (attn + mlp + 2 * h) + h)
+    tied = cfg.get("tie_word_embeddings", model_type in NON_GATED)
+    embed = vocab * h * (1 if tied else 2)
+    positions = h * cfg["n_positions"] if "n_positions" in cfg else 0  # GPT-2's learned table
+    return float(embed + positions + layers * (attn + mlp + 2 * h) + h)
+
+
+def params_from_weights(folder: str | Path) -> float | None:
+    """The exact parameter count of a local model folder: the sizes in its safetensors headers
+    (no tensor is read). None without safetensors files."""
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return float(total)

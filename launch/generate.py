@@ -23,11 +23,14 @@ from absl import flags
 from generation import answers, costs, datasets, tracegen
 from generation.backend import redact_spec
 from generation.backends import make_backend
+from generation.tinylm import embedded
 from generation.verifier import StepVerifier
 from jaxroute import trace
 from launch import common, presets
 
-_DATASET = flags.DEFINE_enum("dataset", "gsm8k", ["gsm8k", "math500", "omnimath"], "Dataset.")
+_DATASET = flags.DEFINE_enum("dataset", "gsm8k", ["gsm8k", "math500", "omnimath", "tiny"],
+                             "Dataset (tiny: the embedded procedural task, for the exported tiny "
+                             "models in a real engine; --limit problems, split 50/20/30).")
 _DATA = flags.DEFINE_string("data_path", None, "Local JSONL file or folder (else hub name).")
 _LIMIT = flags.DEFINE_integer("limit", None, "Use only the first N problems.")
 _PRESET = flags.DEFINE_string("preset", None, "A paper setup (launch.presets: qwen_math, "
@@ -37,11 +40,21 @@ _MODELS = flags.DEFINE_list(
     "or openai-completions:MODEL@BASE_URL.")
 _PARAMS = flags.DEFINE_list("params", [], "N per model for FLOPs (default: from config.json "
                             "for vllm:, 0 for API models).")
-_VERIFIER = flags.DEFINE_string("verifier", None, "Step verifier, e.g. openai:gpt-4o-mini.")
+_VERIFIER = flags.DEFINE_string("verifier", None, "Step verifier, e.g. openai:gpt-4o-mini, or "
+                                "rule (the procedural task's rule verifier).")
 _OUT = flags.DEFINE_string("out", None, "Trace-set folder to write (resumable).")
 _G = tracegen.GenConfig  # flag defaults are the config's defaults
 _ROOTS = flags.DEFINE_integer("roots", _G.roots, "Sampled small-model trajectories per problem.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", _G.max_steps, "Guard: steps per trajectory.")
+_STEP_TOKENS = flags.DEFINE_integer("max_tokens_per_step", None, "Tokens per step request "
+                                    f"(default {_G.max_tokens_per_step}; an OpenAI-style server "
+                                    "clamps it to its context).")
+_DTYPE = flags.DEFINE_string("dtype", None, "vLLM engines' dtype (default auto; float32 on a "
+                             "CPU).")
+_BLOCK = flags.DEFINE_integer("block_size", None, "vLLM KV-cache block size (default: the "
+                              "engine's; 32 on a CPU).")
+_MAX_LEN = flags.DEFINE_integer("max_model_len", None, "vLLM engines' context (default: the "
+                                "preset's, else the model's).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", _G.max_tokens_per_solution,
                                    "Guard: generated tokens per solution.")
 _CHUNK = flags.DEFINE_integer("chunk", _G.chunk, "Problems generated (and saved) together.")
@@ -63,6 +76,9 @@ _ERROR_RATE = flags.DEFINE_float("max_error_rate", 0.5, "Stop once more than thi
 flags.mark_flags_as_required(["out"])
 common.check_flags(roots=(common.positive, "≥ 1"), max_steps=(common.positive, "≥ 1"),
                    max_tokens=(common.positive, "≥ 1"), chunk=(common.positive, "≥ 1"),
+                   max_tokens_per_step=(common.positive, "≥ 1"),
+                   block_size=(lambda v: v >= 1 and v % 16 == 0, "a multiple of 16"),
+                   max_model_len=(common.positive, "≥ 1"),
                    num_shards=(common.positive, "≥ 1"), limit=(common.positive, "≥ 1"),
                    tensor_parallel_size=(common.positive, "≥ 1"),
                    max_error_rate=(lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -73,13 +89,16 @@ common.check_flags(roots=(common.positive, "≥ 1"), max_steps=(common.positive,
 def settings() -> presets.Preset:
     """The preset (if any) with the flags the user gave on top; flags are never mutated."""
     base = presets.get(_PRESET.value) if _PRESET.value else presets.Preset(models=())
-    if base.dataset == "tiny":
+    if base.models and base.models[0].startswith("tinylm:"):
         raise flags.ValidationError("the embedded preset's traces come from "
                                     "`python -m launch.experiment`")
     mem = _GPU_MEM.value if flags.FLAGS["gpu_memory_utilization"].present or not _PRESET.value \
         else None
+    dataset = _DATASET.value if flags.FLAGS["dataset"].present or not _PRESET.value else None
     return base.merged(models=_MODELS.value, verifier=_VERIFIER.value, params=_PARAMS.value or None,
-                       gpu_memory_utilization=mem)
+                       gpu_memory_utilization=mem, dtype=_DTYPE.value, block_size=_BLOCK.value,
+                       max_model_len=_MAX_LEN.value, max_tokens_per_step=_STEP_TOKENS.value,
+                       dataset=dataset)
 
 
 def main(argv):
@@ -92,25 +111,33 @@ def main(argv):
     cfg = settings()
     if len(cfg.models) < 2:
         raise flags.ValidationError("--models needs at least two backends, small → large")
-    problems = datasets.load(_DATASET.value, _DATA.value, _LIMIT.value)
-    splits = datasets.split(problems, seed=_SEED.value)
+    if cfg.dataset == "tiny":
+        n = _LIMIT.value or 300
+        problems, splits = embedded.problems_and_splits(
+            {"train": n // 2, "cal": n // 5, "test": n - n // 2 - n // 5}, _SEED.value)
+    else:
+        problems = datasets.load(cfg.dataset, _DATA.value, _LIMIT.value)
+        splits = datasets.split(problems, seed=_SEED.value)
     cache = Path(_CACHE.value) if _CACHE.value else out / "api_cache.sqlite"
 
     def backend(spec, i):
         return make_backend(spec, params=cfg.param(i), cache=cache, seed=_SEED.value,
                             tensor_parallel_size=_TP.value, gpu_memory_utilization=cfg.memory(i),
                             max_model_len=cfg.max_model_len, api_key=_API_KEY.value,
-                            max_error_rate=_ERROR_RATE.value)
+                            max_error_rate=_ERROR_RATE.value, dtype=cfg.dtype,
+                            block_size=cfg.block_size)
 
     backends = [backend(s, i) for i, s in enumerate(cfg.models)]
-    verifier = StepVerifier(backend(cfg.verifier, len(backends))) if cfg.verifier else None
+    verifier = (embedded.rule_verifier if cfg.verifier == "rule" else
+                StepVerifier(backend(cfg.verifier, len(backends))) if cfg.verifier else None)
     prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
     gen_cfg = tracegen.GenConfig(roots=_ROOTS.value, max_steps=_MAX_STEPS.value,
+                                 max_tokens_per_step=cfg.max_tokens_per_step,
                                  max_tokens_per_solution=_MAX_TOKENS.value, chunk=_CHUNK.value,
                                  seed=_SEED.value)
     with answers.AnswerChecker() as checker:
         gen = tracegen.TraceGenerator(backends, checker, verifier, gen_cfg, prices)
-        provenance = {"dataset": _DATASET.value, "data_path": _DATA.value,
+        provenance = {"dataset": cfg.dataset, "data_path": _DATA.value,
                       "models": [redact_spec(m) for m in cfg.models],
                       "verifier": redact_spec(cfg.verifier) or None,
                       "config": json.loads(json.dumps(gen_cfg.__dict__))}

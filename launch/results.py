@@ -40,6 +40,11 @@ BENCHMARKS = {
     "offline": "python -m launch.benchmark_offline",
     "router": "python -m launch.benchmark_router --router=runs/experiment/router",
     "serve": "python -m launch.benchmark_serve --router=runs/experiment/router",
+    "serve_vllm": ("python -m launch.benchmark_serve --router=runs/experiment_vllm/router "
+                   "--upstreams=openai-completions-raw:tinylm-small@URL1/v1,"
+                   "openai-completions-raw:tinylm-large@URL2/v1 --upstream_templates="
+                   "runs/experiment_vllm/models/small,runs/experiment_vllm/models/large "
+                   "--params=N_SMALL,N_LARGE --clients=1,8,32 (two vLLM OpenAI servers, README)"),
 }
 
 
@@ -90,8 +95,9 @@ def render_benchmark(rec: dict) -> str:
                                                         else "")
 
 
-def main_job(runs: Path) -> str | None:
-    rep = runs / "experiment" / "report"
+def main_job(runs: Path, folder: str = "experiment", command: str = MAIN_COMMAND
+             ) -> str | None:
+    rep = runs / folder / "report"
     if not (rep / "table.md").exists():
         return None
     md = (rep / "table.md").read_text()
@@ -105,8 +111,36 @@ def main_job(runs: Path) -> str | None:
                    "stage: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in mem.items())
                    + " (target ≤ 2048 MiB)")
     md = re.sub(r"^### ", "#### ", md, flags=re.M)
-    return (f"`{MAIN_COMMAND}` — {when}, {os.cpu_count()} CPU cores; wall time: {timing}.\n\n"
+    return (f"`{command}` — {when}, {os.cpu_count()} CPU cores; wall time: {timing}.\n\n"
             + md)
+
+
+def _method_key(name: str) -> str:
+    """A row's method without the live scorer's name (it names the engine that ran it)."""
+    return re.sub(r" \(online, (?!fresh).*\)$", " (online)", name)
+
+
+def engines_side_by_side(runs: Path) -> str | None:
+    """The main job's rows on the JAX engine and on vLLM (same weights, same problems, same
+    seeds; sampling draws differ between engines), method by method."""
+    paths = [runs / f / "report" / "table.json" for f in ("experiment", "experiment_vllm")]
+    if not all(p.exists() for p in paths):
+        return None
+    jax_rows, vllm_rows = ({_method_key(r["method"]): r for r in json.loads(p.read_text())["rows"]}
+                           for p in paths)
+    rows = []
+    for name, a in jax_rows.items():
+        b = vllm_rows.get(name)
+        if b is None:
+            continue
+        rows.append([name] + [_cell(r.get(k)) + (f" ± {_cell(r[k + '_sd'])}"
+                                                  if k + "_sd" in r else "")
+                              for k in ("accuracy", "cost", "coverage") for r in (a, b)])
+    return ("Same weights on both engines: the differences are sampling draws (each engine has "
+            "its own random stream at temperature 0.7), read against the router's spread over "
+            "seeds (its ± is the sd over 3 training seeds).\n\n"
+            + table(["method", "Acc (JAX)", "Acc (vLLM)", "Cost (JAX)", "Cost (vLLM)",
+                     "Coverage (JAX)", "Coverage (vLLM)"], rows))
 
 
 def _load(runs: Path, name: str) -> dict | None:
@@ -166,6 +200,12 @@ def render(runs: Path) -> tuple[str, str]:
            "edit by hand (decision 64). Each table names the command that produced it.", "",
            "## Main job (embedded default)", ""]
     out.append(main if main else f"Not run yet: `{MAIN_COMMAND}`.\n")
+    vllm_cmd = MAIN_COMMAND + " --engine=vllm"
+    out += ["## Main job on a real vLLM engine (decision 85)", "",
+            main_job(runs, "experiment_vllm", vllm_cmd) or f"Not run yet: `{vllm_cmd}`.\n"]
+    both = engines_side_by_side(runs)
+    if both:
+        out += ["### JAX engine and vLLM engine side by side", "", both]
     out += ["## Benchmarks", "", targets(runs)]
     out += _presets_section()
     for name, cmd in BENCHMARKS.items():

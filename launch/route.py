@@ -94,7 +94,8 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
                               _JUDGE.value if _JUDGE.value is not None else pre.judge)):
         scorer = scorers.from_spec(spec, backends, role=role, cache=cache, seed=_SEED.value,
                                    prm_engine={"gpu_memory_utilization": pre.prm_memory,
-                                               "max_model_len": pre.max_model_len}) \
+                                               "max_model_len": pre.max_model_len,
+                                               "dtype": pre.dtype}) \
             if rule in wanted else None
         if scorer is not None:
             scorer = comparison.SharedScorer(scorer)  # its grid points share the scores
@@ -113,7 +114,8 @@ def main(argv):
     cache = out / "api_cache.sqlite"
     backends = [make_backend(s, params=pre.param(i), cache=cache, seed=_SEED.value,
                              gpu_memory_utilization=pre.memory(i),
-                             max_model_len=pre.max_model_len, api_key=_API_KEY.value)
+                             max_model_len=pre.max_model_len, api_key=_API_KEY.value,
+                             dtype=pre.dtype, block_size=pre.block_size)
                 for i, s in enumerate(pre.models)]
     infos = model_infos(backends)
     manifest = trace.Manifest(models=infos, feature_names=features.FEATURE_NAMES,
@@ -124,7 +126,7 @@ def main(argv):
     cal, test = (embedded.cal_and_test(tuple(int(n) for n in _N.value), _SEED.value) if tiny
                  else datasets.cal_and_test(pre.dataset, _DATA.value, _LIMIT.value, _SEED.value))
     cfg = online.OnlineConfig(max_steps=_MAX_STEPS.value or (8 if tiny else 40),
-                              max_tokens_per_step=64 if tiny else 1024,
+                              max_tokens_per_step=64 if tiny else pre.max_tokens_per_step,
                               max_tokens_per_solution=_MAX_TOKENS.value or (160 if tiny else 4096),
                               seed=_SEED.value)
     with answers.AnswerChecker(workers=2) as checker:

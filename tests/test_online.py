@@ -222,7 +222,8 @@ def test_vllm_reward_model_and_judge_through_fakes():
 
     llm = fake_vllm.LLM(model="Qwen/Qwen2.5-Math-PRM-7B", runner="pooling",
                         trust_remote_code=True)
-    prm = scorers.VLLMRewardModel("Qwen/Qwen2.5-Math-PRM-7B", params=7e9, llm=llm)
+    prm = scorers.VLLMRewardModel("Qwen/Qwen2.5-Math-PRM-7B", params=7e9, llm=llm,
+                                  vllm_module=fake_vllm.module())
     s, c = prm.score([("Q?", ("a", "b")), ("Q?", ("a", "this is wrong"))])
     assert s == [pytest.approx(0.8), pytest.approx(0.1)]
     assert c[0]["flops"] == 2 * 7e9 * len(prm.prompt("Q?", ("a", "b")))

@@ -77,6 +77,42 @@ def test_no_retry_on_client_errors_and_errors_are_per_request():
         assert out[1].error is None and len(srv.requests) == 2
 
 
+@pytest.mark.parametrize(("message", "room"), [
+    # vLLM 0.32's server refuses a limit over its whole context and clamps a smaller one itself
+    # (the message of the real server, seen by tests/test_real_engine.py):
+    ("max_tokens=1024 cannot be greater than max_model_len=192. Please request fewer output "
+     "tokens. (parameter=max_tokens, value=1024)", 192),
+    ("max_completion_tokens=1024 cannot be greater than max_model_len=512.", 512),
+    # the OpenAI API names the prompt's share:
+    ("This model's maximum context length is 4096 tokens. However, you requested 4200 tokens "
+     "(3176 in the messages, 1024 in the completion).", 920),
+])
+@pytest.mark.parametrize("mode", ["completions", "chat"])
+def test_a_step_limit_over_the_context_is_asked_again_with_what_it_leaves(message, room, mode):
+    """Regression (decision 85): max_tokens_per_step sent unclamped was refused on every step by
+    a server whose context is shorter than prompt + limit. The backend asks again once with the
+    room the refusal names, and counts the clamp."""
+    with FakeOpenAI() as srv:
+        srv.faults = [f"context:{message}"]
+        be = backend(srv, mode=mode)
+        r = be.generate([REQ], max_tokens=1024)[0]
+        assert r.error is None and r.text
+        assert be.stats["context_clamps"] == 1 and be.stats["retries"] == 0
+        key = "max_tokens" if mode == "completions" else "max_completion_tokens"
+        assert [b[key] for b in srv.requests] == [1024, room]
+
+
+def test_a_prompt_over_the_context_stays_the_requests_own_failure():
+    with FakeOpenAI() as srv:
+        srv.faults = ["context:This model's maximum context length is 192 tokens. However, your "
+                      "prompt contains 300 input tokens, which exceeds this limit even without "
+                      "any output tokens."]
+        be = backend(srv, mode="completions")
+        r = be.generate([REQ], max_tokens=64)[0]
+        assert r.error and "maximum context length" in r.error
+        assert be.stats["context_clamps"] == 0 and len(srv.requests) == 1
+
+
 def test_circuit_breaker_fails_fast():
     with FakeOpenAI() as srv:
         srv.faults = ["500"] * 100

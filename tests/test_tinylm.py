@@ -37,6 +37,19 @@ def test_kv_cache_decoding_equals_full_forward():
         np.testing.assert_allclose(logits, full[:, t], atol=1e-4)
 
 
+def _bias_towards(weights, token: int, logit: float):
+    """Weights whose logit of `token` is ≈ `logit` higher at every position. The head has no bias
+    (Qwen2 layout), so every embedding gets a large shared coordinate 0 — the final RMSNorm maps
+    it to ≈ √d whatever the block outputs — and the head reads that coordinate into `token`."""
+    w = jax.tree.map(lambda x: x, weights)
+    p = w["params"]
+    d = p["embed_tokens"]["embedding"].shape[1]
+    p["embed_tokens"]["embedding"] = p["embed_tokens"]["embedding"].at[:, 0].set(100.0)
+    p["lm_head"]["kernel"] = p["lm_head"]["kernel"].at[0, :].set(0.0).at[0, token].set(
+        logit / np.sqrt(d))
+    return w
+
+
 @pytest.fixture(scope="module")
 def random_backend():
     tok = Tokenizer()
@@ -65,8 +78,7 @@ def test_backend_stops_on_the_delimiter(random_backend):
     be = random_backend
     nl = be.tok.stoi["\n"]
     # Force "\n" to be the only likely token: bias the head towards it.
-    w = jax.tree.map(lambda x: x, be.weights)
-    w["params"]["head"]["bias"] = w["params"]["head"]["bias"].at[nl].set(50.0)
+    w = _bias_towards(be.weights, nl, 50.0)
     forced = TinyLMBackend("forced", be.cfg, w)
     r = forced.generate([StepRequest("k", "How many?", (), (), 0)], max_tokens=40)[0]
     assert r.token_ids == [nl, nl] and r.text == "" and r.finish_reason == "stop"
@@ -123,9 +135,8 @@ def test_prefix_cache_holds_its_own_bytes_within_its_budget(random_backend):
 def test_prefix_cache_serves_mixed_sources_exactly(random_backend):
     """Batched chains whose rows come from several held states (compaction rounds, earlier
     calls) and from prefill in one call continue exactly as a backend without a cache."""
-    w = jax.tree.map(lambda x: x, random_backend.weights)
     nl = random_backend.tok.stoi["\n"]
-    w["params"]["head"]["bias"] = w["params"]["head"]["bias"].at[nl].set(4.0)  # ragged steps
+    w = _bias_towards(random_backend.weights, nl, 4.0)  # ragged steps
     cached = TinyLMBackend("c", random_backend.cfg, w, temperature=1.0)
     fresh = TinyLMBackend("f", random_backend.cfg, w, temperature=1.0, prefix_cache_mb=0)
     ids = {i: () for i in range(40)}
@@ -148,10 +159,9 @@ def test_prefix_cache_serves_mixed_sources_exactly(random_backend):
 
 def test_batching_and_compaction_do_not_change_a_request(random_backend):
     """40 requests in one call (the loop compacts its stragglers) == each request alone."""
-    w = jax.tree.map(lambda x: x, random_backend.weights)
     nl = random_backend.tok.stoi["\n"]
     # "\n" likely enough that steps end at random lengths (so rows finish at different times).
-    w["params"]["head"]["bias"] = w["params"]["head"]["bias"].at[nl].set(4.0)
+    w = _bias_towards(random_backend.weights, nl, 4.0)
     be = TinyLMBackend("b", random_backend.cfg, w, temperature=1.0, prefix_cache_mb=0)
     reqs = [StepRequest(f"k{i}", f"Bo has {i} pens. How many?", (), (), seed=i) for i in range(40)]
     together = be.generate(reqs, max_tokens=40)
@@ -282,9 +292,11 @@ def test_stand_in_scorers_score_in_bounded_chunks_without_changing_a_score(rando
     be = random_backend
     items = [(f"Ada has {i} coins. How many?", (f"{i} + 1 = {i + 1}", f"So {i + 1}."))
              for i in range(11)]
-    prm = scorers.TinyPRM(be.cfg, {"params": {"lm": be.weights["params"],
-                                              "v_head": {"kernel": jnp.ones((be.cfg.d_model, 1)),
-                                                         "bias": jnp.zeros(1)}}})
+    d = be.cfg.d_model
+    prm = scorers.TinyPRM(be.cfg, {"params": {
+        "lm": be.weights["params"],
+        "score_hidden": {"kernel": jnp.eye(d), "bias": jnp.zeros(d)},
+        "score_out": {"kernel": jnp.ones((d, 2)).at[:, 0].set(-1.0), "bias": jnp.zeros(2)}}})
     for scorer in (scorers.TinyJudge(be), prm):
         alone = [scorer.score([it]) for it in items]
         sizes = []

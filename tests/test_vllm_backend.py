@@ -97,3 +97,33 @@ def test_reward_model_engine_starts_eagerly_with_its_own_limits(monkeypatch):
     assert kw["trust_remote_code"] is False
     s, _ = prm.score([("Q?", ("a", "b")), ("Q?", ("a", "this is wrong"))])
     assert s == [pytest.approx(0.8), pytest.approx(0.1)]  # through LLM.encode(token_classify)
+
+
+def test_make_backend_passes_dtype_and_block_size_to_the_engine(monkeypatch):
+    """Regression (decision 85): `make_backend` passed neither, so on a CPU `auto` became
+    bfloat16 and 128-token blocks made prefix-cache hits rare."""
+    import sys
+
+    from generation.backends import make_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.module())
+    be = make_backend("vllm:fake-1.5b", params=1.5e9, dtype="float32", block_size=32,
+                      max_model_len=192)
+    kw = fake_vllm.LLM.instances[-1].kw
+    assert (kw["dtype"], kw["block_size"], kw["max_model_len"]) == ("float32", 32, 192)
+    assert be.block_size == 32  # read back from the engine
+
+
+def test_the_judge_scores_an_over_long_item_alone():
+    """Regression (decision 85): one judge chat over the engine's context failed the whole
+    batch; now it scores 0 with a failure of its own and the others are scored."""
+    from generation import scorers
+
+    be = make(max_model_len=1024)
+    judge = scorers.VLLMJudge(be)
+    items = [("What is 2+3?", ("Step 1: think.",)), ("What is 2+3?", ("x" * 4000,)),
+             ("What is 4+4?", ("Step 1: think.",))]
+    scores, spent = judge.score(items)
+    alone, _ = judge.score([items[0], items[2]])
+    assert scores[1] == 0.0 and spent[1]["failures"] == 1
+    assert [scores[0], scores[2]] == alone and "failures" not in spent[0]

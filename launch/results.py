@@ -136,9 +136,12 @@ def engines_side_by_side(runs: Path) -> str | None:
         rows.append([name] + [_cell(r.get(k)) + (f" ± {_cell(r[k + '_sd'])}"
                                                   if k + "_sd" in r else "")
                               for k in ("accuracy", "cost", "coverage") for r in (a, b)])
-    return ("Same weights on both engines: the differences are sampling draws (each engine has "
-            "its own random stream at temperature 0.7), read against the router's spread over "
-            "seeds (its ± is the sd over 3 training seeds).\n\n"
+    return ("Same weights, problems and seeds on both engines; each engine samples with its own "
+            "random stream at temperature 0.7, so the trace trees are two samples of the same "
+            "models. Rows that only replay the trees (single models, oracles) differ by that "
+            "sampling; calibrated rows differ more, because κ is chosen on each engine's own "
+            "calibration split: read them against each row's coverage interval in the tables "
+            "above (the ± here is only the spread over training seeds).\n\n"
             + table(["method", "Acc (JAX)", "Acc (vLLM)", "Cost (JAX)", "Cost (vLLM)",
                      "Coverage (JAX)", "Coverage (vLLM)"], rows))
 

@@ -154,3 +154,60 @@ def test_conformal_threshold_monotone_envelope_and_infeasible():
     assert ok and float(kappa) == 1.0
     kappa, ok = cal.conformal_threshold(jnp.ones((10, 3)), grid, alpha=0.05)
     assert not ok and float(kappa) == 0.0
+
+
+def test_binomial_cdf_equals_scipy():
+    from scipy import stats
+
+    for n, p in ((1, 0.3), (40, 0.05), (250, 0.1), (1000, 0.02)):
+        k = np.arange(0, n + 1, max(1, n // 37))
+        got = np.asarray(cal.binomial_cdf(jnp.asarray(k), n, p))
+        # float32 log-gamma: |log Γ(1001)| ≈ 5.9e3 times eps 6e-8 ≈ 4e-4 in log p at n = 1000
+        np.testing.assert_allclose(got, stats.binom.cdf(k, n, p), rtol=1e-3, atol=1e-7)
+
+
+def _ltt_brute_force(errors, grid, alpha, delta):
+    """Learn then Test written as a plain loop with scipy's binomial tail."""
+    from scipy import stats
+
+    env = np.maximum.accumulate(errors, axis=1)
+    chosen, feasible = grid[0], False
+    for j in range(len(grid)):
+        if stats.binom.cdf(env[:, j].sum(), len(errors), alpha) > delta:
+            break
+        chosen, feasible = grid[j], True
+    return chosen, feasible
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ltt_threshold_equals_the_plain_loop(seed):
+    rng = np.random.default_rng(seed)
+    n, g = int(rng.integers(20, 400)), int(rng.integers(2, 15))
+    rates = np.sort(rng.uniform(0, 0.3, g))
+    errors = (rng.uniform(size=(n, g)) < rates).astype(np.float32)
+    grid = np.linspace(0.0, 1.0, g)
+    alpha, delta = float(rng.choice([0.05, 0.1, 0.2])), float(rng.choice([0.05, 0.1, 0.2]))
+    kappa, ok = cal.ltt_threshold(jnp.asarray(errors), jnp.asarray(grid), alpha, delta)
+    want_kappa, want_ok = _ltt_brute_force(errors, grid, alpha, delta)
+    assert bool(ok) == want_ok and float(kappa) == pytest.approx(want_kappa)
+
+
+def test_ltt_threshold_is_pac_and_needs_its_sample_size():
+    """Over many calibration draws with known per-κ risks, the certified κ̂ has risk above α in
+    at most a δ share of draws (plus Monte-Carlo slack); below `min_calibration_size` nothing is
+    certified even with zero errors."""
+    alpha, delta, n, draws = 0.1, 0.1, 200, 400
+    grid = np.linspace(0.0, 1.0, 11)
+    risk = np.linspace(0.0, 0.3, 11)  # true miscoverage at each κ (crosses α at κ ≈ 0.33)
+    rng = np.random.default_rng(0)
+    u = rng.uniform(size=(draws, n, 1))
+    errors = jnp.asarray((u < risk).astype(np.float32))  # nested: monotone in κ per problem
+    kappas, _ = jax.vmap(lambda e: cal.ltt_threshold(e, jnp.asarray(grid), alpha, delta))(errors)
+    true = np.interp(np.asarray(kappas), grid, risk)
+    assert np.mean(true > alpha + 1e-9) <= delta + 3 * np.sqrt(delta * (1 - delta) / draws)
+    m = cal.min_calibration_size(alpha, delta)
+    assert (1 - alpha) ** m <= delta < (1 - alpha) ** (m - 1)
+    _, ok = cal.ltt_threshold(jnp.zeros((m - 1, 3)), jnp.arange(3.0), alpha, delta)
+    _, ok_m = cal.ltt_threshold(jnp.zeros((m, 3)), jnp.arange(3.0), alpha, delta)
+    assert not bool(ok) and bool(ok_m)
+    assert cal.min_calibration_size(0.05) == 19  # (0 + 1)/(n + 1) ≤ 0.05 from n = 19

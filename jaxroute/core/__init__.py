@@ -13,13 +13,17 @@ involved; shapes and units are in each docstring.
   trust region's `categorical_kl_fvp`; CG: `conjugate_gradient`.
 - Eq. 4 (CPO trust-region step): `cpo_step` (= `cpo_dual` + `cpo_direction` + `line_search`).
 - Eq. 5 (κ update) and the final calibration: `kappa_update`, `step_size`,
-  `covered_by_verifier`, `conformal_threshold`.
+  `covered_by_verifier`, `conformal_threshold` (marginal), `ltt_threshold` (PAC, Learn then
+  Test, with `binomial_cdf`), `min_calibration_size`.
 """
 
 from jaxroute.core.calibration import (
+    binomial_cdf,
     conformal_threshold,
     covered_by_verifier,
     kappa_update,
+    ltt_threshold,
+    min_calibration_size,
     step_size,
 )
 from jaxroute.core.cg import CGResult, conjugate_gradient
@@ -68,7 +72,10 @@ __all__ = [
     "action_set",
     "categorical_kl",
     "categorical_kl_fvp",
+    "binomial_cdf",
     "conformal_threshold",
+    "ltt_threshold",
+    "min_calibration_size",
     "conjugate_gradient",
     "coverage_estimate",
     "covered_by_verifier",

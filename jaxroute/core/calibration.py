@@ -114,3 +114,69 @@ def conformal_threshold(
     last = jnp.sum(ok) - 1
     feasible = last >= 0
     return jnp.where(feasible, grid[jnp.maximum(last, 0)], grid[0]), feasible
+
+
+def binomial_cdf(k: jax.Array, n: int, p: float) -> jax.Array:
+    """P(Binom(n, p) ≤ k), exactly (a log-space sum of the pmf; no normal approximation).
+
+    Args:
+      k: `[G]` counts (integers in [0, n], any float/int dtype).
+      n: trials.
+      p: success probability in (0, 1).
+
+    Returns:
+      `[G]` float32 probabilities.
+    """
+    j = jnp.arange(n + 1, dtype=jnp.float32)
+    logpmf = (jax.scipy.special.gammaln(n + 1.0) - jax.scipy.special.gammaln(j + 1.0)
+              - jax.scipy.special.gammaln(n - j + 1.0) + j * jnp.log(p)
+              + (n - j) * jnp.log1p(-p))
+    upto = j[None, :] <= jnp.asarray(k, jnp.float32)[:, None]  # [G, n+1]
+    return jnp.exp(jax.nn.logsumexp(jnp.where(upto, logpmf[None, :], -jnp.inf), axis=1))
+
+
+def ltt_threshold(
+    errors: jax.Array, grid: jax.Array, alpha: float, delta: float
+) -> tuple[jax.Array, jax.Array]:
+    """Largest κ on `grid` certified by Learn-then-Test fixed-sequence testing (PAC).
+
+    For each grid value test H_κ: risk(κ) > α with the exact binomial p-value
+    p_κ = P(Binom(n, α) ≤ Σ_i err'_i(κ)) (err' the monotone envelope, as in
+    `conformal_threshold`); walk the grid from the safest value (grid[0]) and stop at the first
+    p_κ > δ. Then P(risk(κ̂) ≤ α) ≥ 1 − δ over the calibration draw (Angelopoulos et al. 2021,
+    "Learn then Test", fixed-sequence testing). Needs n ≥ log δ / log(1 − α)
+    (`min_calibration_size`).
+
+    Args:
+      errors: `[n, G]` in {0, 1}, err_i at each grid value (1 = not covered).
+      grid: `[G]` increasing thresholds.
+      alpha: target miscoverage.
+      delta: allowed probability that the certified κ̂ has risk above α.
+
+    Returns:
+      (κ̂, feasible): if grid[0] is not certified, κ̂ = grid[0] and feasible = False.
+    """
+    chex.assert_rank(errors, 2)
+    chex.assert_rank(grid, 1)
+    chex.assert_equal(errors.shape[1], grid.shape[0])
+    n = errors.shape[0]
+    counts = jnp.sum(jax.lax.cummax(errors.astype(jnp.float32), axis=1), axis=0)
+    rejected = binomial_cdf(counts, n, alpha) <= delta
+    # Fixed sequence: only the prefix of rejections up to the first acceptance counts.
+    prefix = jnp.cumprod(rejected.astype(jnp.int32))
+    last = jnp.sum(prefix) - 1
+    feasible = last >= 0
+    return jnp.where(feasible, grid[jnp.maximum(last, 0)], grid[0]), feasible
+
+
+def min_calibration_size(alpha: float, delta: float | None = None) -> int:
+    """The smallest calibration set on which a guarantee at α can certify anything: marginal
+    (`conformal_threshold`, δ None) needs (0 + 1)/(n + 1) ≤ α; PAC (`ltt_threshold`) needs a
+    zero-error count to reject, (1 − α)^n ≤ δ."""
+    import math
+
+    if not 0 < alpha < 1 or (delta is not None and not 0 < delta < 1):
+        raise ValueError(f"alpha and delta must be in (0, 1), got {alpha}, {delta}")
+    if delta is None:
+        return math.ceil(1 / alpha - 1 - 1e-12)
+    return math.ceil(math.log(delta) / math.log1p(-alpha) - 1e-12)

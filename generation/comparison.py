@@ -11,8 +11,11 @@ the one calibration rule of every method (`jaxroute.evaluate.conformal_choice`: 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +27,9 @@ from generation.backend import Backend
 from generation.datasets import Problem
 from generation.rules import FixedRule, Rule
 from jaxroute import evaluate, records
+from jaxroute.durable import atomic_write_text
 from jaxroute.errors import InputError
+from jaxroute.trace import PackedTrees
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +62,22 @@ class SharedBackend:
     own seed, so a repeated request has the same answer), and a threshold changes only which of
     them are used (decision 76). Each point's records still count every cost it would pay."""
 
+    CHUNK = 512
+
     def __init__(self, inner: Backend):
         self.inner, self.name, self.params = inner, inner.name, inner.params
         self.price = getattr(inner, "price", None)
         self._memo: dict = {}
 
     def generate(self, requests, *, whole: bool = False, max_tokens: int = 1024):
-        todo = [r for r in requests if (r, whole, max_tokens) not in self._memo]
-        fresh = dict(zip(todo, self.inner.generate(todo, whole=whole, max_tokens=max_tokens),
-                         strict=True)) if todo else {}
+        # Each distinct request once (grid points in one engine ask many twice), in calls of
+        # at most CHUNK rows (bounds the engine's batch memory).
+        todo = list(dict.fromkeys(r for r in requests if (r, whole, max_tokens) not in self._memo))
+        fresh = {}
+        for i in range(0, len(todo), self.CHUNK):
+            part = todo[i:i + self.CHUNK]
+            fresh.update(zip(part, self.inner.generate(part, whole=whole, max_tokens=max_tokens),
+                             strict=True))
         out = []
         for r in requests:
             res = self._memo.get((r, whole, max_tokens)) or fresh[r]
@@ -91,6 +103,32 @@ class SharedScorer:
         return [g[0] for g in got], [g[1] for g in got]
 
 
+class GridRule:
+    """Every point of a thresholded family in one engine: problem copy → its point's rule.
+
+    The engine then writes the drafts of all points in one batched call per round (through a
+    `SharedBackend`, each distinct request once) instead of one run per point; with coupled
+    samples (decision 87) the points share every step until their decisions part. A record is
+    what the point's own run would have written."""
+
+    def __init__(self, rules: Sequence[Rule], owner: dict[int, int]):
+        self.rules, self.owner = list(rules), owner  # id(problem copy) -> index into rules
+        first = self.rules[0]
+        if any((r.sticky, r.start_model) != (first.sticky, first.start_model) for r in rules):
+            raise InputError("the points of one family must share stickiness and start model")
+        self.name, self.sticky, self.start_model = first.name, first.sticky, first.start_model
+
+    def decide(self, views):
+        out: list = [None] * len(views)
+        groups: dict[int, list[int]] = {}
+        for i, v in enumerate(views):
+            groups.setdefault(self.owner[id(v.problem)], []).append(i)
+        for g, idx in groups.items():
+            for i, d in zip(idx, self.rules[g].decide([views[i] for i in idx]), strict=True):
+                out[i] = d
+        return out
+
+
 @dataclasses.dataclass
 class LiveComparison:
     rows: list[dict[str, Any]]  # one table row per method (test problems)
@@ -103,7 +141,9 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
                  backends: Sequence[Backend], checker: AnswerChecker, cfg: online.OnlineConfig,
                  models: Sequence, cost_model: str, *, alpha: float,
                  large_right: dict[str, bool] | None = None, large_name: str | None = None,
-                 seed: int = 0, between: Callable[[], None] | None = None) -> LiveComparison:
+                 seed: int = 0, between: Callable[[], None] | None = None,
+                 store: Path | None = None, fingerprint: dict | None = None,
+                 delta: float | None = None) -> LiveComparison:
     """Run every method live and summarise it like the offline table.
 
     Args:
@@ -112,20 +152,67 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
       backends, checker, cfg: what `online.run_online` needs.
       models: `trace.ModelInfo` per backend (prices and parameter counts for the cost unit).
       cost_model: a `trace.COST_MODELS` unit.
-      alpha: the guarantee every thresholded family is calibrated to.
+      alpha, delta: the guarantee every thresholded family is calibrated to (δ None:
+        marginal; else PAC at δ — `evaluate.conformal_choice`).
       large_right: R_M per problem id (e.g. from the trace trees); None runs the largest model
         alone on cal and test first and adds its test row, named `large_name`.
       seed: bootstrap seed.
       between: called after each method (a long job releases memory there: each method
         compiles its own batch shapes; decision 81).
+      store: a folder where every finished run (a method, or one grid point, on one split) is
+        kept; a restart with the same `fingerprint` (what the caller's runs depend on: trace
+        set, router, engine) reuses them and runs only the rest.
     """
     out = LiveComparison(rows=[], curves={}, records={}, large_right={})
     k = len(backends)
 
-    def run(problems, rule, bar, via=backends):
+    def stored(key: dict, make: Callable[[], Any], bar, n: int):
+        """`make()`, or what a finished earlier run with the same key kept in `store`."""
+        key = json.loads(json.dumps({**key, "config": dataclasses.asdict(cfg),
+                                     "fingerprint": fingerprint}, default=str))
+        path = store and Path(store) / (hashlib.sha256(json.dumps(
+            key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+        if path and path.exists():
+            kept = json.loads(path.read_text())
+            if kept.get("key") == key:
+                bar.update(n)
+                return kept["records"]
+        recs = make()
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"key": key, "records": recs}, default=str))
+        return recs
+
+    def run(problems, rule, bar):
         start = bar.n
-        return online.run_online(problems, via, rule, checker, cfg,
-                                 lambda n: bar.update(start + n - bar.n))
+        return stored(
+            {"rule": rule.name, "threshold": getattr(rule, "threshold", None),
+             "problems": [p.problem_id for p in problems]},
+            lambda: online.run_online(problems, backends, rule, checker, cfg,
+                                      lambda n: bar.update(start + n - bar.n)),
+            bar, len(problems))
+
+    def run_grid(m: LiveMethod, problems, bar) -> list[list[dict]]:
+        """Every grid point of `m` on `problems`, in one engine (`GridRule`); records per
+        point."""
+        rules = [m.family(g) for g in m.grid]
+        n, start = len(problems), bar.n
+
+        def make():
+            # Its own copy of each problem per point: the engine routes copies independently,
+            # and a copy draws the same samples as its original (streams are keyed by id).
+            copies = [[dataclasses.replace(p) for p in problems] for _ in rules]
+            owner = {id(p): i for i, ps in enumerate(copies) for p in ps}
+            shared = [SharedBackend(b) for b in backends]
+            recs = online.run_online([p for ps in copies for p in ps], shared,
+                                     GridRule(rules, owner), checker, cfg,
+                                     lambda k: bar.update(start + k - bar.n))
+            return [[{**r, "method": rules[i].name} for r in recs[i * n:(i + 1) * n]]
+                    for i in range(len(rules))]
+
+        return stored({"rule": [r.name for r in rules], "threshold": [float(g) for g in m.grid],
+                       "problems": [p.problem_id for p in problems]}, make, bar,
+                      n * len(rules))
 
     def summarize(recs):
         # Problems whose record (or whose large-only record, R_M) failed are left out and
@@ -164,12 +251,12 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
                 recs = run(test, m.rule, bar)
             add(m.name, recs, summarize(recs), m.external, m.threshold)
         else:
-            shared = [SharedBackend(b) for b in backends]  # one family's grid shares its work
             with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
                       desc=f"      {m.name} ({len(m.grid)}-point grid, cal + test)") as bar:
-                errors = cal_errors([run(cal, m.family(g), bar, shared) for g in m.grid])
-                recs_test = [run(test, m.family(g), bar, shared) for g in m.grid]
-            idx, feasible = evaluate.conformal_choice(errors, alpha)
+                runs = run_grid(m, list(cal) + list(test), bar)
+            errors = cal_errors([r[:len(cal)] for r in runs])
+            recs_test = [r[len(cal):] for r in runs]
+            idx, feasible = evaluate.conformal_choice(errors, alpha, delta)
             curve = [dict(summarize(r), threshold=float(g))
                      for g, r in zip(m.grid, recs_test, strict=True)]
             add(m.name, recs_test[idx], dict(curve[idx], calibration_feasible=feasible),
@@ -178,3 +265,57 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
         if between is not None:
             between()
     return out
+
+
+def replay_agreement(live: Sequence[dict], tree_records: Sequence[dict], trees: PackedTrees,
+                     router, models: Sequence, cost_model: str) -> dict[str, Any]:
+    """Does a live run of an exported router write and pay what its replay on the trace trees
+    says (decision 87)? Per problem: the same verdict and the same generation cost (relative
+    1e-4). Returns {"problems", "identical", "rate", "disagreements": [{"problem_id", "cause"}]};
+    each cause names the first place the two paths part: a model-0 step whose features differ
+    from the tree's (a different sample: batch-shape numerics), a decision that differs on
+    equal features, or the large model's rest.
+
+    Args:
+      live: the router's live records (`online.run_online`), root 0 of each problem.
+      tree_records, trees: the trace records and their `trace.pack` (same order).
+      router: the exported `jaxroute.export.Router` the live run used.
+    """
+    index = {r["problem_id"]: i for i, r in enumerate(tree_records)}
+    live = [r for r in live if records.usable(r) and r["problem_id"] in index]
+    if not live:
+        return {"problems": 0, "identical": 0, "rate": float("nan"), "disagreements": []}
+    idx = np.array([index[r["problem_id"]] for r in live])
+    walk = evaluate.replay_rule(trees, lambda f, m: router.decide(f, m, path="host").model, idx)
+    correct, cost = np.asarray(walk.correct), np.asarray(walk.total_cost)
+    action, seg = np.asarray(walk.action), np.asarray(walk.seg)
+    out = []
+    for i, r in enumerate(live):
+        live_cost = records.record_cost(r, models, cost_model)
+        if r["correct"] == bool(correct[i]) and abs(live_cost - cost[i]) <= 1e-4 * max(
+                1.0, abs(live_cost)):
+            continue
+        drafts = [p for p in r["pieces"] if "features" in p]
+        steps = tree_records[idx[i]]["roots"][0]["steps"]
+        cause = (f"the large model's rest differs (live {'right' if r['correct'] else 'wrong'}, "
+                 f"cost {live_cost:.4g}; replay {'right' if correct[i] else 'wrong'}, cost "
+                 f"{cost[i]:.4g})")
+        for t, (p, st) in enumerate(zip(drafts, steps, strict=False)):
+            gap = float(np.max(np.abs(np.subtract(p["features"], st["features"]))))
+            if gap > 1e-4:
+                cause = (f"model 0's step {t} differs from the tree's (features max |Δ| = "
+                         f"{gap:.3g}: a different sample)")
+                break
+            offline = int(action[i, t]) if seg[i, t] == 0 else None
+            if p["decision"] != offline:
+                cause = (f"the decision at step {t} differs on equal features (live "
+                         f"{p['decision']}, replay {offline}; escalation probability "
+                         f"{p.get('score')} against κ = {router.kappa:.4g})")
+                break
+        else:
+            if len(drafts) != len(steps) and not any(p["decision"] != p["model"]
+                                                     for p in drafts):
+                cause = f"live wrote {len(drafts)} model-0 steps, the tree {len(steps)}"
+        out.append({"problem_id": r["problem_id"], "cause": cause})
+    return {"problems": len(live), "identical": len(live) - len(out),
+            "rate": (len(live) - len(out)) / len(live), "disagreements": out}

@@ -55,7 +55,7 @@ class Live:
 
     problem: Problem
     model: int
-    seed: int = 0  # sampling seeds derive from it and the request keys
+    seed: int = 0  # base of every model's sample stream on this problem (decision 87)
     max_tokens: int = 4096  # generated tokens of the solution (a served request may ask fewer)
     steps: list[str] = dataclasses.field(default_factory=list)
     owners: list[int] = dataclasses.field(default_factory=list)  # model of each accepted step
@@ -81,12 +81,14 @@ class Live:
             STEP_DELIMITER.join(self.steps)
 
 
-def _request(s: Live, model: int, seed: int, attempt: int = 0) -> StepRequest:
+def _request(s: Live, model: int, attempt: int = 0) -> StepRequest:
     # Continue by token ids only when every accepted step came from this very model (no
     # re-tokenisation drift); otherwise by text, as a trace tree's child segment does.
     ids = tuple(s.ids) if all(o == model for o in s.owners) else None
-    key = f"{s.problem.problem_id}/{s.rounds}/{model}" + "/retry" * attempt
-    return StepRequest(key, s.problem.question, tuple(s.steps), ids, tracegen.seed_for(key, seed))
+    key = f"{s.problem.problem_id}/{len(s.steps)}/{model}" + "/retry" * attempt
+    # The model's sample stream on this problem, as trace generation draws it (decision 87).
+    return StepRequest(key, s.problem.question, tuple(s.steps), ids,
+                       tracegen.stream_seed(s.problem.problem_id, model, s.seed, attempt=attempt))
 
 
 def _features_of(s: Live, r: StepResult) -> tuple[np.ndarray, features.MathSpanState]:
@@ -153,8 +155,8 @@ class Engine:
         self.live = [s for s in self.live if not s.done]
         return done
 
-    def _generate(self, group: list[Live], m: int, whole: bool, attempt: int = 0,
-                  seed_offset: int = 0) -> list[StepResult]:
+    def _generate(self, group: list[Live], m: int, whole: bool, attempt: int = 0
+                  ) -> list[StepResult]:
         """Batched calls of model m for `group`, one per distinct token limit."""
         cfg, out = self.cfg, {}
         limits = {}
@@ -162,7 +164,7 @@ class Engine:
             limits.setdefault(s.max_tokens if whole else min(cfg.max_tokens_per_step,
                                                              s.max_tokens), []).append(s)
         for limit, members in limits.items():
-            reqs = [_request(s, m, s.seed + seed_offset, attempt) for s in members]
+            reqs = [_request(s, m, attempt) for s in members]
             res = _isolated(self.backends[m], reqs, whole, limit)
             out.update({id(s): r for s, r in zip(members, res, strict=True)})
         return [out[id(s)] for s in group]
@@ -236,7 +238,7 @@ class Engine:
             else:
                 redo.setdefault(d.model, []).append(s)
         for m, group in redo.items():
-            for s, r in zip(group, self._generate(group, m, False, seed_offset=1), strict=True):
+            for s, r in zip(group, self._generate(group, m, False), strict=True):
                 s.pieces.append(_piece(r, m, backends[m].params, kept=r.error is None,
                                        replaces=True))
                 if r.error is not None:

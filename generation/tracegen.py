@@ -51,6 +51,7 @@ class _Segment:
     start: int
     path: str
     idx: int = 0  # position in the generator's segment list
+    root: int = 0  # model 0's sample stream (roots > 0 of model 0 draw their own)
     results: list[StepResult] = dataclasses.field(default_factory=list)
     wasted: dict[int, list[StepResult]] = dataclasses.field(default_factory=dict)  # empty tries
     status: str = "ok"
@@ -65,8 +66,28 @@ def _key(*parts) -> str:
 
 
 def seed_for(key: str, base: int) -> int:
-    """A request's sampling seed from its stable key (trace generation and online routing)."""
+    """A sampling seed from a stable key and the run's base seed."""
     return (int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) + base) % (2**31)
+
+
+# Recorded in every trace set: a set drawn another way is not resumed into (decision 87).
+SAMPLING = "one stream per (problem, model), tokens keyed by position (decision 87)"
+
+
+def stream_seed(problem_id: str, model: int, base: int, *, root: int = 0, attempt: int = 0
+                ) -> int:
+    """The seed of model `model`'s sample stream on a problem — the one coupling rule of trace
+    generation and live routing (decision 87).
+
+    It depends on the problem, the model, the root (model 0's j-th sampled trajectory; every
+    other model and root 0 share stream 0) and the empty-step retry (a retry must draw anew),
+    never on the path or the round that led there. An engine that keys each token's randomness
+    by (seed, absolute position) — the built-in JAX engine — therefore writes the same tokens
+    for the same prefix whether it is asked for one step or for the rest; an engine with a
+    per-request generator (vLLM, OpenAI-compatible servers) writes the same tokens for the same
+    request (same prefix, same mode)."""
+    root_part = f"/r{root}" if root else ""
+    return seed_for(f"{problem_id}/m{model}{root_part}" + "/retry" * attempt, base)
 
 
 _cost = costs.generation_cost
@@ -126,7 +147,7 @@ class TraceGenerator:
         return trace.Manifest(
             models=model_infos(self.backends, self.prices),
             feature_names=features.FEATURE_NAMES,
-            provenance={**provenance, "model_versions": versions})
+            provenance={**provenance, "model_versions": versions, "sampling": SAMPLING})
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -149,7 +170,8 @@ class TraceGenerator:
                     key = _key(s.problem.problem_id, s.path, len(s.results))
                     # A retried empty step asks again with a new seed (the nudge, decision 75).
                     reqs.append(StepRequest(key, s.problem.question, tuple(steps), ids,
-                                            seed_for(key + "/retry" * tries, cfg.seed)))
+                                            stream_seed(s.problem.problem_id, s.model, cfg.seed,
+                                                        root=s.root, attempt=tries)))
                 outs = self.backends[k].generate(reqs, max_tokens=cfg.max_tokens_per_step)
                 for s, r in zip(group, outs, strict=True):
                     if r.error is not None:
@@ -172,8 +194,9 @@ class TraceGenerator:
 
     def _leaves(self, jobs: list[tuple[Problem, list[str], str]]) -> list[StepResult]:
         """The largest model writes the rest of each solution (one call each, batched)."""
+        last = len(self.backends) - 1
         reqs = [StepRequest(_key(p.problem_id, path, "leaf"), p.question, tuple(prefix), None,
-                            seed_for(_key(p.problem_id, path), self.cfg.seed))
+                            stream_seed(p.problem_id, last, self.cfg.seed))
                 for p, prefix, path in jobs]
         return self.backends[-1].generate(reqs, whole=True,
                                           max_tokens=self.cfg.max_tokens_per_solution)
@@ -193,7 +216,7 @@ class TraceGenerator:
         """Every segment of every problem's tree (roots, then branches to intermediate models,
         breadth first), generated step by step, and the leaf jobs they spawn."""
         k_models = len(self.backends)
-        roots = [_Segment(p, 0, [], [], 0, f"r{j}", idx=i * self.cfg.roots + j)
+        roots = [_Segment(p, 0, [], [], 0, f"r{j}", idx=i * self.cfg.roots + j, root=j)
                  for i, p in enumerate(problems) for j in range(self.cfg.roots)]
         tree = _Tree(segments=list(roots))
         frontier = list(roots)
@@ -223,7 +246,7 @@ class TraceGenerator:
         out = {}
         for k in range(1, len(self.backends) - 1):
             reqs = [StepRequest(_key(p.problem_id, f"solo{k}"), p.question, (), None,
-                                seed_for(_key(p.problem_id, f"solo{k}"), self.cfg.seed))
+                                stream_seed(p.problem_id, k, self.cfg.seed))
                     for p in problems]
             for p, r in zip(problems, self.backends[k].generate(
                     reqs, whole=True, max_tokens=self.cfg.max_tokens_per_solution), strict=True):

@@ -155,15 +155,66 @@ def per_problem(values: np.ndarray, problems: np.ndarray) -> np.ndarray:
     return out / np.bincount(inv).reshape((-1,) + (1,) * (values.ndim - 1))
 
 
-def conformal_choice(errors: np.ndarray, alpha: float) -> tuple[int, bool]:
-    """The one calibration rule of every method (decision 68): `errors` `[n, G]` in [0, 1] are
-    per-problem miscoverages on the calibration split at each knob value, the columns ordered
-    from the safest value (escalates most) to the cheapest. Returns the index of the cheapest
-    value whose monotone risk passes conformal risk control (`core.conformal_threshold`), and
-    whether any does (if none, index 0: the safest)."""
-    g = errors.shape[1]
-    idx, feasible = calibration.conformal_threshold(jnp.asarray(errors, jnp.float32),
-                                                    jnp.arange(g, dtype=jnp.float32), alpha)
+GUARANTEES = ("marginal", "pac")
+
+
+def guarantee(alpha: float, delta: float | None = None, n: int | None = None) -> dict[str, Any]:
+    """The record of a guarantee: marginal (δ None: E[miscoverage] ≤ α over calibration draws)
+    or PAC (P(miscoverage ≤ α) ≥ 1 − δ), with the calibration size it was met on."""
+    out: dict[str, Any] = {"kind": "marginal" if delta is None else "pac", "alpha": alpha,
+                           "delta": delta}
+    if n is not None:
+        out["calibration_problems"] = int(n)
+    return out
+
+
+def describe_guarantee(g: dict[str, Any]) -> str:
+    """One line a practitioner reads: what the deployed knob promises."""
+    if g.get("kind") == "pac":
+        return (f"PAC: with probability ≥ {1 - g['delta']:g} over the calibration draw, "
+                f"miscoverage ≤ α = {g['alpha']:g}")
+    return f"marginal: expected miscoverage ≤ α = {g['alpha']:g} (over calibration draws)"
+
+
+def check_calibration_size(n: int, alpha: float, delta: float | None = None,
+                           where: str = "the calibration split") -> None:
+    """Refuse (`InputError`) a calibration set too small for the guarantee to certify any knob
+    value, naming the numbers (`core.min_calibration_size`), before anything is trained."""
+    need = calibration.min_calibration_size(alpha, delta)
+    if n < need:
+        what = (f"a PAC guarantee at α = {alpha:g}, δ = {delta:g}" if delta is not None
+                else f"a marginal guarantee at α = {alpha:g}")
+        raise InputError(f"{where} has {n} problems; {what} needs at least {need} (even with "
+                         "no miscoverage at all nothing smaller can be certified): give more "
+                         "calibration problems, a larger α" + (" or δ" if delta is not None
+                                                                else ""))
+
+
+def conformal_choice(errors: np.ndarray, alpha: float, delta: float | None = None
+                     ) -> tuple[int, bool]:
+    """The one calibration rule of every method (decisions 68, 88): `errors` `[n, G]` in [0, 1]
+    are per-problem miscoverages on the calibration split at each knob value, the columns
+    ordered from the safest value (escalates most) to the cheapest. Returns the index of the
+    cheapest value that passes, and whether any does (if none, index 0: the safest). Errors
+    `[R, n, G]` calibrate R sets at once (arrays `[R]` back).
+
+    δ None — marginal: the monotone risk passes conformal risk control
+    (`core.conformal_threshold`), E[miscoverage] ≤ α. δ given — PAC: Learn-then-Test
+    fixed-sequence testing from the safest value (`core.ltt_threshold`; exact binomial p-values
+    for {0, 1} rows, Bentkus' bound for averages over several roots), P(miscoverage ≤ α) ≥ 1 − δ.
+    """
+    e = jnp.asarray(errors, jnp.float32)
+    grid = jnp.arange(e.shape[-1], dtype=jnp.float32)
+    if delta is None:
+        rule = functools.partial(calibration.conformal_threshold, grid=grid, alpha=alpha)
+    else:
+        binary = bool(np.all((np.asarray(errors) == 0) | (np.asarray(errors) == 1)))
+        rule = functools.partial(calibration.ltt_threshold, grid=grid, alpha=alpha, delta=delta,
+                                 binary=binary)
+    if e.ndim == 3:  # [R, n, G]: R calibration sets at once (the validity benchmark's re-splits)
+        idx, feasible = jax.vmap(rule)(e)
+        return np.asarray(idx, int), np.asarray(feasible, bool)
+    idx, feasible = rule(e)
     return int(idx), bool(feasible)
 
 
@@ -233,19 +284,20 @@ def _walk_many(dev: PackedTrees, problems, roots, actions, h: int) -> env.Walk:
     return jax.vmap(lambda a: env.walk(dev, problems, roots, a, h))(actions)
 
 
-def calibrate_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, alpha: float
-                     ) -> tuple[int, bool, np.ndarray]:
+def calibrate_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, alpha: float,
+                     delta: float | None = None) -> tuple[int, bool, np.ndarray]:
     """The knob index chosen on the calibration instances by `conformal_choice`, whether it is
     feasible, and the per-problem errors `[n, G]`."""
     fw = walk_family(trees, dev, family, cal)
-    idx, feasible = conformal_choice(fw.cal_errors, alpha)
+    idx, feasible = conformal_choice(fw.cal_errors, alpha, delta)
     return idx, feasible, fw.cal_errors
 
 
-def report_family(fw: FamilyWalks, alpha: float, seed: int = 0) -> dict[str, Any]:
-    """Calibrate `fw` at α and report the chosen value on test (with the bootstrap CI) and the
-    family's whole test curve (accuracy, cost, coverage per grid value)."""
-    idx, feasible = conformal_choice(fw.cal_errors, alpha)
+def report_family(fw: FamilyWalks, alpha: float, seed: int = 0, delta: float | None = None
+                  ) -> dict[str, Any]:
+    """Calibrate `fw` at α (PAC at δ if given) and report the chosen value on test (with the
+    bootstrap CI) and the family's whole test curve (accuracy, cost, coverage per grid value)."""
+    idx, feasible = conformal_choice(fw.cal_errors, alpha, delta)
     correct, cost, esc = fw.test
     curve = []
     for j, g in enumerate(fw.family.grid):
@@ -259,9 +311,9 @@ def report_family(fw: FamilyWalks, alpha: float, seed: int = 0) -> dict[str, Any
 
 
 def evaluate_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, test, alpha: float,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, delta: float | None = None) -> dict[str, Any]:
     """`walk_family` + `report_family`."""
-    return report_family(walk_family(trees, dev, family, cal, test), alpha, seed)
+    return report_family(walk_family(trees, dev, family, cal, test), alpha, seed, delta)
 
 
 def _num(g) -> float:
@@ -369,10 +421,11 @@ def reference_families(trees: PackedTrees, feature_names: Sequence[str], alpha: 
 
 
 def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
-                 feature_names: Sequence[str], seed: int = 0, references: bool = True
-                 ) -> dict[str, Any]:
+                 feature_names: Sequence[str], seed: int = 0, references: bool = True,
+                 delta: float | None = None) -> dict[str, Any]:
     """Every method on the test split at the same guarantee: each knob calibrated on the
-    calibration split by `conformal_choice` (coverage ≥ 1 − α), then reported on test.
+    calibration split by `conformal_choice` (coverage ≥ 1 − α; with δ, with probability
+    ≥ 1 − δ), then reported on test.
 
     Args:
       routers: name → `log_prob_fn(features [..., D], model [...]) -> log π [..., K]` of each
@@ -380,8 +433,9 @@ def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
       feature_names: the trees' feature names (baselines find theirs by name).
       references: also fit and report the reference policies.
 
-    Returns {"rows": [...], "curves": {method: test curve}, "matched": accuracy-matched costs}.
-    Rows carry `kind` ∈ {single model, router, baseline, reference, oracle}.
+    Returns {"rows": [...], "curves": {method: test curve}, "matched": accuracy-matched costs,
+    "guarantee": `guarantee(...)`}. Rows carry `kind` ∈ {single model, router, baseline,
+    reference, oracle}.
     """
     dev = env.to_device(trees)
     cal = env.instances(trees, trees.split_indices("cal"))
@@ -398,14 +452,15 @@ def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
     if references:
         fams += [(f, "reference") for f in reference_families(trees, feature_names, alpha, seed)]
     for fam, kind in fams:
-        res = evaluate_family(trees, dev, fam, cal, test, alpha, seed)
+        res = evaluate_family(trees, dev, fam, cal, test, alpha, seed, delta)
         rows.append({"method": fam.name, "external": fam.external, "kind": kind, **res["row"]})
         curves[fam.name] = res["curve"]
     for name, summary in oracle_summary(trees, pt, rt, alpha).items():
         rows.append({"method": name, "external": "oracle", "kind": "oracle", **summary})
     first_router = next(iter(routers), None)
     return {"rows": rows, "curves": curves,
-            "matched": matched_costs(rows, curves, first_router) if first_router else {}}
+            "matched": matched_costs(rows, curves, first_router) if first_router else {},
+            "guarantee": guarantee(alpha, delta, len(trees.split_indices("cal")))}
 
 
 def mean_row(rows: Sequence[dict], name: str) -> dict[str, Any]:
@@ -432,6 +487,24 @@ def matched_costs(rows: list[dict], curves: dict[str, list[dict]],
     return {"reference": reference, "accuracy": ref["accuracy"], "cost": ref["cost"],
             "costs": {name: cost_at_accuracy(c, ref["accuracy"]) for name, c in curves.items()
                       if name != reference}}
+
+
+def replay_rule(trees: PackedTrees, decide: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                problems: np.ndarray, root: int = 0) -> env.Walk:
+    """A deterministic routing rule replayed on the trace trees of `problems` `[N]` from root
+    `root`: `decide(features [n, D] float32, models [n] int32) -> [n]` models (an exported
+    `Router`'s `decide(...).model`) is asked at every node, and `env.walk` follows the answers.
+    With coupled sampling (decision 87) this is what a live run of the same rule writes and
+    pays, problem by problem (`generation.comparison.replay_agreement` checks it)."""
+    problems = np.asarray(problems)
+    feats = np.asarray(trees.features)[problems]  # [N, S, T, D]
+    model = np.broadcast_to(np.asarray(trees.seg_model)[problems][..., None],
+                            feats.shape[:-1]).astype(np.int32)
+    chosen = np.asarray(decide(feats.reshape(-1, feats.shape[-1]), model.reshape(-1)),
+                        np.int32).reshape(model.shape)
+    return env.walk(env.to_device(trees), jnp.asarray(problems, jnp.int32),
+                    jnp.full(len(problems), root, jnp.int32), jnp.asarray(chosen),
+                    env.horizon(trees))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class TrainResult(NamedTuple):
     seeds: tuple[int, ...]
     kappas: tuple[float, ...] = ()  # [S] κ calibrated on the cal split (`calibrate`)
     feasible: tuple[bool, ...] = ()
+    calibration_problems: int = 0  # problems κ was calibrated on (`calibrate`)
 
     def policy(self, i: int = 0):
         """Seed i's policy parameters."""
@@ -205,18 +206,20 @@ def _save(manager, workdir: Path, done: int, states, history) -> None:
 
 
 def calibrate(result: TrainResult, trees: PackedTrees, alpha: float,
-              grid_size: int = 201) -> TrainResult:
+              grid_size: int = 201, delta: float | None = None) -> TrainResult:
     """Each seed's κ on the cal split by the one calibration rule of every method
-    (`evaluate.router_family` + `evaluate.calibrate_family`, decisions 17, 24, 68). An infeasible
-    calibration deploys the safest κ (0: escalate at the first decision)."""
+    (`evaluate.router_family` + `evaluate.calibrate_family`, decisions 17, 24, 68; PAC at δ,
+    decision 88). An infeasible calibration deploys the safest κ (0: escalate at the first
+    decision)."""
     trees.require_splits("cal")
     dev = env.to_device(trees)
     cal = env.instances(trees, trees.split_indices("cal"))
     kappas, feasible = [], []
     for i in range(len(result.seeds)):
         fam = evaluate.router_family(trees, result.log_prob_fn(i), grid_size=grid_size)
-        idx, ok, _ = evaluate.calibrate_family(trees, dev, fam, cal, alpha)
+        idx, ok, _ = evaluate.calibrate_family(trees, dev, fam, cal, alpha, delta)
         kappas.append(float(fam.grid[idx]))
         feasible.append(bool(ok))
-    return result._replace(kappas=tuple(kappas), feasible=tuple(feasible))
+    return result._replace(kappas=tuple(kappas), feasible=tuple(feasible),
+                           calibration_problems=len(trees.split_indices("cal")))
 

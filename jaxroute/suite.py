@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxroute import env, evaluate, exact, synthetic, tcpo, trace, trainer
+from jaxroute import env, evaluate, exact, synthetic, tcpo, trace, trainer, validity
 
 ROUTER = "router (exact CPO, ours)"
 PAPER = "TCPO (paper settings)"
@@ -68,14 +68,18 @@ ABLATIONS = {
 }
 
 
-def synthetic_world(world: World, data_seed: int) -> tuple[trace.Manifest, trace.PackedTrees]:
+def synthetic_world(world: World, data_seed: int, sizes: tuple[int, int, int] | None = None
+                    ) -> tuple[trace.Manifest, trace.PackedTrees]:
     """A synthetic world's trace set (FLOPs in 1e12): 800 problems of at most 12 steps; for
     K = 3 (a tree has a middle-model segment under every step) 600 of at most 8, which keeps
-    its exact training within the benchmark's time."""
+    its exact training within the benchmark's time. `sizes`: (train, cal, test) problems
+    instead (the validity check's large pools)."""
     k3 = world.num_models == 3
+    n = sum(sizes) if sizes else 600 if k3 else 800
+    fractions = tuple(x / n for x in sizes) if sizes else (0.5, 0.2, 0.3)
     cfg = synthetic.family_config(world.small_coverage, world.auroc, world.num_models,
-                                  seed=1000 + data_seed, num_problems=600 if k3 else 800,
-                                  max_steps=8 if k3 else 12, split_fractions=(0.5, 0.2, 0.3))
+                                  seed=1000 + data_seed, num_problems=n,
+                                  max_steps=8 if k3 else 12, split_fractions=fractions)
     return synthetic.generate_packed(cfg, "flops")
 
 
@@ -151,6 +155,43 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
         oracle = evaluate.oracle_summary(trees, pt, rt, alpha)["oracle (coverage 1-α)"]
         record(alpha, ORACLE, "oracle", {"row": oracle})
         log(f"  {world} / data {data_seed} / α {alpha}: done ({time.perf_counter() - t0:.0f} s)")
+    return out
+
+
+VALIDITY_METHODS = (ROUTER, *BASELINES)
+
+
+def validity_world(world: str, manifest: trace.Manifest, trees: trace.PackedTrees,
+                   alphas: Sequence[float], delta: float, calibration: int, resplits: int,
+                   seed: int = 0, exact_config: exact.ExactConfig | None = None,
+                   log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """The validity check (`jaxroute.validity`) of both guarantees on one world: the router
+    (trained once per α on the train split, never again) and the baselines, each walked once on
+    the pool (the cal and test splits together), then `resplits` random calibration sets of
+    `calibration` problems from the pool. One record per (α, method, guarantee)."""
+    names = list(manifest.feature_names)
+    pool = np.concatenate([trees.split_indices("cal"), trees.split_indices("test")])
+    large = float(np.mean(trees.solo_cost[pool, -1]))
+    t0 = time.perf_counter()
+    fixed = {f.name: validity.pool_outcomes(trees, f, pool)
+             for f in evaluate.baseline_families(trees, names, seed)}
+    out: list[dict[str, Any]] = []
+    for alpha in alphas:
+        res = trainer.train(trees, trainer.TrainConfig(
+            dataclasses.replace(exact_config or exact.ExactConfig(), alpha=alpha), seeds=(seed,),
+            final_calibration=False))
+        outcomes = {ROUTER: validity.pool_outcomes(
+            trees, evaluate.router_family(trees, res.log_prob_fn(0), ROUTER), pool), **fixed}
+        for method, (errors, cost) in outcomes.items():
+            for d in (None, delta):
+                r = validity.resplit(errors, cost, alpha, d, calibration, resplits, seed)
+                summary = validity.summarize(r, alpha, d, len(pool) - calibration)
+                out.append({"world": world, "alpha": alpha, "method": method,
+                            "guarantee": "marginal" if d is None else "pac", "delta": d,
+                            "calibration": calibration, **summary,
+                            "cost_large": summary["cost"] / large})
+        log(f"  {world} / α {alpha}: {resplits} re-splits of {len(pool)} problems "
+            f"({time.perf_counter() - t0:.0f} s)")
     return out
 
 

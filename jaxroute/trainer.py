@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxroute import exact, export, learner, tcpo
+from jaxroute import evaluate, exact, export, learner, tcpo
 from jaxroute.durable import atomic_write_text, exclusive
 from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
@@ -38,10 +38,13 @@ class TrainConfig:
     chunk: int = 100  # iterations per jitted scan / checkpoint
     calibration_grid: int = 201  # κ quantiles of the train nodes' escalation scores (decision 24)
     final_calibration: bool = True
+    delta: float | None = None  # None: the marginal guarantee; else PAC at δ (decision 88)
 
     def __post_init__(self):
         if not self.seeds or self.chunk < 1:
             raise InputError("at least one seed and chunk ≥ 1 are required")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise InputError(f"delta must be in (0, 1) or None (marginal), got {self.delta}")
         self.learner_name  # noqa: B018 — refuses an unknown config type
 
     @property
@@ -59,7 +62,7 @@ class TrainConfig:
         return {"learner": self.learner_name, "config": dataclasses.asdict(self.learner),
                 "seeds": list(self.seeds), "chunk": self.chunk,
                 "calibration_grid": self.calibration_grid,
-                "final_calibration": self.final_calibration}
+                "final_calibration": self.final_calibration, "delta": self.delta}
 
 
 def config_from_dict(d: dict) -> TrainConfig:
@@ -67,8 +70,10 @@ def config_from_dict(d: dict) -> TrainConfig:
     try:
         cls = LEARNERS[d["learner"]][0]
         cfg = dict(d["config"], hidden=tuple(int(h) for h in d["config"]["hidden"]))
+        delta = d.get("delta")
         return TrainConfig(cls(**cfg), tuple(int(s) for s in d["seeds"]), int(d["chunk"]),
-                           int(d["calibration_grid"]), bool(d["final_calibration"]))
+                           int(d["calibration_grid"]), bool(d["final_calibration"]),
+                           None if delta is None else float(delta))
     except (KeyError, TypeError) as e:
         raise InputError(f"not a training run's config: {type(e).__name__}: {e}") from None
 
@@ -85,11 +90,15 @@ def train(trees: PackedTrees, config: TrainConfig = TrainConfig(),
     """Train one router per seed on the train split of `trees` (resumably, with checkpoints in
     `workdir` when given) and calibrate each κ on the cal split."""
     trees.require_splits(*(("train", "cal") if config.final_calibration else ("train",)))
+    if config.final_calibration:  # an impossible guarantee fails before any training
+        evaluate.check_calibration_size(len(trees.split_indices("cal")), config.alpha,
+                                        config.delta)
     result = learner.fit(make_learner(config, trees), trees, config.alpha,
                          config.learner.iterations, config.seeds, chunk=config.chunk,
                          workdir=workdir, progress=progress)
     if config.final_calibration:
-        result = learner.calibrate(result, trees, config.alpha, config.calibration_grid)
+        result = learner.calibrate(result, trees, config.alpha, config.calibration_grid,
+                                   config.delta)
     return result
 
 
@@ -99,6 +108,7 @@ def run_fingerprint(trees: PackedTrees, config: TrainConfig, cost_model: str) ->
     cfg = config.to_dict()
     cfg["config"].pop("iterations")
     cfg.pop("chunk")
+    cfg.pop("delta")  # the guarantee is the final calibration's: the checkpoints do not depend on it
     # Through JSON, as it is recorded (tuples become lists).
     return json.loads(json.dumps({"config": cfg, "cost_model": cost_model,
                                   "trace_set": trees.fingerprint()}, default=str))
@@ -176,7 +186,9 @@ def export_result(path: Path, result: learner.TrainResult, config: TrainConfig, 
         hidden=config.learner.hidden,
         train_config={"trainer": config.learner_name, **dataclasses.asdict(config.learner),
                       "seed": config.seeds[0]},
-        extra={"kappa_online": float(result.kappa_online[0]),
+        extra={"guarantee": evaluate.guarantee(config.alpha, config.delta,
+                                               result.calibration_problems),
+               "kappa_online": float(result.kappa_online[0]),
                "calibration_feasible": bool(result.feasible[0]) if result.feasible else False,
                "cost_model": cost_model, "source": source})
 

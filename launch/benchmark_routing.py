@@ -2,6 +2,7 @@
 
     python -m launch.benchmark_routing            # the full suite (≤ 30 min on 2 cores)
     python -m launch.benchmark_routing --quick    # two worlds, one data seed (≤ 5 min)
+    python -m launch.benchmark_routing --validity # both guarantees checked by re-splitting
 
 Worlds: synthetic families varying the small model's coverage and the confidence feature's
 wrong-step AUROC (K = 2 and K = 3) and the embedded tiny-LM trees (`jaxroute.suite`). Output in
@@ -24,6 +25,7 @@ from generation.tinylm import backend as tiny
 from generation.tinylm import embedded
 from jaxroute import exact, suite, trace
 from jaxroute.durable import append_records, atomic_write_text
+from jaxroute.errors import InputError
 from launch import common, report
 from launch.results import save
 
@@ -32,17 +34,39 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default runs/benchmark_r
 _ALPHAS = flags.DEFINE_list("alphas", ["0.02", "0.05", "0.1"], "Target miscoverages.")
 _SEEDS = flags.DEFINE_integer("train_seeds", 3, "Training seeds per router.")
 _DATA = flags.DEFINE_integer("data_seeds", 2, "Data seeds per world (--quick: 1).")
-_WORLDS = flags.DEFINE_list("worlds", None, "Subset of world names (default: all / quick set).")
+_WORLDS = flags.DEFINE_list("worlds", None, "Subset of world names without their commas, e.g. "
+                            "'cov 0.75 AUROC 0.75,embedded tiny LMs' (default: all / quick set).")
+
+
+def _chosen(default: list[str]) -> list[str]:
+    """World names from --worlds (a list flag splits at commas, so names are given without
+    theirs); an unknown name is an error naming the known ones."""
+    if not _WORLDS.value:
+        return list(default)
+    plain = {w.name.replace(",", ""): w.name for w in suite.WORLDS}
+    unknown = [n for n in _WORLDS.value if n.strip() not in plain]
+    if unknown:
+        raise InputError(f"--worlds: unknown {unknown}; known: {sorted(plain)}")
+    return [plain[n.strip()] for n in _WORLDS.value]
 _PAPER = flags.DEFINE_bool("paper", True, "Also train the paper-faithful TCPO rows.")
 _ABLATION = flags.DEFINE_bool("ablation", False, "Measure the trainer ideas of "
                               "jaxroute.suite.ABLATIONS on the quick worlds (no paper rows).")
+_VALIDITY = flags.DEFINE_bool("validity", False, "Check both guarantees as stated: random "
+                              "calibration/test re-splits of a large pool, no retraining "
+                              "(jaxroute.validity).")
+_RESPLITS = flags.DEFINE_integer("resplits", 200, "--validity: re-splits per (world, α).")
+_CAL = flags.DEFINE_integer("calibration", 200, "--validity: calibration problems per re-split.")
+_DELTA = flags.DEFINE_float("delta", 0.1, "--validity: δ of the PAC guarantee.")
+_POOL = flags.DEFINE_list("pool", ["400", "1800", "1800"], "--validity: (train, cal, test) "
+                          "problems per world; cal and test together are the re-split pool.")
 
 
-def embedded_trees(out: Path, data_seed: int) -> tuple[trace.Manifest, trace.PackedTrees]:
+def embedded_trees(out: Path, data_seed: int, sizes: tuple[int, int, int] = (400, 150, 250)
+                   ) -> tuple[trace.Manifest, trace.PackedTrees]:
     """The embedded tiny-LM trees of one data seed (generated once, then read back)."""
     folder = out / f"embedded_traces_seed{data_seed}"
-    problems, splits = embedded.problems_and_splits({"train": 400, "cal": 150, "test": 250},
-                                                    data_seed)
+    problems, splits = embedded.problems_and_splits(
+        dict(zip(embedded.SPLIT_NAMES, sizes, strict=True)), data_seed)
     backends = [tiny.load("small"), tiny.load("large")]
     with answers.AnswerChecker(workers=2) as checker:
         embedded.make_trace_set(backends, problems, splits, folder, data_seed, checker)
@@ -50,14 +74,50 @@ def embedded_trees(out: Path, data_seed: int) -> tuple[trace.Manifest, trace.Pac
     return manifest, trace.pack(manifest, recs, "mflops")
 
 
+def validity_main() -> None:
+    """`--validity`: every world, each α, both guarantees (see `jaxroute.validity`)."""
+    t0 = time.perf_counter()
+    out = Path(_OUT.value or "runs/benchmark_validity")
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = tuple(int(x) for x in _POOL.value)
+    names = _chosen([w.name for w in suite.WORLDS])
+    alphas = [float(a) for a in _ALPHAS.value]
+    rec_file = out / "records.jsonl"
+    done = {json.loads(x)["world"] for x in rec_file.read_text().splitlines()} \
+        if rec_file.exists() else set()
+    for w in suite.WORLDS:
+        if w.name not in names or w.name in done:
+            continue
+        manifest, trees = (suite.synthetic_world(w, 0, sizes) if w.synthetic
+                           else embedded_trees(out, 0, sizes))
+        append_records(rec_file, suite.validity_world(
+            w.name, manifest, trees, alphas, _DELTA.value, _CAL.value, _RESPLITS.value))
+    records = [json.loads(x) for x in rec_file.read_text().splitlines()]
+    records = [r for r in records if r["world"] in names]
+    cols, rows = report.validity_columns(records)
+    minutes = (time.perf_counter() - t0) / 60
+    notes = report.validity_notes(records, _DELTA.value, _CAL.value, _RESPLITS.value, sizes,
+                                  minutes)
+    md = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                   + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]) + "\n"
+    atomic_write_text(out / "table.md", md + "\n" + notes + "\n")
+    print(md + "\n" + notes)
+    save("routing_validity", f"Guarantee validity: {_RESPLITS.value} calibration/test re-splits "
+         f"per (world, α), n = {_CAL.value} calibration problems, no retraining", cols, rows,
+         notes=notes)
+
+
 def main(argv):
     del argv
+    if _VALIDITY.value:
+        validity_main()
+        return
     t0 = time.perf_counter()
     quick, ablation = _QUICK.value or _ABLATION.value, _ABLATION.value
     name = "routing_ablation" if ablation else "routing_quick" if quick else "routing"
     out = Path(_OUT.value or f"runs/benchmark_{name}")
     out.mkdir(parents=True, exist_ok=True)
-    names = _WORLDS.value or (suite.QUICK_WORLDS if quick else [w.name for w in suite.WORLDS])
+    names = _chosen(suite.QUICK_WORLDS if quick else [w.name for w in suite.WORLDS])
     worlds = [w for w in suite.WORLDS if w.name in names]
     data_seeds = range(1 if quick else _DATA.value)
     alphas = [float(a) for a in _ALPHAS.value]

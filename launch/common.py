@@ -8,6 +8,7 @@ import gc
 import platform
 import resource
 import sys
+import time
 import warnings
 
 from absl import app, flags, logging
@@ -96,6 +97,44 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
+class StageClock:
+    """Per stage of a long job: wall seconds, CPU seconds (user + system of this process and of
+    its finished child processes — the answer checkers) and JAX compile seconds (tracing,
+    lowering and XLA compilation, from `jax.monitoring`'s duration events)."""
+
+    def __init__(self):
+        from jax import monitoring
+
+        self.compile = 0.0
+        monitoring.register_event_duration_secs_listener(self._on_event)
+        self.wall, self.cpu, self.compiled = {}, {}, {}
+        self._last = self._now()
+
+    def _on_event(self, name: str, seconds: float, **_) -> None:
+        if name.startswith("/jax/core/compile/"):
+            self.compile += seconds
+
+    def _now(self) -> tuple[float, float, float]:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+            resource.RUSAGE_CHILDREN)
+        return (time.perf_counter(), me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+                self.compile)
+
+    def mark(self, stage: str) -> float:
+        """Close `stage` (everything since the previous mark); returns its wall seconds."""
+        now = self._now()
+        self.wall[stage], self.cpu[stage], self.compiled[stage] = (
+            round(a - b, 1) for a, b in zip(now, self._last, strict=True))
+        self._last = now
+        return self.wall[stage]
+
+    def totals(self) -> dict[str, dict[str, float]]:
+        return {"seconds": {**self.wall, "total": round(sum(self.wall.values()), 1)},
+                "cpu_seconds": {**self.cpu, "total": round(sum(self.cpu.values()), 1)},
+                "compile_seconds": {**self.compiled,
+                                    "total": round(sum(self.compiled.values()), 1)}}
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
 
@@ -140,6 +179,19 @@ def check_flags(**rules) -> None:
     for name, (pred, what) in rules.items():
         flags.register_validator(name, lambda v, p=pred: v is None or p(v),
                                  message=f"--{name} must be {what}")
+
+
+def define_guarantee_flags():
+    """--guarantee and --delta (decision 88) for a launcher; returns a function giving δ, or
+    None for the marginal guarantee."""
+    kind = flags.DEFINE_enum(
+        "guarantee", "marginal", ["marginal", "pac"],
+        "marginal: expected miscoverage ≤ α over calibration draws (conformal risk control); "
+        "pac: miscoverage ≤ α with probability ≥ 1 − δ (Learn then Test).")
+    delta = flags.DEFINE_float("delta", 0.1, "With --guarantee=pac: the allowed probability that "
+                               "the calibrated knob misses more than α.")
+    check_flags(delta=(probability, "in (0, 1)"))
+    return lambda: None if kind.value == "marginal" else delta.value
 
 
 def positive(v) -> bool:

@@ -31,8 +31,10 @@ def run(workdir: Path, out: Path | None = None) -> dict:
     router = export.load_router(workdir / "router", feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models])
     alpha = router.meta["alpha"]
-    result = evaluate.evaluate_all(trees, {"router (ours)": router.log_probs}, alpha,
-                                   manifest.feature_names, _SEED.value)
+    # Every method at the router's own guarantee (marginal, or PAC at its δ; decision 88).
+    result = evaluate.evaluate_all(trees, {router.label: router.log_probs}, alpha,
+                                   manifest.feature_names, _SEED.value,
+                                   delta=router.guarantee.get("delta"))
     if _ALPHAS.value:
         result["curves"]["router, α sweep"] = alpha_sweep(
             trees, manifest.feature_names, [float(a) for a in _ALPHAS.value])

@@ -12,26 +12,30 @@
    by the same conformal rule to coverage ≥ 1 − α (decision 68) — on the test split: the
    routers, random escalation, the confidence threshold, STEER, the reference policies and the
    oracle (replayed on the trace trees);
-4. runs the exported router live, next to the per-step baselines that cannot be replayed — RSD
-   (the stand-in tiny PRM) and SpecReason (the stand-in tiny judge), their thresholds calibrated
-   by the same rule over the 0.1 grid (`generation.comparison.compare_live`);
-5. writes report/ (table.md, table.json, accuracy_cost.png, config.json with wall time and peak
-   resident memory per stage, timing.json).
-Every stage is resumable: re-running continues where it stopped.
+4. runs the large model alone and the exported router live — with coupled samples (decision 87)
+   the first is the trees' R_M sample (coverage 1) and the second must write and pay what its
+   replay on the trees says ("offline replay vs live: N/N problems identical") — next to the
+   per-step baselines that cannot be replayed: RSD (the stand-in tiny PRM) and SpecReason (the
+   stand-in tiny judge), their thresholds calibrated on the paired R_M by the same rule over the
+   0.1 grid, all grid points in one engine (`generation.comparison.compare_live`);
+5. writes report/ (table.md, table.json, accuracy_cost.png, config.json with wall, CPU and JAX
+   compile seconds and peak resident memory per stage, timing.json).
+Every stage is resumable: re-running continues where it stopped — trace generation at the
+chunk in flight, training at its last checkpoint, the online stage at the method in flight
+(finished methods' runs are kept in online/runs; a thresholded family's grid is one run).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 from absl import flags
 
 from generation import answers
 from generation.tinylm import embedded
-from jaxroute import exact, suite, trace, trainer
+from jaxroute import core, evaluate, exact, suite, trace, trainer
 from jaxroute.durable import atomic_write_text, exclusive
 from launch import common, report
 
@@ -47,6 +51,7 @@ _ENGINE = flags.DEFINE_enum("engine", "jax", list(embedded.ENGINES), "Engine of 
                             "jax (built in) or vllm (the same weights exported and run by a real "
                             "vLLM engine; needs the real-engine environment, README).")
 _ONLINE = flags.DEFINE_bool("online", True, "Run the online stage (router live, RSD, SpecReason).")
+_DELTA = common.define_guarantee_flags()
 
 UNIT = "FLOPs ×1e6"
 common.check_flags(alpha=(common.probability, "in (0, 1)"),
@@ -59,16 +64,26 @@ common.check_flags(alpha=(common.probability, "in (0, 1)"),
 def main(argv):
     del argv
     common.large_blocks_outside_the_heap()
-    work = Path(_WORKDIR.value or ("runs/experiment" if _ENGINE.value == "jax"
-                                   else f"runs/experiment_{_ENGINE.value}"))
+    work = Path(_WORKDIR.value or default_workdir(_ENGINE.value, _DELTA()))
     with exclusive(work):  # one run per workdir at a time (decision 78)
-        run(work, _SEED.value, _ALPHA.value)
+        run(work, _SEED.value, _ALPHA.value, _DELTA())
 
 
-def run(work: Path, seed: int, alpha: float) -> None:
-    clock = {"start": time.perf_counter()}
+def default_workdir(engine: str, delta: float | None) -> str:
+    """runs/experiment, with _vllm for the vLLM engine and _pac for the PAC guarantee."""
+    return ("runs/experiment" + ("" if engine == "jax" else f"_{engine}")
+            + ("" if delta is None else "_pac"))
+
+
+def run(work: Path, seed: int, alpha: float, delta: float | None = None) -> None:
+    clock = common.StageClock()
     memory = {}  # peak resident memory after each stage (MB)
     sizes = dict(zip(embedded.SPLIT_NAMES, map(int, _N.value), strict=True))
+    # An impossible guarantee stops here, before any generation or training (decision 88).
+    evaluate.check_calibration_size(sizes["cal"], alpha, delta, where="--problems' cal count")
+    print(f"      guarantee: {evaluate.describe_guarantee(evaluate.guarantee(alpha, delta))}; "
+          f"{sizes['cal']} calibration problems (the least it can certify anything on: "
+          f"{core.min_calibration_size(alpha, delta)})")
     problems, splits = embedded.problems_and_splits(sizes, seed)
     backends, *scorers = embedded.models(_ENGINE.value, work, seed)
     print(f"[1/5] trace trees: {len(problems)} problems, models "
@@ -77,47 +92,55 @@ def run(work: Path, seed: int, alpha: float) -> None:
         embedded.make_trace_set(backends, problems, splits, work / "traces", seed, checker)
     manifest, recs = trace.load_trace_set(work / "traces")
     trees = trace.pack(manifest, recs, "mflops")
-    clock["traces"] = time.perf_counter()
+    clock.mark("traces")
     memory["traces"] = common.peak_rss_mb()
     common.release_memory()
     print(f"[2/5] training the router (α = {alpha}, {_SEEDS.value} seeds) and the paper's TCPO")
     cfg = exact.ExactConfig(alpha=alpha, iterations=_ITERS.value)
     seeds = tuple(range(seed, seed + _SEEDS.value))
-    fit = trainer.train_and_export(trees, manifest, trainer.TrainConfig(cfg, seeds=seeds),
+    fit = trainer.train_and_export(trees, manifest,
+                                   trainer.TrainConfig(cfg, seeds=seeds, delta=delta),
                                    work / "train", source=str(work / "traces"),
                                    cost_model="mflops", router_dir=work / "router")
-    paper = trainer.train(trees, suite.paper_config(alpha, (seed,)))
-    clock["train"] = time.perf_counter()
+    paper = trainer.train(trees, dataclasses.replace(suite.paper_config(alpha, (seed,)),
+                                                     delta=delta))
     memory["train"] = common.peak_rss_mb()
     common.release_memory()
-    print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; "
-          f"{clock['train'] - clock['traces']:.0f} s")
+    print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; {clock.mark('train'):.0f} s")
     print("[3/5] every method at the same guarantee on the test split")
-    result = embedded.offline_result(trees, manifest, fit, paper, alpha, seed)
-    clock["evaluate"] = time.perf_counter()
+    result = embedded.offline_result(trees, manifest, fit, paper, alpha, seed, delta)
+    clock.mark("evaluate")
     memory["evaluate"] = common.peak_rss_mb()
     common.release_memory()
     if _ONLINE.value:
         print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
-        embedded.live_result(result, work, manifest, recs, backends, scorers, problems, splits,
-                             alpha, seed, between=common.release_memory)
-    clock["online"] = time.perf_counter()
+        embedded.live_result(result, work, manifest, recs, trees, backends, scorers, problems,
+                             splits, alpha, seed, between=common.release_memory, delta=delta)
+        rep = result["replay"]
+        print(f"      offline replay vs live: {rep['identical']}/{rep['problems']} problems "
+              "identical" + "".join(f"\n        {d['problem_id']}: {d['cause']}"
+                                    for d in rep["disagreements"]))
     memory["online"] = common.peak_rss_mb()
-    print(f"      {clock['online'] - clock['evaluate']:.0f} s")
+    print(f"      {clock.mark('online'):.0f} s")
     print("[5/5] report")
-    seconds = {k: round(clock[k] - clock[p], 1) for p, k in
-               (("start", "traces"), ("traces", "train"), ("evaluate", "online"))}
-    seconds["total"] = round(time.perf_counter() - clock["start"], 1)
+    times = clock.totals()
     engine = "" if _ENGINE.value == "jax" else f" on the {_ENGINE.value} engine"
-    title = f"Embedded default (tiny LMs{engine}, arithmetic task) — test split, α = {alpha}"
-    config = {"problems": sizes, "alpha": alpha, "engine": _ENGINE.value, "router": dataclasses.asdict(cfg),
+    kind = "marginal" if delta is None else f"PAC, δ = {delta:g}"
+    title = (f"Embedded default (tiny LMs{engine}, arithmetic task) — test split, α = {alpha} "
+             f"({kind})")
+    config = {"problems": sizes, "alpha": alpha, "delta": delta,
+              "guarantee": result["guarantee"], "engine": _ENGINE.value,
+              "router": dataclasses.asdict(cfg),
               "train_seeds": list(seeds), "kappas": fit.kappas, "seed": seed,
-              "models": {b.name: b.params for b in backends}, "seconds": seconds,
+              "models": {b.name: b.params for b in backends}, **times,
               "peak_rss_mb": memory}
     report.write_report(work / "report", result, UNIT, title, config)
-    print(report.markdown_table(result["rows"], UNIT, title) + report.matched_line(result, UNIT))
-    atomic_write_text(work / "report" / "timing.json", json.dumps(seconds) + "\n")
-    print(f"done in {seconds['total']:.0f} s; report in {work / 'report'}")
+    print(report.markdown_table(result["rows"], UNIT, title) + report.guarantee_line(result)
+          + report.matched_line(result, UNIT) + report.replay_line(result))
+    atomic_write_text(work / "report" / "timing.json", json.dumps(times) + "\n")
+    print("      " + "; ".join(f"{k.replace('_', ' ')}: " + ", ".join(
+        f"{s} {v:.0f}" for s, v in t.items()) for k, t in times.items()))
+    print(f"done in {times['seconds']['total']:.0f} s; report in {work / 'report'}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxroute.durable import atomic_write_text
+from jaxroute.evaluate import describe_guarantee
 
 
 def _fmt(x: float, digits: int) -> str:
@@ -23,6 +26,15 @@ UNITS = {"flops": "FLOPs ×1e12", "mflops": "FLOPs ×1e6", "usd_cents": "US cent
 
 def cost_unit(cost_model: str) -> str:
     return UNITS[cost_model]
+
+
+def _knob(r: dict[str, Any]) -> str:
+    """The calibrated knob; for a live family, whether its calibration was feasible (else the
+    safest grid point was used)."""
+    knob = _fmt_g(r.get("threshold", float("nan")))
+    if "calibration_feasible" not in r:
+        return knob
+    return knob + (" (feasible)" if r["calibration_feasible"] else " (infeasible: safest)")
 
 
 def markdown_table(rows: list[dict[str, Any]], cost_unit: str, title: str) -> str:
@@ -44,7 +56,7 @@ def markdown_table(rows: list[dict[str, Any]], cost_unit: str, title: str) -> st
             f"| {_fmt(r['acc_per_cost'], 2)} | {_fmt(r.get('scorer_cost'), 3)} "
             f"| {r['coverage']:.3f} [{lo:.3f}, {hi:.3f}] "
             f"| {_fmt(r['escalation_rate'], 2)} | {_fmt(r['mean_escalation_step'], 2)} "
-            f"| {_fmt_g(r.get('threshold', float('nan')))} |")
+            f"| {_knob(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -59,53 +71,110 @@ def matched_line(result: dict[str, Any], cost_unit: str) -> str:
             "curves need: " + ", ".join(parts) + " (lower convex hull; – where out of reach).\n")
 
 
+def guarantee_line(result: dict[str, Any]) -> str:
+    """Which guarantee every calibrated row of the table meets (decision 88)."""
+    g = result.get("guarantee")
+    if not g:
+        return ""
+    n = g.get("calibration_problems")
+    return (f"\nGuarantee of every calibrated row: {describe_guarantee(g)}"
+            + (f", calibrated on {n} problems" if n else "")
+            + " (`evaluate.conformal_choice`, one rule for every method).\n")
+
+
+def replay_line(result: dict[str, Any]) -> str:
+    """The exported router live against its replay on the trace trees (decision 87)."""
+    rep = result.get("replay")
+    if not rep:
+        return ""
+    causes = "; ".join(f"{d['problem_id']}: {d['cause']}" for d in rep["disagreements"][:5])
+    more = len(rep["disagreements"]) - 5
+    return (f"\nOffline replay vs live (the exported router on the test split, coupled samples): "
+            f"{rep['identical']}/{rep['problems']} problems identical (same verdict and cost)"
+            + (f" — disagreements: {causes}" + (f" and {more} more" if more > 0 else "")
+               if causes else "") + ".\n")
+
+
 def write_report(out: Path, result: dict[str, Any], cost_unit: str, title: str,
                  config: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(result["rows"], cost_unit, title) + matched_line(result, cost_unit)
+    md = (markdown_table(result["rows"], cost_unit, title) + guarantee_line(result)
+          + matched_line(result, cost_unit) + replay_line(result))
     atomic_write_text(out / "table.md", md)
     atomic_write_text(out / "table.json", json.dumps(result, indent=2, default=float) + "\n")
     atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     plot(out / "accuracy_cost.png", result, cost_unit, title)
 
 
+MARKERS = ("o", "s", "D", "^", "v", "<", ">", "P", "X", "*", "h", "p", "8", "d", "H")
+# Kelly's colours of maximum contrast (without white and black): 20 distinct ones.
+COLOURS = ("#0067A5", "#F38400", "#008856", "#BE0032", "#875692", "#848482", "#F3C300",
+           "#A1CAF1", "#882D17", "#8DB600", "#E68FAC", "#604E97", "#F99379", "#2B3D26",
+           "#C2B280", "#B3446C", "#DCD300", "#654522", "#E25822", "#F6A600")
+
+
 def plot(path: Path, result: dict[str, Any], cost_unit: str, title: str) -> None:
-    """Cost against test coverage: every method at its calibrated guarantee (one marker per
-    row), each thresholded method's whole test curve, and for the per-step methods a second,
-    hollow marker that adds their scorer compute (what a user pays for it)."""
+    """Cost against test coverage, twice: the whole picture on a log cost axis (a
+    scorer-inclusive point ten times the rest leaves every other point readable), and a linear
+    zoom on the calibrated points near 1 − α, where most methods sit. Each row is its own colour
+    and marker at its calibrated point (black edge); a thresholded method's whole test curve is
+    a thin line in its colour; a per-step method's generation + scorer compute is a second,
+    hollow marker joined by a dotted line and labelled as such. The legend sits outside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for curve in result["curves"].values():
-        if not curve or "coverage" not in curve[0]:
-            continue
-        pts = sorted((p["coverage"], p["cost"]) for p in curve)
-        ax.plot([c for c, _ in pts], [k for _, k in pts], lw=0.8, alpha=0.6)
-    markers = {"oracle": "*", "single model": "s", "reference": "D", "router": "o"}
-    for r in result["rows"]:
-        mk = markers.get(r.get("kind"), "^" if r.get("external") == "yes" else "o")
-        sc = ax.scatter([r["coverage"]], [r["cost"]], marker=mk, s=50, zorder=3,
-                        edgecolor="black", linewidth=0.5, label=r["method"])
-        extra = r.get("scorer_cost")
-        if extra and extra == extra and extra > 0:
-            ax.scatter([r["coverage"]], [r["cost"] + extra], marker=mk, s=50, zorder=3,
-                       facecolor="none", edgecolor=sc.get_facecolor()[0])
-            ax.plot([r["coverage"]] * 2, [r["cost"], r["cost"] + extra], lw=0.6, ls=":",
-                    color=sc.get_facecolor()[0])
+    rows = result["rows"]
+    style = {r["method"]: (COLOURS[i % len(COLOURS)], MARKERS[i % len(MARKERS)])
+             for i, r in enumerate(rows)}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.6), dpi=110, width_ratios=(1.25, 1))
     alpha = result.get("alpha")
-    if alpha:
-        ax.axvline(1 - alpha, color="grey", lw=0.6, ls="--", label=f"1 − α = {1 - alpha:g}")
-    ax.set_xlabel("test coverage P(routed right ∨ large wrong)")
-    ax.set_ylabel(f"mean cost per problem ({cost_unit}); hollow: + scorer")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left", ncol=2)
+    for ax in axes:
+        for name, curve in result["curves"].items():
+            if not curve or "coverage" not in curve[0]:
+                continue
+            color = style.get(name, ("grey", None))[0]
+            pts = sorted((p["coverage"], p["cost"]) for p in curve if p["cost"] > 0)
+            ax.plot([c for c, _ in pts], [k for _, k in pts], lw=0.9, alpha=0.5, color=color)
+        for r in rows:
+            color, mk = style[r["method"]]
+            ax.scatter([r["coverage"]], [r["cost"]], marker=mk, s=70, zorder=3, color=color,
+                       edgecolor="black", linewidth=0.6, label=r["method"])
+            extra = r.get("scorer_cost")
+            if extra and extra == extra and extra > 0:
+                total = r["cost"] + extra
+                ax.scatter([r["coverage"]], [total], marker=mk, s=70, zorder=3,
+                           facecolor="none", edgecolor=color, linewidth=1.4,
+                           label=f"{r['method']}: + scorer compute")
+                ax.plot([r["coverage"]] * 2, [r["cost"], total], lw=0.9, ls=":", color=color)
+        if alpha:
+            ax.axvline(1 - alpha, color="grey", lw=0.8, ls="--", label=f"1 − α = {1 - alpha:g}")
+        ax.set_xlabel("test coverage P(routed right ∨ large wrong)")
+        ax.grid(alpha=0.3, which="both")
+    full, zoom = axes
+    full.set_yscale("log")
+    full.set_ylabel(f"mean cost per problem ({cost_unit})")
+    full.set_title("all methods (log cost axis)", fontsize=9)
+    # The zoom frames the routers, baselines and references near 1 − α (the dense cluster);
+    # oracles and per-step methods far from it stay readable on the left.
+    near = [r for r in rows if (alpha is None or r["coverage"] >= 1 - alpha - 0.03)
+            and r.get("kind") != "oracle" and r.get("external") != "yes"]
+    if near:
+        lo_c = min(r["coverage"] for r in near)
+        costs = [r["cost"] for r in near]
+        pad = 0.06 * (max(costs) - min(costs) or 1.0)
+        zoom.set_xlim(lo_c - 0.004, 1.003)
+        zoom.set_ylim(min(costs) - pad, max(costs) + pad)
+    zoom.set_title("zoom on the cluster near 1 − α (linear cost axis)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    handles, labels = full.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.93),
+               title="filled: calibrated point; hollow: + scorer; lines: test curves",
+               title_fontsize=7)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
 
@@ -214,3 +283,64 @@ def ablation_columns(rows: list[dict]) -> tuple[list[str], list[list]]:
                     f"{base['method']} {base['cost_large']:.3f}" if base else "–"]
                    + [cell(sel.get(v)) for v in variants])
     return cols, out
+
+
+# -- the validity benchmark -------------------------------------------------------------------------
+
+
+def validity_columns(records: list[dict]) -> tuple[list[str], list[list]]:
+    """One row per (world, α, method): each guarantee's mean test miscoverage (± Monte-Carlo
+    standard error), share of re-splits with miscoverage ≤ α, cost / large-only, whether it
+    holds, and the price of PAC (its cost over the marginal one's)."""
+    by = {(r["world"], r["alpha"], r["method"], r["guarantee"]): r for r in records}
+    order = {m: i for i, m in enumerate(SHORT)}
+    keys = sorted({k[:3] for k in by}, key=lambda k: (k[0], k[1], order.get(k[2], 99)))
+    cols = ["world", "α", "method", "marginal: mean miss.", "share ≤ α", "cost / large",
+            "holds", "PAC: mean miss.", "share ≤ α (≥ 1−δ)", "cost / large", "holds",
+            "PAC price"]
+    rows = []
+    for w, a, m in keys:
+        line = [w, a, SHORT.get(m, m)]
+        got = [by.get((w, a, m, g)) for g in ("marginal", "pac")]
+        for r in got:
+            if r is None:
+                line += ["–"] * 4
+                continue
+            line += [f"{r['mean_miscoverage']:.4f} ± {r['mc_error']:.4f}",
+                     f"{r['share_within']:.3f}", f"{r['cost_large']:.3f}",
+                     "yes" if r["holds"] else "**no**"]
+        line.append(f"{got[1]['cost'] / got[0]['cost']:.3f}×" if all(got) and got[0]["cost"]
+                    else "–")
+        rows.append(line)
+    return cols, rows
+
+
+def validity_notes(records: list[dict], delta: float, calibration: int, resplits: int,
+                   sizes: tuple[int, ...], minutes: float) -> str:
+    """What the table checks, how many cells hold, and every cell that does not."""
+    def held(g):
+        rs = [r for r in records if r["guarantee"] == g]
+        return sum(r["holds"] for r in rs), len(rs), [r for r in rs if not r["holds"]]
+
+    (m_ok, m_n, m_bad), (p_ok, p_n, p_bad) = held("marginal"), held("pac")
+    noise = max((r["test_noise"] for r in records), default=float("nan"))
+    price = [r_p["cost"] / r_m["cost"] for r_m in records if r_m["guarantee"] == "marginal"
+             for r_p in records if r_p["guarantee"] == "pac" and r_p["world"] == r_m["world"]
+             and r_p["alpha"] == r_m["alpha"] and r_p["method"] == r_m["method"]
+             and r_m["cost"] > 0]
+    bad = "; ".join(f"{r['guarantee']} {SHORT.get(r['method'], r['method'])} on {r['world']} "
+                    f"α={r['alpha']} (mean {r['mean_miscoverage']:.4f}, share "
+                    f"{r['share_within']:.3f})" for r in m_bad + p_bad)
+    return (f"Each (world, α): the methods are trained/fitted once on {sizes[0]} train problems; "
+            f"{resplits} random re-splits of the other {sizes[1] + sizes[2]} into "
+            f"{calibration} calibration and the rest test; every knob calibrated by "
+            "`evaluate.conformal_choice` under each guarantee. Marginal holds when the mean "
+            "test miscoverage is ≤ α + 2 Monte-Carlo standard errors; PAC (δ = "
+            f"{delta:g}) when the share of re-splits with miscoverage ≤ α is ≥ 1 − δ − 2 "
+            "binomial standard errors. Test miscoverage estimates each deployed knob's risk "
+            f"within ±{noise:.4f} (2 sd of a test set this size), which also moves the share "
+            f"≤ α. Marginal holds in {m_ok}/{m_n} cells, PAC in {p_ok}/{p_n}. "
+            + (f"Cells that do not hold: {bad}. " if bad else "")
+            + (f"Price of PAC (its cost / the marginal one's): median {np.median(price):.3f}×, "
+               f"range {min(price):.3f}–{max(price):.3f}×. " if price else "")
+            + f"Wall time {minutes:.1f} min.")

@@ -5,7 +5,7 @@
     python -m launch.route --preset=qwen_math --dataset=gsm8k --data_path=../shared/data/gsm8k \\
         --router=runs/gsm8k/router --steer_traces=traces/gsm8k --out=runs/route_gsm8k
 
-Rules: `small`, `large` (one model alone), `router` (an exported TCPO router, eq. 6), `steer`
+Rules: `small`, `large` (one model alone), `router` (an exported router, eq. 6), `steer`
 (STEER's per-step GMMs fitted on the train split of --steer_traces, τ on the 0.1 grid), `rsd`
 (a process reward model), `specreason` (a judge). Thresholded rules are grid-searched on the
 calibration split (0.1 steps) and reported on the test split, with the offline table's
@@ -55,6 +55,8 @@ _API_KEY = flags.DEFINE_string("api_key", None, "Key for OpenAI-style backends a
 _ALPHA = flags.DEFINE_float("alpha", 0.05, "Guarantee every thresholded rule is calibrated "
                             "to (coverage ≥ 1 − α on the calibration split).")
 
+_DELTA = common.define_guarantee_flags()
+
 DEFAULT_TRACES = Path("runs/experiment/traces")  # the main job's trace set (embedded default)
 common.check_flags(alpha=(common.probability, "in (0, 1)"), limit=(common.positive, "≥ 1"),
                    max_steps=(common.positive, "≥ 1"), max_tokens=(common.positive, "≥ 1"),
@@ -79,7 +81,8 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
     if "router" in wanted and _ROUTER.value:
         router = export.load_router(_ROUTER.value, feature_names=features.FEATURE_NAMES,
                                     model_names=[b.name for b in backends])
-        out.append(comparison.LiveMethod("TCPO router (ours, online)", rules.RouterRule(router),
+        name = f"{router.label} (online)"
+        out.append(comparison.LiveMethod(name, rules.RouterRule(router, name=name),
                                          threshold=router.kappa))
     steer_src = _STEER.value or (DEFAULT_TRACES if DEFAULT_TRACES.exists() and
                                  pre.dataset == "tiny" else None)
@@ -132,7 +135,7 @@ def main(argv):
     with answers.AnswerChecker(workers=2) as checker:
         res = comparison.compare_live(methods(backends, pre, cache), cal, test, backends, checker,
                                       cfg, infos, cost_model, alpha=_ALPHA.value,
-                                      seed=_SEED.value,
+                                      delta=_DELTA(), seed=_SEED.value,
                                       large_name=f"model {len(backends) - 1} only")
     requests = [b.summary() for b in backends if hasattr(b, "summary")]
     manifest = trace.Manifest(models=manifest.models, feature_names=manifest.feature_names,

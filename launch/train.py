@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxroute import exact, tcpo, trainer
+from jaxroute import evaluate, exact, tcpo, trainer
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (router, config, checkpoints).")
@@ -37,6 +37,7 @@ _EVENT = flags.DEFINE_enum("coverage_event", None, ["verifier", "outcome", "give
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over in a --workdir that holds "
                                "another run's checkpoints (default: refuse, naming differences).")
 flags.mark_flags_as_required(["workdir"])
+_DELTA = common.define_guarantee_flags()
 common.check_flags(alpha=(common.probability, "in (0, 1)"),
                    iterations=(lambda v: v >= 0, "≥ 0"), seeds=(common.positive, "≥ 1"),
                    batch_size=(lambda v: v >= 0, "≥ 0"), hidden=(common.widths, "widths ≥ 1"),
@@ -58,14 +59,17 @@ def build_config() -> trainer.TrainConfig:
         cfg = tcpo.TCPOConfig(**common_kw, **_given(
             critic_lr=_LR.value, eta0=_KAPPA_STEP.value, softmask_eps=_EPS.value,
             coverage_event=_EVENT.value))
-    return trainer.TrainConfig(cfg, seeds=tuple(range(_SEED.value, _SEED.value + _SEEDS.value)))
+    return trainer.TrainConfig(cfg, seeds=tuple(range(_SEED.value, _SEED.value + _SEEDS.value)),
+                               delta=_DELTA())
 
 
 def run(config: trainer.TrainConfig, workdir: Path):
     manifest, trees, source = common.load_trees()
     res = trainer.train_and_export(trees, manifest, config, workdir, source=source,
                                    cost_model=common.cost_model(), overwrite=_OVERWRITE.value)
-    print(f"κ deployed {res.kappa:.4g} (calibration "
+    g = evaluate.guarantee(config.alpha, config.delta, res.calibration_problems)
+    print(f"κ deployed {res.kappa:.4g} ({evaluate.describe_guarantee(g)}; "
+          f"{res.calibration_problems} calibration problems; calibration "
           f"{'feasible' if res.feasible[0] else 'INFEASIBLE'}); router exported to "
           f"{workdir / 'router'} ({config.to_dict()})")
 

@@ -211,3 +211,45 @@ def test_ltt_threshold_is_pac_and_needs_its_sample_size():
     _, ok_m = cal.ltt_threshold(jnp.zeros((m, 3)), jnp.arange(3.0), alpha, delta)
     assert not bool(ok) and bool(ok_m)
     assert cal.min_calibration_size(0.05) == 19  # (0 + 1)/(n + 1) ≤ 0.05 from n = 19
+
+
+def test_ltt_on_bounded_losses_is_bentkus_and_stays_pac():
+    """Losses in [0, 1] (a problem's average over sampled roots): the p-value is Bentkus' bound
+    (written here with scipy), never below the exact one on the same counts, and the certified
+    κ̂ keeps P(risk > α) ≤ δ over calibration draws."""
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    alpha, delta, n, g = 0.1, 0.1, 150, 9
+    grid = np.arange(g, dtype=np.float64)
+    errors = rng.integers(0, 5, size=(n, g)) / 4.0 * (rng.uniform(size=(n, g)) < 0.2)
+    kappa, ok = cal.ltt_threshold(jnp.asarray(errors, jnp.float32), jnp.asarray(grid), alpha,
+                                  delta, binary=False)
+    env = np.maximum.accumulate(errors, axis=1)
+    want, want_ok = grid[0], False
+    for j in range(g):
+        if min(1.0, np.e * stats.binom.cdf(np.ceil(env[:, j].sum() - 1e-9), n, alpha)) > delta:
+            break
+        want, want_ok = grid[j], True
+    assert bool(ok) == want_ok and float(kappa) == want
+    # On {0, 1} losses the bound certifies no more than the exact test does.
+    binary = np.ceil(errors).astype(np.float32)
+    exact, _ = cal.ltt_threshold(jnp.asarray(binary), jnp.asarray(grid), alpha, delta)
+    bound, _ = cal.ltt_threshold(jnp.asarray(binary), jnp.asarray(grid), alpha, delta,
+                                 binary=False)
+    assert float(bound) <= float(exact)
+    # Validity by simulation: per-problem losses = mean of 4 Bernoulli roots, risk rising in κ.
+    draws, roots = 300, 4
+    risk = np.linspace(0.0, 0.25, 11)
+    u = rng.uniform(size=(draws, n, roots, 1))
+    losses = jnp.asarray((u < risk).mean(axis=2).astype(np.float32))
+    kappas, _ = jax.vmap(lambda e: cal.ltt_threshold(e, jnp.arange(11.0), alpha, delta,
+                                                     binary=False))(losses)
+    true = np.interp(np.asarray(kappas), np.arange(11.0), risk)
+    assert np.mean(true > alpha + 1e-9) <= delta
+    m = cal.min_calibration_size(alpha, delta, binary=False)
+    _, ok_m = cal.ltt_threshold(jnp.zeros((m, 2)), jnp.arange(2.0), alpha, delta, binary=False)
+    _, ok_less = cal.ltt_threshold(jnp.zeros((m - 1, 2)), jnp.arange(2.0), alpha, delta,
+                                   binary=False)
+    assert bool(ok_m) and not bool(ok_less)
+    assert m > cal.min_calibration_size(alpha, delta)

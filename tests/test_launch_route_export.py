@@ -60,3 +60,12 @@ def test_route_cli_runs_rules_and_per_step_baselines_on_loopback(tmp_path):
     manifest, recs = records.read_paths(out / "specreason")
     assert [m.name for m in manifest.models] == ["small", "large"] and len(recs) == 6
     assert "| SpecReason |" in (out / "report" / "table.md").read_text()
+
+
+def test_the_main_job_refuses_a_guarantee_its_calibration_split_cannot_meet(tmp_path):
+    """Before any generation: the numbers are named (decision 88)."""
+    res = _run(["launch.experiment", f"--workdir={tmp_path / 'x'}", "--problems=40,30,30",
+                "--guarantee=pac", "--delta=0.1"])
+    assert res.returncode != 0
+    assert "has 30 problems; a PAC guarantee at α = 0.05, δ = 0.1 needs at least 45" in res.stderr
+    assert not (tmp_path / "x" / "traces").exists()

@@ -342,3 +342,117 @@ def test_a_request_a_backend_refuses_fails_alone(checker):
     for p in PROBLEMS:
         assert by_id[p.problem_id]["status"] == "ok" and "poison" not in json.dumps(
             by_id[p.problem_id])
+
+
+# -- coupled samples on the real JAX engine (decision 87) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coupled(checker, tmp_path_factory):
+    """Trace trees of 24 test problems from the two committed tiny LMs, and what live routing
+    needs to replay them."""
+    import jax
+
+    from generation.tinylm import backend as tiny
+    from generation.tinylm import embedded
+    from jaxroute import networks as nets_lib
+
+    problems, splits = embedded.problems_and_splits({"test": 24}, 3)
+    backends = [tiny.load("small"), tiny.load("large")]
+    out = tmp_path_factory.mktemp("coupled")
+    embedded.make_trace_set(backends, problems, splits, out / "traces", 3, checker)
+    manifest, recs = trace.load_trace_set(out / "traces")
+    trees = trace.pack(manifest, recs, "mflops")
+    # A router that escalates on some steps and not others: a random policy with weights
+    # large enough to be decisive, κ at the median escalation probability of the trees' nodes.
+    nets = nets_lib.make_networks(2, len(manifest.feature_names), (8,))
+    params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(1))
+    params = jax.tree.map(lambda a: a * 4.0, params)
+    feats = np.asarray(trees.features).reshape(-1, trees.features.shape[-1])
+    norm = nets_lib.Normalizer(feats.mean(0), feats.std(0) + 1e-3)
+    probs = np.exp(np.asarray(nets.log_probs(params, norm, feats, np.zeros(len(feats), int))))
+    path = export.export_router(out / "router", nets, params, norm,
+                                float(np.median(probs[:, 1])),
+                                feature_names=manifest.feature_names,
+                                model_names=[m.name for m in manifest.models], alpha=0.05,
+                                hidden=(8,))
+    cfg = online.OnlineConfig(seed=3, **embedded.GEN_CONFIG)
+    return dict(problems=problems, backends=backends, manifest=manifest, recs=recs,
+                trees=trees, router=export.load_router(path), cfg=cfg)
+
+
+def test_large_only_live_is_the_trees_large_only_sample(coupled, checker):
+    c = coupled
+    recs = online.run_online(c["problems"], c["backends"], rules.FixedRule("large", 1), checker,
+                             c["cfg"])
+    tree = {r["problem_id"]: r for r in c["recs"]}
+    for r in recs:
+        solo = tree[r["problem_id"]]["solo"][-1]
+        assert r["correct"] == solo["correct"]
+        assert r["pieces"][0]["cost"]["output_tokens"] == solo["cost"]["output_tokens"]
+    right = {p: t["solo"][-1]["correct"] for p, t in tree.items()}
+    row = evaluate.summarize_records(recs, right, c["manifest"].models, "mflops")
+    assert row["coverage"] == 1.0
+
+
+def test_the_router_live_writes_and_pays_what_its_replay_on_the_trees_says(coupled, checker):
+    c = coupled
+    recs = online.run_online(c["problems"], c["backends"], rules.RouterRule(c["router"]),
+                             checker, c["cfg"])
+    esc = [any(p.get("decision", 0) == 1 for p in r["pieces"]) for r in recs]
+    assert 0 < sum(esc) < len(esc)  # the check covers both escalated and small-only paths
+    agree = comparison.replay_agreement(recs, c["recs"], c["trees"], c["router"],
+                                        c["manifest"].models, "mflops")
+    print(f"offline replay vs live: {agree['identical']}/{agree['problems']} problems identical",
+          agree["disagreements"])
+    assert agree["problems"] == len(c["problems"])
+    assert agree["rate"] >= 0.98
+    # The checker itself sees a difference: another κ replayed against these records disagrees.
+    other = dataclasses.replace(c["router"], kappa=1.0)  # never escalates
+    assert comparison.replay_agreement(recs, c["recs"], c["trees"], other, c["manifest"].models,
+                                       "mflops")["identical"] < len(recs) - sum(esc) // 2
+
+
+def test_a_per_step_rule_that_rejects_every_draft_is_large_only(coupled, checker):
+    c = coupled
+    always = rules.ScoreRule(OffScorer(), 2.0, 2, name="reject all")  # every score < 2
+    recs = online.run_online(c["problems"], c["backends"], always, checker, c["cfg"])
+    tree = {r["problem_id"]: r for r in c["recs"]}
+    same = sum(r["correct"] == tree[r["problem_id"]]["solo"][-1]["correct"] for r in recs)
+    # The large model writing step by step draws the tokens it draws writing the rest at once
+    # (each token keyed by its position), so the answers coincide.
+    assert same == len(recs)
+    for r in recs:
+        kept = [p for p in r["pieces"] if p.get("kept")]
+        assert kept and all(p["model"] == 1 for p in kept)
+
+
+class Refusing:
+    """A backend that must not be called (a resumed comparison has nothing left to run)."""
+
+    def __init__(self, name, params):
+        self.name, self.params = name, params
+
+    def generate(self, requests, *, whole=False, max_tokens=1024):
+        raise AssertionError(f"{self.name} was asked for {len(requests)} requests")
+
+
+def test_a_live_comparison_resumes_from_its_finished_runs(checker, tmp_path):
+    models = [trace.ModelInfo("small", 1e9), trace.ModelInfo("large", 7e9)]
+    cal, test = PROBLEMS[:8], PROBLEMS[8:16]
+    right = {p.problem_id: True for p in PROBLEMS}
+    methods = [comparison.LiveMethod("small", rules.FixedRule("small", 0)),
+               comparison.LiveMethod("RSD", family=lambda d: rules.ScoreRule(OffScorer(), d, 2),
+                                     grid=(1.0, 0.0), external="yes")]
+    kw = dict(alpha=0.2, large_right=right, store=tmp_path / "runs", fingerprint={"v": 1})
+    first = comparison.compare_live(methods, cal, test, _backends(), checker,
+                                    online.OnlineConfig(), models, "flops", **kw)
+    refusing = [Refusing("small", 1e9), Refusing("large", 7e9)]
+    again = comparison.compare_live(methods, cal, test, refusing, checker,
+                                    online.OnlineConfig(), models, "flops", **kw)
+    assert json.dumps(again.rows, default=str) == json.dumps(first.rows, default=str)
+    assert json.dumps(again.curves, default=str) == json.dumps(first.curves, default=str)
+    # Anything the runs depend on changes: they are run again, not reused.
+    with pytest.raises(AssertionError, match="was asked"):
+        comparison.compare_live(methods, cal, test, refusing, checker, online.OnlineConfig(),
+                                models, "flops", **{**kw, "fingerprint": {"v": 2}})

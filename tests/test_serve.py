@@ -556,3 +556,31 @@ def test_connections_without_a_request_head_are_closed_and_capped(backends):
             assert r.choices[0].message.content
     finally:
         service.close()
+
+
+def test_models_and_health_report_the_routers_guarantee(backends, router_dir, tmp_path):
+    """/v1/models and /health say what the served κ promises (decision 88): a router exported
+    with a PAC guarantee reports kind, α, δ and its calibration size; one exported before PAC
+    existed reports the marginal guarantee at its α."""
+    import shutil
+
+    from jaxroute import evaluate
+
+    pac_dir = tmp_path / "pac"
+    shutil.copytree(router_dir, pac_dir)
+    meta = json.loads((pac_dir / "router.json").read_text())
+    meta["guarantee"] = evaluate.guarantee(0.1, 0.05, 150)
+    (pac_dir / "router.json").write_text(json.dumps(meta))
+    for folder, want in ((router_dir, {"kind": "marginal", "alpha": 0.1, "delta": None}),
+                         (pac_dir, {"kind": "pac", "alpha": 0.1, "delta": 0.05,
+                                    "calibration_problems": 150})):
+        router = export.load_router(folder, features.FEATURE_NAMES, NAMES)
+        service = serving.RoutingService(backends, rules.RouterRule(router), models_of(backends),
+                                         CFG)
+        with asgi.BackgroundServer(serving.make_app(service)) as srv:
+            listed = client(srv).models.list().data[0].model_extra["guarantee"]
+            status, _, body = call("GET", srv.base_url.removesuffix("/v1") + "/health")
+        service.close()
+        assert status == 200
+        for got in (listed, json.loads(body)["guarantee"]):
+            assert {k: got[k] for k in want} == want and got["kappa"] == router.kappa

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxroute import evaluate, exact, export, synthetic, tcpo, trace, trainer
+from jaxroute import core, evaluate, exact, export, synthetic, tcpo, trace, trainer
 from jaxroute.core import threshold
 
 
@@ -151,3 +151,52 @@ def test_a_run_records_its_config_and_reexports_the_same_router(tmp_path, trees)
 def test_an_unknown_learner_config_is_refused():
     with pytest.raises(ValueError, match="no learner takes"):
         trainer.TrainConfig(learner=object())
+
+
+def _ltt_plain(errors, alpha, delta):
+    """Learn then Test as a plain loop with scipy (exact for {0, 1} rows, Bentkus otherwise)."""
+    from scipy import stats
+
+    env_ = np.maximum.accumulate(errors, axis=1)
+    binary = np.all((errors == 0) | (errors == 1))
+    idx = -1
+    for j in range(errors.shape[1]):
+        s = env_[:, j].sum()
+        p = stats.binom.cdf(s, len(errors), alpha) if binary else min(
+            1.0, np.e * stats.binom.cdf(np.ceil(s - 1e-4), len(errors), alpha))
+        if p > delta:
+            break
+        idx = j
+    return max(idx, 0), idx >= 0
+
+
+def test_a_pac_run_calibrates_by_learn_then_test_and_records_its_guarantee(tmp_path, trees):
+    from jaxroute import env as env_lib
+
+    manifest, packed = trees
+    cfg = trainer.TrainConfig(exact.ExactConfig(alpha=0.2, iterations=5), seeds=(0,), delta=0.2)
+    res = trainer.train_and_export(packed, manifest, cfg, tmp_path, source="synthetic",
+                                   cost_model="flops", show_progress=False)
+    n = len(packed.split_indices("cal"))
+    router = export.load_router(tmp_path / "router", feature_names=manifest.feature_names)
+    assert router.guarantee == {"kind": "pac", "alpha": 0.2, "delta": 0.2,
+                                "calibration_problems": n}
+    fam = evaluate.router_family(packed, res.log_prob_fn(0))
+    fw = evaluate.walk_family(packed, env_lib.to_device(packed), fam,
+                              env_lib.instances(packed, packed.split_indices("cal")))
+    idx, ok = _ltt_plain(fw.cal_errors, 0.2, 0.2)
+    assert ok and res.feasible[0] and res.kappas[0] == pytest.approx(fam.grid[idx])
+    assert trainer.config_from_dict(trainer.TrainConfig.to_dict(cfg)) == cfg
+
+
+def test_a_guarantee_the_calibration_split_cannot_meet_stops_before_training(trees):
+    from jaxroute.errors import InputError
+
+    _, packed = trees
+    n = len(packed.split_indices("cal"))
+    need = core.min_calibration_size(0.02, 0.001)
+    assert need > n
+    # A million iterations: reaching the error at all shows nothing was trained first.
+    cfg = trainer.TrainConfig(exact.ExactConfig(alpha=0.02, iterations=10**6), delta=0.001)
+    with pytest.raises(InputError, match=f"has {n} problems.*needs at least {need}"):
+        trainer.train(packed, cfg)

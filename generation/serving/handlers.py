@@ -150,18 +150,26 @@ def _served(parts: Parts, live, tr: dict, t0: float, rid: str, endpoint: str) ->
                          "steps": len(live.pieces)}))
 
 
+def _guarantee(parts: Parts) -> dict | None:
+    """What the served router's κ promises (guarantee kind, α, δ, calibration size; decision
+    88); None when a fixed rule is served."""
+    router = getattr(parts.service.rule, "router", None)
+    return None if router is None else {**router.guarantee, "kappa": router.kappa}
+
+
 async def models(request: Request):
     parts = _parts(request)
     return JSONResponse({"object": "list", "data": [
         {"id": parts.config.model_name, "object": "model", "created": 0, "owned_by": "jaxroute",
-         "upstreams": [m.name for m in parts.service.models]}]})
+         "upstreams": [m.name for m in parts.service.models],
+         "guarantee": _guarantee(parts)}]})
 
 
 async def health(request: Request):
     parts = _parts(request)
     draining = parts.admission.draining
     body = {"status": "draining" if draining else "ok", "in_flight": parts.admission.in_flight,
-            "rounds": parts.service.stats["rounds"]}
+            "rounds": parts.service.stats["rounds"], "guarantee": _guarantee(parts)}
     return JSONResponse(body, status_code=503 if draining else 200)
 
 

@@ -1,8 +1,10 @@
 """The tiny LMs behind the generation layer's `Backend` interface.
 
-Batched sampling with a KV cache, temperature, stop on "\\n\\n" (the delimiter's tokens stay in
-`token_ids`, as with vLLM), true pre-softmax logits per token (`confidence_kind="max_logit"`,
-so S_os is the real thing), FLOPs from the real parameter count (2N per generated token).
+Batched sampling with a KV cache, temperature (each token drawn with a key folded from the
+request's seed and the token's absolute position, decision 87), stop on "\\n\\n" (the
+delimiter's tokens stay in `token_ids`, as with vLLM), true pre-softmax logits per token
+(`confidence_kind="max_logit"`, so S_os is the real thing), FLOPs from the real parameter
+count (2N per generated token).
 
 Three things keep stepwise generation close to one-shot generation in wall time:
 
@@ -119,7 +121,7 @@ class DecodeState(NamedTuple):
     pos: jax.Array  # [R] position the next token is written to
     prev: jax.Array  # [R] previously sampled token in this call (-1 at a call's start)
     budget: jax.Array  # [R] new tokens this row may still generate
-    keys: jax.Array  # [R, 2] PRNG keys
+    keys: jax.Array  # [R, 2] PRNG key of each row's sample stream (folded with the position)
     done: jax.Array  # [R] bool
 
 
@@ -178,7 +180,9 @@ class TinyLMBackend:
         def body(c):
             i, s, n, outs = c
             out_tok, out_z, out_lp, out_top, out_toplp = outs
-            keys, sub = jax.vmap(jax.random.split, out_axes=1)(s.keys)
+            # The token's randomness is (row seed, absolute position): the same prefix gets the
+            # same token whether the call writes one step or the rest (decision 87).
+            sub = jax.vmap(jax.random.fold_in)(s.keys, s.pos)
             logits = s.logits
             if self.temperature == 0:  # greedy (a real engine's temperature 0)
                 t = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -203,7 +207,7 @@ class TinyLMBackend:
             s = DecodeState(jnp.where(live[:, None], logits, s.logits),
                             tuple(caches),  # a done row rewrites its own frozen pos: harmless
                             jnp.where(live, s.pos + 1, s.pos), jnp.where(live, t, s.prev),
-                            s.budget - live, keys, s.done | (live & stop))
+                            s.budget - live, s.keys, s.done | (live & stop))
             return i + 1, s, n, (out_tok, out_z, out_lp, out_top, out_toplp)
 
         _, s, n, outs = jax.lax.while_loop(cond, body, (0, s, jnp.zeros(b, jnp.int32), outs))

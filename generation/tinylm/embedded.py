@@ -96,14 +96,15 @@ def models(engine: str, work: Path, seed: int = 0):
 
 
 def live_methods(router, backends, prm, judge) -> list[comparison.LiveMethod]:
-    """The main job's live rows: the large model sampled afresh (its coverage against the trees'
-    R_M is < 1: two samples of one model disagree — the level to read the others against), the
-    exported router, and RSD (`prm`) / SpecReason (`judge`) on the paper's 0.1 grid."""
+    """The main job's live rows: the large model alone (with coupled samples it is the trees'
+    R_M sample, so its coverage is 1 by construction — a check, decision 87), the exported
+    router, and RSD (`prm`) / SpecReason (`judge`) on the paper's 0.1 grid."""
     k = len(backends)
-    large = "model 1 only (online, fresh sample)"
+    large = f"model {k - 1} only (online)"
+    seed = (router.meta.get("train_config") or {}).get("seed")
+    name = f"{router.label}, seed {seed} exported (online)"
     out = [comparison.LiveMethod(large, rules.FixedRule(large, k - 1)),
-           comparison.LiveMethod("TCPO router (ours, online)",
-                                 rules.RouterRule(router, name="TCPO router (ours, online)"),
+           comparison.LiveMethod(name, rules.RouterRule(router, name=name),
                                  threshold=router.kappa)]
     for name, scorer in (("RSD", comparison.SharedScorer(prm)),
                          ("SpecReason", comparison.SharedScorer(judge))):
@@ -114,40 +115,51 @@ def live_methods(router, backends, prm, judge) -> list[comparison.LiveMethod]:
     return out
 
 
-def offline_result(trees, manifest, fit, paper, alpha: float, seed: int) -> dict:
+def offline_result(trees, manifest, fit, paper, alpha: float, seed: int,
+                   delta: float | None = None) -> dict:
     """Every method at the same guarantee on the test split (`evaluate.evaluate_all`): the
     routers of `fit` (one row per seed, plus their mean ± sd) and the paper's TCPO `paper`
     (`learner.TrainResult`s)."""
 
-    n = len(fit.seeds)
-    routers = {f"router (ours), seed {s}": fit.log_prob_fn(i) for i, s in enumerate(fit.seeds)}
+    n, label = len(fit.seeds), export.router_label(fit.learner)
+    routers = {f"{label}, seed {s}": fit.log_prob_fn(i) for i, s in enumerate(fit.seeds)}
     routers["TCPO (paper settings)"] = paper.log_prob_fn(0)
-    result = evaluate.evaluate_all(trees, routers, alpha, manifest.feature_names, seed)
+    result = evaluate.evaluate_all(trees, routers, alpha, manifest.feature_names, seed,
+                                   delta=delta)
     result["rows"].insert(n + 2, evaluate.mean_row(
-        [r for r in result["rows"] if r["method"].startswith("router (ours), seed ")],
-        f"router (ours), mean ± sd of {n} seeds"))
+        [r for r in result["rows"] if r["method"].startswith(f"{label}, seed ")],
+        f"{label}, mean ± sd of {n} seeds"))
     result["alpha"] = alpha
     return result
 
 
-def live_result(result: dict, work: Path, manifest, records: list[dict], backends, scorers_,
-                problems, splits: dict[str, str], alpha: float, seed: int, between=None) -> dict:
+def live_result(result: dict, work: Path, manifest, records: list[dict], trees, backends,
+                scorers_, problems, splits: dict[str, str], alpha: float, seed: int,
+                between=None, delta: float | None = None) -> dict:
     """Add the live rows (`live_methods` through `comparison.compare_live`, R_M from the trees)
-    to `result`, and write each method's records to `work/online/<method>`. `scorers_`: (PRM,
-    judge) from `models`. `between` is called after each method (see `compare_live`)."""
+    to `result`, check the exported router's live run against its replay on the trees
+    (`result["replay"]`, decision 87), and write each method's records to
+    `work/online/<method>`. Finished runs are kept in `work/online/runs` (a restart reuses
+    them). `scorers_`: (PRM, judge) from `models`. `between` is called after each method."""
 
     router = export.load_router(work / "router", feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models])
     cal, test = ([p for p in problems if splits[p.problem_id] == s] for s in ("cal", "test"))
+    methods = live_methods(router, backends, *scorers_)
     with AnswerChecker(workers=2) as checker:
         live = comparison.compare_live(
-            live_methods(router, backends, *scorers_), cal, test, backends, checker,
+            methods, cal, test, backends, checker,
             online.OnlineConfig(seed=seed, **GEN_CONFIG), manifest.models, "mflops",
-            alpha=alpha, seed=seed, between=between,
-            large_right={r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in records})
+            alpha=alpha, delta=delta, seed=seed, between=between,
+            large_right={r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in records},
+            store=work / "online" / "runs",
+            fingerprint={"trees": trees.fingerprint(), "router": router.meta.get("kappa"),
+                         "engine": [b.name for b in backends]})
     for name, rs in live.records.items():
         records_lib.write_paths(work / "online" / re.sub(r"[^a-z0-9]+", "_", name.lower()),
                                 manifest, rs)
+    result["replay"] = comparison.replay_agreement(live.records[methods[1].name], records, trees,
+                                                   router, manifest.models, "mflops")
     result["rows"] += live.rows
     result["curves"].update(live.curves)
     first = next(r["method"] for r in result["rows"] if r.get("kind") == "router")

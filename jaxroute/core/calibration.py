@@ -136,22 +136,25 @@ def binomial_cdf(k: jax.Array, n: int, p: float) -> jax.Array:
 
 
 def ltt_threshold(
-    errors: jax.Array, grid: jax.Array, alpha: float, delta: float
+    errors: jax.Array, grid: jax.Array, alpha: float, delta: float, binary: bool = True
 ) -> tuple[jax.Array, jax.Array]:
     """Largest κ on `grid` certified by Learn-then-Test fixed-sequence testing (PAC).
 
-    For each grid value test H_κ: risk(κ) > α with the exact binomial p-value
-    p_κ = P(Binom(n, α) ≤ Σ_i err'_i(κ)) (err' the monotone envelope, as in
-    `conformal_threshold`); walk the grid from the safest value (grid[0]) and stop at the first
-    p_κ > δ. Then P(risk(κ̂) ≤ α) ≥ 1 − δ over the calibration draw (Angelopoulos et al. 2021,
-    "Learn then Test", fixed-sequence testing). Needs n ≥ log δ / log(1 − α)
-    (`min_calibration_size`).
+    For each grid value test H_κ: risk(κ) > α with a binomial p-value on s = Σ_i err'_i(κ)
+    (err' the monotone envelope, as in `conformal_threshold`): exact, P(Binom(n, α) ≤ s), for
+    losses in {0, 1}; Bentkus' bound, min(1, e·P(Binom(n, α) ≤ ⌈s⌉)), for losses in [0, 1]
+    (e.g. a problem's average over several sampled roots). Walk the grid from the safest value
+    (grid[0]) and stop at the first p > δ. Then P(risk(κ̂) ≤ α) ≥ 1 − δ over the calibration draw
+    (Angelopoulos et al. 2021, "Learn then Test", fixed-sequence testing; Bentkus 2004). Needs
+    n ≥ log δ / log(1 − α) for binary losses (`min_calibration_size`).
 
     Args:
-      errors: `[n, G]` in {0, 1}, err_i at each grid value (1 = not covered).
+      errors: `[n, G]`, err_i at each grid value (1 = not covered): in {0, 1} if `binary`,
+        else in [0, 1].
       grid: `[G]` increasing thresholds.
       alpha: target miscoverage.
       delta: allowed probability that the certified κ̂ has risk above α.
+      binary: the losses are {0, 1} (exact p-value) or bounded in [0, 1] (Bentkus).
 
     Returns:
       (κ̂, feasible): if grid[0] is not certified, κ̂ = grid[0] and feasible = False.
@@ -161,7 +164,11 @@ def ltt_threshold(
     chex.assert_equal(errors.shape[1], grid.shape[0])
     n = errors.shape[0]
     counts = jnp.sum(jax.lax.cummax(errors.astype(jnp.float32), axis=1), axis=0)
-    rejected = binomial_cdf(counts, n, alpha) <= delta
+    if binary:
+        p_value = binomial_cdf(counts, n, alpha)
+    else:  # a sum of floats: ceil after a float32-rounding allowance, so 3.0000002 counts 3
+        p_value = jnp.minimum(1.0, jnp.e * binomial_cdf(jnp.ceil(counts - 1e-4), n, alpha))
+    rejected = p_value <= delta
     # Fixed sequence: only the prefix of rejections up to the first acceptance counts.
     prefix = jnp.cumprod(rejected.astype(jnp.int32))
     last = jnp.sum(prefix) - 1
@@ -169,14 +176,15 @@ def ltt_threshold(
     return jnp.where(feasible, grid[jnp.maximum(last, 0)], grid[0]), feasible
 
 
-def min_calibration_size(alpha: float, delta: float | None = None) -> int:
+def min_calibration_size(alpha: float, delta: float | None = None, binary: bool = True) -> int:
     """The smallest calibration set on which a guarantee at α can certify anything: marginal
     (`conformal_threshold`, δ None) needs (0 + 1)/(n + 1) ≤ α; PAC (`ltt_threshold`) needs a
-    zero-error count to reject, (1 − α)^n ≤ δ."""
+    zero-error count to reject, (1 − α)^n ≤ δ (Bentkus, for bounded losses: e(1 − α)^n ≤ δ)."""
     import math
 
     if not 0 < alpha < 1 or (delta is not None and not 0 < delta < 1):
         raise ValueError(f"alpha and delta must be in (0, 1), got {alpha}, {delta}")
     if delta is None:
         return math.ceil(1 / alpha - 1 - 1e-12)
-    return math.ceil(math.log(delta) / math.log1p(-alpha) - 1e-12)
+    target = delta if binary else delta / math.e
+    return math.ceil(math.log(target) / math.log1p(-alpha) - 1e-12)

@@ -1,0 +1,74 @@
+"""Does each guarantee hold as stated? Re-split calibration and test many times, never retrain.
+
+A method's knob is calibrated on n problems and deployed; its *risk* is the miscoverage it
+then has on fresh problems. Over calibration draws the two guarantees promise (decision 88):
+
+- marginal (conformal risk control): E[risk] ≤ α;
+- PAC (Learn then Test at δ): P(risk ≤ α) ≥ 1 − δ.
+
+`pool_outcomes` walks a method's whole knob grid once on a large pool of problems (per-problem
+miscoverage and cost `[P, G]`); `resplit` then draws R random calibration sets of size n from
+the pool, calibrates each by `evaluate.conformal_choice` (all R at once) and measures the chosen
+knob's miscoverage and cost on the rest of the pool (its estimate of the risk; with thousands of
+test problems its own noise is ±2·√(α(1−α)/N_test)). Nothing here trains: the methods are fixed,
+only the calibration draw varies — exactly the randomness the guarantees are about.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from jaxroute import env, evaluate
+from jaxroute.trace import PackedTrees
+
+
+def pool_outcomes(trees: PackedTrees, family: evaluate.Family, problems: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(miscoverage, cost), each `[P, G]` per problem of `problems` (sorted) at every knob value
+    (averages over a problem's sampled roots): miscoverage = routed wrong while the large model
+    is right."""
+    dev = env.to_device(trees)
+    pi, ri = env.instances(trees, np.asarray(problems))
+    correct, cost, _ = evaluate.walk_grid(trees, dev, family, pi, ri)
+    miss = ((~correct) & trees.solo_correct[pi, -1][None]).T.astype(float)
+    return evaluate.per_problem(miss, pi), evaluate.per_problem(cost.T.astype(float), pi)
+
+
+def resplit(errors: np.ndarray, cost: np.ndarray, alpha: float, delta: float | None,
+            calibration: int, resplits: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """R = `resplits` random calibration sets of `calibration` problems from the pool (the rest
+    is the test set each time); per re-split: the knob index chosen, whether calibration was
+    feasible, and the test miscoverage and mean cost at that knob. `[R]` arrays."""
+    p = errors.shape[0]
+    if not 0 < calibration < p:
+        raise ValueError(f"calibration size {calibration} must be in (0, {p})")
+    rng = np.random.default_rng(seed)
+    order = np.stack([rng.permutation(p) for _ in range(resplits)])  # [R, P]
+    cal, test = order[:, :calibration], order[:, calibration:]
+    idx, feasible = evaluate.conformal_choice(errors[cal], alpha, delta)
+    return {"index": idx, "feasible": feasible,
+            "miscoverage": errors[test, idx[:, None]].mean(1),
+            "cost": cost[test, idx[:, None]].mean(1)}
+
+
+def summarize(r: dict[str, np.ndarray], alpha: float, delta: float | None,
+              test_size: int) -> dict[str, Any]:
+    """What each guarantee promises, checked: mean miscoverage with its Monte-Carlo standard
+    error (marginal: ≤ α up to it), the share of re-splits with miscoverage ≤ α (PAC: ≥ 1 − δ up
+    to its binomial standard error), the mean cost and the share of feasible calibrations.
+    `holds` allows two standard errors of the Monte-Carlo draw."""
+    miss, n = r["miscoverage"], len(r["miscoverage"])
+    mc = float(miss.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    share = float(np.mean(miss <= alpha))
+    if delta is None:
+        holds = bool(miss.mean() <= alpha + 2 * mc)
+    else:
+        holds = bool(share >= 1 - delta - 2 * math.sqrt(delta * (1 - delta) / n))
+    return {"mean_miscoverage": float(miss.mean()), "mc_error": mc, "share_within": share,
+            "cost": float(r["cost"].mean()), "cost_sd": float(r["cost"].std()),
+            "feasible": float(np.mean(r["feasible"])), "holds": holds, "resplits": n,
+            "test_size": test_size,
+            "test_noise": 2 * math.sqrt(alpha * (1 - alpha) / max(test_size, 1))}

@@ -3,9 +3,13 @@
 One routine for every entry point (`launch.route`, the main job's online stage): R_M comes from
 the trace trees or from a large-only run on the calibration and test problems; fixed rules (one
 model alone, the exported router) run on the test problems; a thresholded family (STEER, RSD,
-SpecReason) runs over its grid on the calibration problems, its threshold is chosen there by
-the one calibration rule of every method (`jaxroute.evaluate.conformal_choice`: coverage
-≥ 1 − α, decision 68), and that point and the whole curve are reported on the test problems.
+SpecReason) runs every grid point on the calibration and test problems in one engine
+(`GridRule`), its threshold is chosen on the calibration problems by the one calibration rule
+of every method (`jaxroute.evaluate.conformal_choice`: coverage ≥ 1 − α, marginal or PAC;
+decisions 68, 88), and that point and the whole curve are reported on the test problems. With
+coupled samples (decision 87) a live run is paired with the trees' R_M, and
+`replay_agreement` checks a router's live run against its replay on the trees. Finished runs can
+be kept in a folder (`store`), so an interrupted comparison resumes.
 """
 
 from __future__ import annotations

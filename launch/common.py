@@ -99,8 +99,9 @@ def release_memory() -> None:
 
 class StageClock:
     """Per stage of a long job: wall seconds, CPU seconds (user + system of this process and of
-    its finished child processes — the answer checkers) and JAX compile seconds (tracing,
-    lowering and XLA compilation, from `jax.monitoring`'s duration events)."""
+    its finished child processes — the answer checkers; a child still running at the mark,
+    such as a vLLM engine core, is not counted, `/usr/bin/time` is) and JAX compile seconds
+    (tracing, lowering and XLA compilation, from `jax.monitoring`'s duration events)."""
 
     def __init__(self):
         from jax import monitoring

@@ -114,7 +114,9 @@ def main_job(runs: Path, folder: str = "experiment", command: str = MAIN_COMMAND
     if mem:  # the performance targets: ≤ 5 minutes, ≤ 450 CPU-seconds, ≤ 2 GB
         timing += " (target ≤ 300 s)"
         if cfg.get("cpu_seconds"):
-            timing += ("; CPU-seconds (user + system, answer-check workers included): "
+            workers = ("answer-check workers included; vLLM's engine-core processes not"
+                       if cfg.get("engine") == "vllm" else "answer-check workers included")
+            timing += (f"; CPU-seconds (user + system, {workers}): "
                        + ", ".join(f"{k} {v:.0f}" for k, v in cfg["cpu_seconds"].items())
                        + " (target ≤ 450); of the wall time, JAX compilation: "
                        + ", ".join(f"{k} {v:.0f} s" for k, v in
@@ -153,7 +155,11 @@ def engines_side_by_side(runs: Path) -> str | None:
             "models. Rows that only replay the trees (single models, oracles) differ by that "
             "sampling; calibrated rows differ more, because κ is chosen on each engine's own "
             "calibration split: read them against each row's coverage interval in the tables "
-            "above (the ± here is only the spread over training seeds).\n\n"
+            "above (the ± here is only the spread over training seeds). Within each engine the "
+            "live rows are paired with the trees (decision 87): large-only online covers 1 "
+            "and the exported router online equals its offline row on both; RSD's and "
+            "SpecReason's per-step large-model requests pair only on the JAX engine (position-"
+            "keyed tokens), so on vLLM their coverage is against an unpaired sample of R_M.\n\n"
             + table(["method", "Acc (JAX)", "Acc (vLLM)", "Cost (JAX)", "Cost (vLLM)",
                      "Coverage (JAX)", "Coverage (vLLM)"], rows))
 

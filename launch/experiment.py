@@ -81,9 +81,11 @@ def run(work: Path, seed: int, alpha: float, delta: float | None = None) -> None
     sizes = dict(zip(embedded.SPLIT_NAMES, map(int, _N.value), strict=True))
     # An impossible guarantee stops here, before any generation or training (decision 88).
     evaluate.check_calibration_size(sizes["cal"], alpha, delta, where="--problems' cal count")
+    pac_delta = delta if delta is not None else 0.1
     print(f"      guarantee: {evaluate.describe_guarantee(evaluate.guarantee(alpha, delta))}; "
-          f"{sizes['cal']} calibration problems (the least it can certify anything on: "
-          f"{core.min_calibration_size(alpha, delta)})")
+          f"{sizes['cal']} calibration problems (the least on which anything can be certified "
+          f"at α = {alpha:g}: marginal {core.min_calibration_size(alpha)}, PAC at δ = "
+          f"{pac_delta:g} {core.min_calibration_size(alpha, pac_delta)})")
     problems, splits = embedded.problems_and_splits(sizes, seed)
     backends, *scorers = embedded.models(_ENGINE.value, work, seed)
     print(f"[1/5] trace trees: {len(problems)} problems, models "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxroute import evaluate, exact, tcpo, trainer
+from jaxroute import core, evaluate, exact, tcpo, trainer
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (router, config, checkpoints).")
@@ -65,6 +65,11 @@ def build_config() -> trainer.TrainConfig:
 
 def run(config: trainer.TrainConfig, workdir: Path):
     manifest, trees, source = common.load_trees()
+    pac_delta = config.delta if config.delta is not None else 0.1
+    print(f"calibration split: {len(trees.split_indices('cal'))} problems; the least on which "
+          f"anything can be certified at α = {config.alpha:g}: marginal "
+          f"{core.min_calibration_size(config.alpha)}, PAC at δ = {pac_delta:g} "
+          f"{core.min_calibration_size(config.alpha, pac_delta)}")
     res = trainer.train_and_export(trees, manifest, config, workdir, source=source,
                                    cost_model=common.cost_model(), overwrite=_OVERWRITE.value)
     g = evaluate.guarantee(config.alpha, config.delta, res.calibration_problems)

@@ -239,7 +239,7 @@ def test_ltt_on_bounded_losses_is_bentkus_and_stays_pac():
                                  binary=False)
     assert float(bound) <= float(exact)
     # Validity by simulation: per-problem losses = mean of 4 Bernoulli roots, risk rising in κ.
-    draws, roots = 300, 4
+    draws, roots = 150, 4
     risk = np.linspace(0.0, 0.25, 11)
     u = rng.uniform(size=(draws, n, roots, 1))
     losses = jnp.asarray((u < risk).mean(axis=2).astype(np.float32))

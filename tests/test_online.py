@@ -349,7 +349,7 @@ def test_a_request_a_backend_refuses_fails_alone(checker):
 
 @pytest.fixture(scope="module")
 def coupled(checker, tmp_path_factory):
-    """Trace trees of 24 test problems from the two committed tiny LMs, and what live routing
+    """Trace trees of 16 test problems from the two committed tiny LMs, and what live routing
     needs to replay them."""
     import jax
 
@@ -357,7 +357,7 @@ def coupled(checker, tmp_path_factory):
     from generation.tinylm import embedded
     from jaxroute import networks as nets_lib
 
-    problems, splits = embedded.problems_and_splits({"test": 24}, 3)
+    problems, splits = embedded.problems_and_splits({"test": 16}, 3)
     backends = [tiny.load("small"), tiny.load("large")]
     out = tmp_path_factory.mktemp("coupled")
     embedded.make_trace_set(backends, problems, splits, out / "traces", 3, checker)

@@ -39,7 +39,7 @@ def test_both_guarantees_hold_as_stated_on_a_pool_of_known_risk():
     with the risk read exactly (the pool's per-knob risk is known) and by `summarize`."""
     rng = np.random.default_rng(1)
     risk = np.linspace(0.0, 0.2, 21)
-    errors, cost = _pool(20000, risk, rng)
+    errors, cost = _pool(10000, risk, rng)
     alpha, delta, n, reps = 0.05, 0.1, 200, 300
     for d in (None, delta):
         r = validity.resplit(errors, cost, alpha, d, n, reps, seed=2)

@@ -69,6 +69,7 @@ def test_stochastic_policy_equals_enumeration_over_every_action_assignment(k):
         assert float(e.correct[n]) == pytest.approx(correct, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_exact_trainer_meets_the_train_constraint_and_beats_the_threshold_at_the_guarantee():
     """On an informative synthetic world the trained router reaches the train constraint, its
     seeds agree, and calibrated on cal it is cheaper than the calibrated confidence threshold

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from openai_server import FakeOpenAI
 
 from jaxroute import export, records
@@ -20,6 +21,7 @@ def _run(args, **kw):
     return res
 
 
+@pytest.mark.slow
 def test_export_reexports_a_finished_run_identically(tmp_path):
     work = tmp_path / "run"
     res = _run(["launch.train", "--synthetic=80", "--iterations=5", f"--workdir={work}",

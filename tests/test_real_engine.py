@@ -395,9 +395,15 @@ def test_the_main_job_runs_on_the_vllm_engine(tmp_path):
     work = tmp_path / "experiment"
     _run("launch.experiment", "--engine=vllm", "--problems=40,30,30", "--train_seeds=1",
          "--iterations=10", f"--workdir={work}", timeout=1800)
-    rows = json.loads((work / "report" / "table.json").read_text())["rows"]
-    names = [r["method"] for r in rows]
+    table = json.loads((work / "report" / "table.json").read_text())
+    rows, names = table["rows"], [r["method"] for r in table["rows"]]
     assert "RSD (online, tiny PRM (vLLM pooling))" in names and "model 1 only" in names
+    # Paired samples on vLLM (decision 87): identical requests draw identical tokens, so the
+    # live large-only run is the trees' R_M and the router live replays its offline walk (one
+    # problem of slack for batch-shape numerics near a sampling tie).
+    large = next(r for r in rows if r["method"] == "model 1 only (online)")
+    assert large["coverage"] == 1.0
+    assert table["replay"]["identical"] >= table["replay"]["problems"] - 1, table["replay"]
     assert json.loads((work / "report" / "config.json").read_text())["engine"] == "vllm"
     assert (work / "models" / "small" / "model.safetensors").exists()
 

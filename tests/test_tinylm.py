@@ -22,6 +22,7 @@ def test_task_is_seeded_and_solutions_check_out():
     assert task.check_step("3 + 4 = 8") is False and task.check_step("no maths") is None
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_equals_full_forward():
     tok = Tokenizer()
     cfg = LMConfig(vocab=tok.vocab_size, layers=2, d_model=32, heads=4, max_len=96)

@@ -48,6 +48,7 @@ def test_resume_continues_exactly(tmp_path, trees, name):
         assert np.all(straight.kappa_online != cfg.kappa_init)
 
 
+@pytest.mark.slow
 def test_three_models_train_and_evaluate(tmp_path):
     manifest, problems = synthetic.generate(synthetic.three_model_config(num_problems=120))
     packed = trace.pack(manifest, problems)
@@ -77,6 +78,7 @@ def test_three_models_train_and_evaluate(tmp_path):
         export.load_router(path, feature_names=list(manifest.feature_names)[::-1])
 
 
+@pytest.mark.slow
 def test_learnability_on_an_informative_synthetic_tree():
     """Confidence and difficulty are informative: the paper's TCPO router meets coverage (within
     its CI) at a cost well below large-only."""

@@ -22,7 +22,7 @@ def _tcpo(iterations, **kw):
     return tcpo.TCPOConfig(iterations=iterations, **kw)
 
 
-@pytest.mark.parametrize("name", ["tcpo", "exact"])
+@pytest.mark.parametrize("name", [pytest.param("tcpo", marks=pytest.mark.slow), "exact"])
 def test_resume_continues_exactly(tmp_path, trees, name):
     """Either learner, two seeds at once: a run interrupted after its first chunk and resumed
     (with a longer length) gives the uninterrupted run's numbers."""
@@ -101,6 +101,7 @@ def test_learnability_on_an_informative_synthetic_tree():
     assert router["cost"] < 0.75 * large["cost"]
 
 
+@pytest.mark.slow
 def test_a_workdir_belongs_to_one_run(tmp_path, trees):
     manifest, packed = trees
     cfg = trainer.TrainConfig(_tcpo(20, alpha=0.1), chunk=10)

@@ -2,7 +2,7 @@
 
 Layers (docs/design.md): `jaxroute.core` holds the math kernels and depends only on jax, chex and
 numpy; the other modules of this package (networks, the learner interface and its two learners,
-trace trees, offline environment, baselines, evaluation, export) add flax, optax and orbax. LLM
+the guarantee, trace trees, offline environment, baselines, evaluation, export) add flax, optax and orbax. LLM
 clients live in the `generation` package, entry points in `launch`.
 
 Nothing is imported here, so `import jaxroute.core` stays light; import the submodules you use
@@ -10,21 +10,27 @@ Nothing is imported here, so `import jaxroute.core` stays light; import the subm
 """
 
 __all__ = [
+    "accounting",
     "baselines",
     "core",
     "durable",
     "env",
+    "errors",
     "evaluate",
     "exact",
     "export",
+    "guarantee",
     "learner",
     "networks",
     "records",
     "references",
+    "stats",
     "suite",
     "synthetic",
     "tcpo",
     "trace",
+    "traceset",
     "trainer",
     "types",
+    "validity",
 ]

@@ -15,19 +15,17 @@ Escalations go to the largest model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from jaxroute import env
 from jaxroute.errors import InputError
+from jaxroute.guarantee import Family, quantile_grid, train_nodes
 from jaxroute.trace import PackedTrees
 
 GRID = tuple(round(0.1 * i, 1) for i in range(11))  # the paper's 0.1-step threshold grid
-
-
-def node_mask(trees: PackedTrees) -> np.ndarray:
-    """`[P, S, T]` bool, valid nodes."""
-    return np.arange(trees.step_cost.shape[2])[None, None] < trees.seg_len[..., None]
 
 
 def escalate_where(trees: PackedTrees, flag: np.ndarray) -> np.ndarray:
@@ -95,7 +93,7 @@ class Steer(NamedTuple):
 def fit_steer(trees: PackedTrees, confidence: int, step_index: int,
               max_bucket: int = 10) -> Steer:
     """Fit STEER's per-step mixtures on every valid model-0 step of `trees` (the train split)."""
-    valid = node_mask(trees) & (trees.seg_model[..., None] == 0)
+    valid = env.node_mask(trees) & (trees.seg_model[..., None] == 0)
     x = trees.features[..., confidence][valid]
     b = np.minimum(trees.features[..., step_index][valid].astype(int), max_bucket)
     fits = []
@@ -186,3 +184,44 @@ def oracle_costs(trees: PackedTrees) -> OracleCosts:
     return OracleCosts(cheapest=root_cost + best_any[:, :j_n, 0],
                        cheapest_correct=root_cost + best_cor[:, :j_n, 0],
                        cheapest_is_correct=best_any_ok[:, :j_n, 0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The baselines as families (calibrated by `guarantee.conformal_choice`)
+
+
+def threshold_family(trees: PackedTrees, confidence: int, grid_size: int = 201) -> Family:
+    conf = trees.features[..., confidence][train_nodes(trees)]
+    return Family("confidence threshold",
+                  lambda tau: confidence_threshold(trees, confidence, tau),
+                  quantile_grid(conf, grid_size, descending=True))
+
+
+
+def steer_family(trees: PackedTrees, steer: Steer, grid_size: int = 201) -> Family:
+    post = steer_posterior(steer, trees.features)
+    return Family("STEER", lambda tau: escalate_where(trees, post < tau),
+                  quantile_grid(post[train_nodes(trees)], grid_size, descending=True))
+
+
+
+def random_family(trees: PackedTrees, seed: int, grid_size: int = 101) -> Family:
+    """Escalate at each node with probability p; one uniform draw per node for every p, so the
+    escalation sets are nested in p."""
+    u = np.random.default_rng(seed).random(trees.step_cost.shape)
+    return Family("random escalation", lambda p: escalate_where(trees, u < p),
+                  [float(p) for p in np.linspace(1.0, 0.0, grid_size)])
+
+
+
+def baseline_families(trees: PackedTrees, feature_names: Sequence[str], seed: int = 0
+                      ) -> list[Family]:
+    """Random escalation, the confidence threshold and STEER (fitted on the train split), their
+    features found by name."""
+    names = list(feature_names)
+    fams = [random_family(trees, seed)]
+    if "confidence" in names:
+        fams.append(threshold_family(trees, names.index("confidence")))
+        if "step_index" in names:
+            fams.append(steer_family(trees, fit_steer_on_train(trees, names)))
+    return fams

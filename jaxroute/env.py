@@ -25,6 +25,11 @@ from jaxroute.trace import PackedTrees
 from jaxroute.types import Rollout
 
 
+def node_mask(trees: PackedTrees) -> np.ndarray:
+    """`[P, S, T]` bool, valid nodes."""
+    return np.arange(trees.step_cost.shape[2])[None, None] < trees.seg_len[..., None]
+
+
 class Walk(NamedTuple):
     """What happened on each instance. Decision slots are `[N, H]`, zero/False past the end."""
 

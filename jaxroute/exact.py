@@ -1,22 +1,30 @@
-"""Exact expectations of a stochastic routing policy over trace trees, and the trainer built on them.
+"""The default learner: the paper's CPO step on exact expectations over trace trees
+(decisions 66, 67). Read top to bottom, this file is the whole algorithm:
 
-A trace tree holds every sticky policy's outcome, so for a *stochastic* policy q(a | node) the
-expected cost and the probability of a correct answer are a dynamic programme over the tree —
-no sampling, no importance weights, no critics (decision 66):
+1. **Exact outcomes** (`expected_outcome`). A trace tree holds every sticky policy's outcome, so
+   for a *stochastic* policy q(a | node) the expected cost and the probability of a correct
+   answer are a dynamic programme over the tree — no sampling, no importance weights, no critics:
 
-    V(s, t) = Σ_a q(a | s, t) · [cost of a + V(next node of a)],   C(s, t) likewise with outcomes,
+       V(s, t) = Σ_a q(a | s, t) · [cost of a + V(next node of a)],   C(s, t) likewise,
 
-where "continue" moves to step t+1 of segment s (or ends with the segment's answer after its last
-step), an escalation to the largest model ends in a leaf (its cost and outcome), and an
-escalation to an intermediate model enters that model's segment. Children always have larger
-segment indices than their parents, so one backward pass over segments and steps evaluates every
-node. Both quantities are differentiable in the policy's parameters.
-
-`make_learner` is the default learner (`jaxroute.learner.Learner`, decision 67): it minimises
-E[cost] subject to E[miscoverage] ≤ α on the train split with these exact gradients — by default
-the paper's CPO step (eq. 4, `core.cpo_step`) with g, b and c exact and the trust region on
-KL(π_k ‖ π_θ). The deployed rule is still eq. 6 with κ from the same conformal calibration as
-every other method (decision 68).
+   where "continue" moves to step t+1 of segment s (or ends with the segment's answer after its
+   last step), an escalation to the largest model ends in a leaf (its cost and outcome), and an
+   escalation to an intermediate model enters that model's segment. Children have larger
+   segment indices than their parents, so one backward pass evaluates every node; both
+   quantities are differentiable in the policy's parameters.
+2. **The data** (`prepare`): the whole train split as one batch of instances (problem × root),
+   each problem weighing 1 however many roots it has (the calibration's exchangeable unit).
+3. **Objective and constraint** (`surrogates`): E[cost] / (mean large-only cost) and
+   E[miscoverage] = E[R_M · (1 − P(correct))], exactly, as functions of the flat parameters.
+4. **The CPO step** (`cpo_update`, eq. 4): g = ∇ objective, b = ∇ constraint, c = E[miss] − α,
+   the trust region on KL(π_k ‖ π_θ) averaged over valid nodes (`core.categorical_kl_fvp`), then
+   `core.cpo_step` (dual, direction, line search). `lagrangian_update` is the ablation's
+   alternative (decision 70).
+5. **One iteration** (`update`): draw the batch (the whole split by default) and take the step.
+6. **κ.** The exact learner keeps no online κ (eq. 5 is TCPO's, `jaxroute.tcpo`): the deployed
+   κ of eq. 6 is set after training on the calibration split by the one calibration rule of
+   every method (`learner.calibrate` → `guarantee.conformal_choice`, decision 68).
+7. `make_learner` wires 2–5 into a `learner.Learner`; `learner.fit` runs it for several seeds.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ from jaxroute import networks as nets_lib
 from jaxroute.core import cpo, fisher, threshold
 from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
+
+# ------------------------------------------------------------------------------------------------
+# 1. Exact outcomes of a stochastic policy
 
 
 class Expectation(NamedTuple):
@@ -99,6 +110,10 @@ def expected_outcome(trees: PackedTrees, node_probs: jax.Array, roots: jax.Array
     return Expectation(cost=cost, correct=c[r, roots, 0])
 
 
+# ------------------------------------------------------------------------------------------------
+# Configuration
+
+
 @dataclasses.dataclass(frozen=True)
 class ExactConfig:
     """The exact-gradient learner (decision 67). Defaults chosen on the routing benchmark
@@ -126,6 +141,10 @@ class ExactConfig:
             raise InputError(f"optimizer: 'cpo' or 'lagrangian', got {self.optimizer!r}")
 
 
+# ------------------------------------------------------------------------------------------------
+# 2. The data
+
+
 class Batch(NamedTuple):
     """The train instances, gathered: trees `[N, ...]`, root `[N]`, R_M `[N]`, weight `[N]`."""
 
@@ -145,14 +164,37 @@ class Data(NamedTuple):
     alpha: jax.Array  # () the train constraint: alpha_scale · α
 
 
-class State(NamedTuple):
-    params: dict  # policy parameters
-    opt_state: optax.OptState  # lagrangian: Adam's state (cpo: unused, empty)
-    lam: jax.Array  # () lagrangian: the multiplier (cpo: unused)
+def prepare(trees: PackedTrees, alpha: float, *, alpha_scale: float = 1.0) -> Data:
+    """The train split (`trees`, already the train subset) as one `Batch` — every instance, each
+    problem weighing 1 however many roots it has — with its normaliser, the cost scale and the
+    train constraint α·alpha_scale."""
+    problems, roots = env.instances(trees, np.arange(trees.num_problems))
+    sub = env.gather(env.to_device(trees), jnp.asarray(problems))
+    _, inv, counts = np.unique(problems, return_inverse=True, return_counts=True)
+    full = Batch(sub, jnp.asarray(roots), jnp.asarray(trees.solo_correct[problems, -1],
+                                                      jnp.float32),
+                 jnp.asarray(1.0 / counts[inv], jnp.float32))
+    cost_scale = float(np.mean(trees.solo_cost[:, -1])) or 1.0
+    return Data(full, learner.fit_normalizer(trees), jnp.float32(cost_scale),
+                jnp.float32(alpha * alpha_scale))
 
 
-def _surrogates(networks, normalizer, unravel, batch: Batch, cost_scale):
-    """flat θ ↦ (E[cost] / cost_scale, E[miscoverage]) over the batch, exactly."""
+def sample_batch(full: Batch, key: jax.Array, batch_size: int) -> Batch:
+    """`batch_size` instances drawn without replacement (0 or ≥ N: the whole split)."""
+    n = full.roots.shape[0]
+    if not batch_size or batch_size >= n:
+        return full
+    pick = jax.random.choice(key, n, (batch_size,), replace=False)
+    return jax.tree.map(lambda a: a[pick], full)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Objective and constraint
+
+
+def surrogates(networks, normalizer, unravel, batch: Batch, cost_scale):
+    """(logits_of, surrogates, valid): flat θ ↦ node logits, flat θ ↦ (E[cost] / cost_scale,
+    E[miscoverage]) over the batch, exactly, and the valid-action mask `[N, S, T, K]`."""
     sub = batch.sub
     model = jnp.broadcast_to(sub.seg_model[..., None], sub.step_cost.shape)
     valid = threshold.valid_actions(model, networks.num_models)
@@ -161,13 +203,17 @@ def _surrogates(networks, normalizer, unravel, batch: Batch, cost_scale):
     def logits_of(flat):
         return networks.logits(unravel(flat), normalizer, sub.features, model)
 
-    def surrogates(flat):
+    def objective_and_constraint(flat):
         q = jnp.exp(threshold.masked_log_softmax(logits_of(flat), valid)) * valid
         e = expected_outcome(sub, q, batch.roots)
         return (jnp.sum(w * e.cost) / cost_scale,
                 jnp.sum(w * batch.large_right * (1.0 - e.correct)))
 
-    return logits_of, surrogates, valid
+    return logits_of, objective_and_constraint, valid
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The CPO step (eq. 4) on the exact surrogates
 
 
 def cpo_update(networks, normalizer, config: ExactConfig, cost_scale, params, batch: Batch,
@@ -176,12 +222,13 @@ def cpo_update(networks, normalizer, config: ExactConfig, cost_scale, params, ba
     E[cost] and E[miscoverage] — no sampling, no critics — with the trust region on
     KL(π_k ‖ π_θ) averaged over valid nodes (`core.categorical_kl_fvp`, decision 67)."""
     flat_k, unravel = fisher.flatten(params)
-    logits_of, surrogates, valid = _surrogates(networks, normalizer, unravel, batch, cost_scale)
+    logits_of, objective_and_constraint, valid = surrogates(networks, normalizer, unravel, batch,
+                                                            cost_scale)
     sub = batch.sub
     node_valid = jnp.arange(sub.step_cost.shape[2])[None, None] < sub.seg_len[..., None]
-    cost_k, miss_k = surrogates(flat_k)
-    g = jax.grad(lambda f: surrogates(f)[0])(flat_k)
-    b = jax.grad(lambda f: surrogates(f)[1])(flat_k)
+    cost_k, miss_k = objective_and_constraint(flat_k)
+    g = jax.grad(lambda f: objective_and_constraint(f)[0])(flat_k)
+    b = jax.grad(lambda f: objective_and_constraint(f)[1])(flat_k)
     logits_k = logits_of(flat_k)
     logq_k = jax.lax.stop_gradient(threshold.masked_log_softmax(logits_k, valid))
     d = node_valid * batch.weights[:, None, None]
@@ -194,7 +241,8 @@ def cpo_update(networks, normalizer, config: ExactConfig, cost_scale, params, ba
             logq_k, threshold.masked_log_softmax(logits_of(flat), valid)))
 
     step, info = cpo.cpo_step(
-        g, b, miss_k - alpha, fvp, lambda x: (mean_kl(flat_k + x), *surrogates(flat_k + x)),
+        g, b, miss_k - alpha, fvp,
+        lambda x: (mean_kl(flat_k + x), *objective_and_constraint(flat_k + x)),
         max_kl=config.max_kl, damping=config.damping, cg_iters=config.cg_iters,
         objective_old=cost_k, constraint_old=miss_k, constraint_tol=config.constraint_tol * alpha)
     metrics = dict(cost=cost_k, miss=miss_k, case=info.case, accepted=info.accepted, kl=info.kl,
@@ -207,10 +255,11 @@ def lagrangian_update(networks, normalizer, config: ExactConfig, cost_scale, sta
     """The ablation's alternative (decision 70): an Adam step on E[cost] + λ(E[miss] − α) and
     dual ascent on λ."""
     flat, unravel = fisher.flatten(state.params)
-    _, surrogates, _ = _surrogates(networks, normalizer, unravel, batch, cost_scale)
+    _, objective_and_constraint, _ = surrogates(networks, normalizer, unravel, batch,
+                                                cost_scale)
 
     def lagrangian(f):
-        cost, miss = surrogates(f)
+        cost, miss = objective_and_constraint(f)
         return cost + state.lam * (miss - alpha), (cost, miss)
 
     (_, (cost, miss)), grad = jax.value_and_grad(lagrangian, has_aux=True)(flat)
@@ -221,61 +270,62 @@ def lagrangian_update(networks, normalizer, config: ExactConfig, cost_scale, sta
             dict(cost=cost, miss=miss, lam=lam, nonfinite=~jnp.all(jnp.isfinite(grad))))
 
 
-def prepare(trees: PackedTrees, alpha_scale: float, alpha: float) -> Data:
-    """The train split (`trees`, already the train subset) as one `Batch` — every instance, each
-    problem weighing 1 however many roots it has (the calibration's exchangeable unit) — with
-    its normaliser, the cost scale and the train constraint α·alpha_scale."""
-    problems, roots = env.instances(trees, np.arange(trees.num_problems))
-    sub = env.gather(env.to_device(trees), jnp.asarray(problems))
-    _, inv, counts = np.unique(problems, return_inverse=True, return_counts=True)
-    full = Batch(sub, jnp.asarray(roots), jnp.asarray(trees.solo_correct[problems, -1],
-                                                      jnp.float32),
-                 jnp.asarray(1.0 / counts[inv], jnp.float32))
-    cost_scale = float(np.mean(trees.solo_cost[:, -1])) or 1.0
-    return Data(full, learner.fit_normalizer(trees), jnp.float32(cost_scale),
-                jnp.float32(alpha * alpha_scale))
+# ------------------------------------------------------------------------------------------------
+# 5. One iteration
+
+
+class State(NamedTuple):
+    params: dict  # policy parameters
+    opt_state: optax.OptState  # lagrangian: Adam's state (cpo: unused, empty)
+    lam: jax.Array  # () lagrangian: the multiplier (cpo: unused)
+
+    @property
+    def kappa(self) -> jax.Array:
+        """No online κ (item 6 above): nan."""
+        return jnp.float32(jnp.nan)
+
+
+def init(config: ExactConfig, networks, key: jax.Array, data: Data) -> State:
+    del data
+    params, _, _ = nets_lib.init_params(networks, key)
+    opt_state = (optax.adam(config.learning_rate).init(params)
+                 if config.optimizer == "lagrangian" else ())
+    return State(params, opt_state, jnp.float32(1.0))
+
+
+def update(config: ExactConfig, networks, state: State, data: Data, key: jax.Array
+           ) -> tuple[State, dict]:
+    """One iteration: the batch (the whole train split by default), then the CPO step (or the
+    ablation's Lagrangian step)."""
+    batch = sample_batch(data.full, key, config.batch_size)
+    if config.optimizer == "cpo":
+        params, metrics = cpo_update(networks, data.normalizer, config, data.cost_scale,
+                                     state.params, batch, data.alpha)
+        return state._replace(params=params), metrics
+    return lagrangian_update(networks, data.normalizer, config, data.cost_scale, state, batch,
+                             data.alpha)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. As a learner
+
+
+def make_learner(config: ExactConfig, num_models: int, num_features: int) -> learner.Learner:
+    """The exact learner for `config`. α comes with the data and the length is `fit`'s, so
+    configs that differ only in them share one learner — one compiled program."""
+    shape = dataclasses.replace(config, alpha=ExactConfig.alpha,
+                                iterations=ExactConfig.iterations)
+    return _make_learner(shape, num_models, num_features)
 
 
 @functools.lru_cache(maxsize=32)
-def make_learner(config: ExactConfig, num_models: int, num_features: int) -> learner.Learner:
-    """The exact learner for `config` (α comes with the data, so configs that differ only in α
-    share one compiled program — cached)."""
-    # α comes with the data and the length is the loop's: configs that differ only in them
-    # share one learner, so one compiled program.
-    if config.alpha != ExactConfig.alpha or config.iterations != ExactConfig.iterations:
-        return make_learner(dataclasses.replace(config, alpha=ExactConfig.alpha,
-                                                iterations=ExactConfig.iterations),
-                            num_models, num_features)
+def _make_learner(config: ExactConfig, num_models: int, num_features: int) -> learner.Learner:
     networks = nets_lib.make_networks(num_models, num_features, config.hidden)
-    bsz = config.batch_size
-
-    def sample(full: Batch, key):
-        n = full.roots.shape[0]
-        if not bsz or bsz >= n:
-            return full
-        pick = jax.random.choice(key, n, (bsz,), replace=False)
-        return jax.tree.map(lambda a: a[pick], full)
-
-    def init(key, data: Data) -> State:
-        params, _, _ = nets_lib.init_params(networks, key)
-        opt_state = optax.adam(config.learning_rate).init(params) \
-            if config.optimizer == "lagrangian" else ()
-        return State(params, opt_state, jnp.float32(1.0))
-
-    def update(state: State, data: Data, key):
-        batch = sample(data.full, key)
-        if config.optimizer == "cpo":
-            params, metrics = cpo_update(networks, data.normalizer, config, data.cost_scale,
-                                         state.params, batch, data.alpha)
-            return state._replace(params=params), metrics
-        return lagrangian_update(networks, data.normalizer, config, data.cost_scale, state,
-                                 batch, data.alpha)
-
     return learner.Learner(
         name="exact", networks=networks,
-        prepare=lambda trees, alpha: prepare(trees, config.alpha_scale, alpha),
-        init=init, update=update, params=lambda s: s.params,
-        kappa=lambda s: jnp.float32(jnp.nan))
+        prepare=functools.partial(prepare, alpha_scale=config.alpha_scale),
+        init=functools.partial(init, config, networks),
+        update=functools.partial(update, config, networks))
 
 
 def train_objective(trees: PackedTrees, networks, normalizer, params) -> tuple[np.ndarray,

@@ -29,22 +29,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxroute import env, evaluate
+from jaxroute import env, guarantee
 from jaxroute import networks as nets_lib
+from jaxroute.core import threshold
 from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
 
 
 class Learner(NamedTuple):
-    """A routing-policy learner: pure functions over a state pytree (decision 82).
+    """A routing-policy learner: pure functions over a state pytree (decision 82), as small as
+    optax's `GradientTransformation` plus the data it reads.
 
     - `prepare(trees, alpha) -> data`: the train split's packed trees (host) as the pytree of
       device arrays the update reads; `data.normalizer` is the feature normaliser fitted on them.
-    - `init(key, data) -> state`.
+    - `init(key, data) -> state`; a state has `params` (the policy parameters) and `kappa` (the
+      learner's online κ, nan when it keeps none).
     - `update(state, data, key) -> (state, metrics)`: one iteration; metrics are scalars, with
       `nonfinite` (bool) where the iteration saw a non-finite gradient.
-    - `params(state)`: the policy parameters; `kappa(state)`: the learner's online κ (nan when it
-      keeps none).
     """
 
     name: str
@@ -52,8 +53,6 @@ class Learner(NamedTuple):
     prepare: Callable[[PackedTrees, float], Any]
     init: Callable[[jax.Array, Any], Any]
     update: Callable[[Any, Any, jax.Array], tuple[Any, dict]]
-    params: Callable[[Any], Any]
-    kappa: Callable[[Any], jax.Array]
 
 
 class TrainResult(NamedTuple):
@@ -163,8 +162,8 @@ def fit(learner: Learner, trees: PackedTrees, alpha: float, iterations: int,
     hist = {k: np.concatenate([h[k] for h in history], axis=1) for k in history[0]} \
         if history else {}
     return TrainResult(learner.name, learner.networks, data.normalizer,
-                       jax.vmap(learner.params)(states),
-                       np.asarray(jax.vmap(learner.kappa)(states), np.float64), hist,
+                       jax.vmap(lambda s: s.params)(states),
+                       np.asarray(jax.vmap(lambda s: s.kappa)(states), np.float64), hist,
                        tuple(int(s) for s in seeds))
 
 
@@ -205,10 +204,30 @@ def _save(manager, workdir: Path, done: int, states, history) -> None:
             old.unlink(missing_ok=True)
 
 
+def router_family(trees: PackedTrees, log_prob_fn: Callable, name: str = "router (ours)",
+                  grid_size: int = 201) -> guarantee.Family:
+    """Eq. 6 (Γ, `core.route_rule`) with knob κ: κ from 0 (escalate at the first decision) up
+    through quantiles of the policy's escalation scores on train nodes to above their maximum
+    (never escalate)."""
+    dev = env.to_device(trees)
+    sub = env.gather(dev, jnp.arange(trees.num_problems))
+    probs = np.exp(np.asarray(env.node_log_probs(log_prob_fn, sub)))
+    model = np.broadcast_to(trees.seg_model[..., None], trees.step_cost.shape).astype(np.int32)
+    s = threshold.escalation_score(np, probs, model)[guarantee.train_nodes(trees)]
+    top = np.nextafter(np.float32(s.max() if s.size else 1.0), np.float32(2))
+    grid = np.unique(np.concatenate([[0.0], np.quantile(s, np.linspace(0, 1, grid_size))
+                                     if s.size else [], [top]]))
+
+    def actions(kappa):
+        return threshold.route_rule(np, probs, np.float32(kappa), model)
+
+    return guarantee.Family(name, actions, [float(g) for g in grid])
+
+
 def calibrate(result: TrainResult, trees: PackedTrees, alpha: float,
               grid_size: int = 201, delta: float | None = None) -> TrainResult:
     """Each seed's κ on the cal split by the one calibration rule of every method
-    (`evaluate.router_family` + `evaluate.calibrate_family`, decisions 17, 24, 68; PAC at δ,
+    (`router_family` + `guarantee.calibrate_family`, decisions 17, 24, 68; PAC at δ,
     decision 88). An infeasible calibration deploys the safest κ (0: escalate at the first
     decision)."""
     trees.require_splits("cal")
@@ -216,8 +235,8 @@ def calibrate(result: TrainResult, trees: PackedTrees, alpha: float,
     cal = env.instances(trees, trees.split_indices("cal"))
     kappas, feasible = [], []
     for i in range(len(result.seeds)):
-        fam = evaluate.router_family(trees, result.log_prob_fn(i), grid_size=grid_size)
-        idx, ok, _ = evaluate.calibrate_family(trees, dev, fam, cal, alpha, delta)
+        fam = router_family(trees, result.log_prob_fn(i), grid_size=grid_size)
+        idx, ok, _ = guarantee.calibrate_family(trees, dev, fam, cal, alpha, delta)
         kappas.append(float(fam.grid[idx]))
         feasible.append(bool(ok))
     return result._replace(kappas=tuple(kappas), feasible=tuple(feasible),

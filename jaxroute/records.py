@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxroute import trace
+from jaxroute import accounting, trace, traceset
 from jaxroute.durable import atomic_write_text
 
 PATHS = "paths.jsonl"
@@ -33,7 +33,7 @@ def usable(rec: dict) -> bool:
 
 def record_cost(rec: dict, models: Sequence[trace.ModelInfo], cost_model: str) -> float:
     """Generation cost of one problem in `cost_model` units, discarded drafts included."""
-    return float(sum(trace.cost_of(p["cost"], models[p["model"]], cost_model)
+    return float(sum(accounting.cost_of(p["cost"], models[p["model"]], cost_model)
                      for p in rec["pieces"]))
 
 
@@ -42,7 +42,7 @@ def scorer_cost(rec: dict, cost_model: str) -> float:
     c = rec.get("scorer_cost") or {}
     if cost_model == "usd_cents":
         return 100.0 * float(c.get("usd", 0.0))
-    return float(c.get("flops", 0.0)) / trace.FLOP_UNITS[cost_model]
+    return float(c.get("flops", 0.0)) / accounting.FLOP_UNITS[cost_model]
 
 
 def write_paths(folder: Path, manifest: trace.Manifest, records: Sequence[dict]) -> Path:
@@ -57,9 +57,9 @@ def write_paths(folder: Path, manifest: trace.Manifest, records: Sequence[dict])
 
 def read_paths(folder: Path) -> tuple[trace.Manifest, list[dict]]:
     folder = Path(folder)
-    manifest = trace.read_manifest(folder)
+    manifest = traceset.read_manifest(folder)
     out = []
-    for line, rec in trace.read_records(folder / PATHS):
+    for line, rec in traceset.read_records(folder / PATHS):
         where = f"{folder / PATHS}:{line}"
         for key, kind in (("problem_id", str), ("correct", bool), ("pieces", list)):
             if not isinstance(rec.get(key), kind):

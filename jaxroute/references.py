@@ -16,6 +16,7 @@ every method — calibrated on the calibration split by the same conformal rule 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -26,6 +27,7 @@ import optax
 from jaxroute import baselines, env
 from jaxroute import networks as nets_lib
 from jaxroute.errors import InputError
+from jaxroute.guarantee import Family, quantile_grid, train_nodes
 from jaxroute.trace import PackedTrees
 
 
@@ -49,7 +51,7 @@ class RiskModel(NamedTuple):
 def risk_labels(trees: PackedTrees) -> np.ndarray:
     """`[P, S, T]` bool: continuing with the segment's model from this node ends uncovered."""
     large_right = trees.solo_correct[:, -1]
-    return (large_right[:, None] & ~trees.seg_correct)[..., None] & baselines.node_mask(trees)
+    return (large_right[:, None] & ~trees.seg_correct)[..., None] & env.node_mask(trees)
 
 
 def fit_risk_to_go(trees: PackedTrees, *, hidden=(32, 32), steps: int = 400, lr: float = 3e-3,
@@ -57,7 +59,7 @@ def fit_risk_to_go(trees: PackedTrees, *, hidden=(32, 32), steps: int = 400, lr:
     """Logistic MLP on every valid train node (features + current model), each problem weighted
     1 over its nodes; full-batch Adam on the binary cross-entropy."""
     train = trees.subset(trees.split_indices("train"))
-    mask = baselines.node_mask(train)
+    mask = env.node_mask(train)
     model = np.broadcast_to(train.seg_model[..., None], mask.shape)
     x = jnp.asarray(train.features[mask])
     m = jnp.asarray(model[mask])
@@ -139,7 +141,7 @@ def fit_threshold_table(trees: PackedTrees, feature_names, alpha: float, *, leve
     step = _names_index(feature_names, "step_index")
     diff = _names_index(feature_names, "difficulty")
     train = trees.subset(trees.split_indices("train"))
-    valid = baselines.node_mask(train)
+    valid = env.node_mask(train)
     c = train.features[..., conf][valid]
     lv = np.unique(np.concatenate([[-np.inf], np.quantile(c, np.linspace(0, 1, levels - 1)),
                                    [np.inf]]))
@@ -184,3 +186,36 @@ def fit_threshold_table(trees: PackedTrees, feature_names, alpha: float, *, leve
         if not changed:
             break
     return dataclasses.replace(tab, table=table)
+
+
+# ------------------------------------------------------------------------------------------------
+# The references as families (calibrated by `guarantee.conformal_choice`)
+
+
+def risk_family(trees: PackedTrees, seed: int = 0) -> Family:
+    """The risk-to-go classifier reference (decision 69), fitted on train; α-free."""
+    scores = risk_scores(fit_risk_to_go(trees, seed=seed), trees)
+    return Family("risk-to-go classifier (reference)",
+                  lambda tau: baselines.escalate_where(trees, scores >= tau),
+                  quantile_grid(scores[train_nodes(trees)], 201, descending=False))
+
+
+
+def table_family(trees: PackedTrees, feature_names: Sequence[str], alpha: float
+                 ) -> Family | None:
+    """The exact best threshold-table reference at α (decision 69), or None when the trees lack
+    its features (confidence, step index, difficulty)."""
+    names = list(feature_names)
+    if not {"confidence", "step_index", "difficulty"} <= set(names):
+        return None
+    table = fit_threshold_table(trees, names, alpha)
+    shifts = list(range(len(table.levels), -len(table.levels) - 1, -1))
+    return Family("threshold table (reference)", lambda k: table.actions(trees, k), shifts)
+
+
+
+def reference_families(trees: PackedTrees, feature_names: Sequence[str], alpha: float,
+                       seed: int = 0) -> list[Family]:
+    """The reference policies of `jaxroute.references` (decision 69), fitted on train."""
+    table = table_family(trees, feature_names, alpha)
+    return [risk_family(trees, seed)] + ([table] if table is not None else [])

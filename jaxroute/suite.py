@@ -4,7 +4,7 @@ A *world* is a family of trace trees (synthetic families varying the small model
 the confidence feature's quality, K = 2 and K = 3; the embedded tiny-LM trees come from the
 caller, since this package does not generate with language models). For each world, data seed
 and α, every method's knob is calibrated on the calibration split by the one conformal rule
-(`evaluate.conformal_choice`, decision 68) and reported on the test split:
+(`guarantee.conformal_choice`, decision 68) and reported on the test split:
 
 - the router (the exact learner, the default) and the paper-faithful TCPO (batch 5, the paper's
   settings), both trained by `trainer.train`, one row per training seed;
@@ -25,7 +25,20 @@ from typing import Any
 
 import numpy as np
 
-from jaxroute import env, evaluate, exact, synthetic, tcpo, trace, trainer, validity
+from jaxroute import (
+    baselines,
+    env,
+    evaluate,
+    exact,
+    guarantee,
+    learner,
+    references,
+    synthetic,
+    tcpo,
+    trace,
+    trainer,
+    validity,
+)
 
 ROUTER = "router (exact CPO, ours)"
 PAPER = "TCPO (paper settings)"
@@ -117,9 +130,9 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
                     "small_coverage": small_cov, "seconds": seconds})
 
     t0 = time.perf_counter()
-    shared = [evaluate.walk_family(trees, dev, f, cal, test)
-              for f in evaluate.baseline_families(trees, names, data_seed)]
-    shared.append(evaluate.walk_family(trees, dev, evaluate.risk_family(trees, data_seed), cal,
+    shared = [guarantee.walk_family(trees, dev, f, cal, test)
+              for f in baselines.baseline_families(trees, names, data_seed)]
+    shared.append(guarantee.walk_family(trees, dev, references.risk_family(trees, data_seed), cal,
                                        test))  # the α-free reference: fitted and walked once
     log(f"  {world} / data {data_seed}: baselines walked ({time.perf_counter() - t0:.0f} s)")
     for alpha in alphas:
@@ -127,7 +140,7 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
             kind = "reference" if fw.family.name in REFERENCES else "baseline"
             record(alpha, fw.family.name, kind, evaluate.report_family(fw, alpha))
         t1 = time.perf_counter()
-        table = evaluate.table_family(trees, names, alpha)
+        table = references.table_family(trees, names, alpha)
         if table is not None:
             record(alpha, REFERENCES[1], "reference",
                    evaluate.evaluate_family(trees, dev, table, cal, test, alpha),
@@ -141,7 +154,7 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
                 final_calibration=False))
             secs = (time.perf_counter() - t1) / len(train_seeds)
             for i, s in enumerate(train_seeds):
-                fam = evaluate.router_family(trees, res.log_prob_fn(i), name)
+                fam = learner.router_family(trees, res.log_prob_fn(i), name)
                 record(alpha, name, "router" if name == ROUTER else "variant",
                        evaluate.evaluate_family(trees, dev, fam, cal, test, alpha), s, secs)
         if paper:
@@ -149,7 +162,7 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
             res = trainer.train(trees, paper_config(alpha, train_seeds))
             secs = (time.perf_counter() - t1) / len(train_seeds)
             for i, s in enumerate(train_seeds):
-                fam = evaluate.router_family(trees, res.log_prob_fn(i), PAPER)
+                fam = learner.router_family(trees, res.log_prob_fn(i), PAPER)
                 record(alpha, PAPER, "paper", evaluate.evaluate_family(trees, dev, fam, cal, test,
                                                                        alpha), s, secs)
         oracle = evaluate.oracle_summary(trees, pt, rt, alpha)["oracle (coverage 1-α)"]
@@ -174,14 +187,14 @@ def validity_world(world: str, manifest: trace.Manifest, trees: trace.PackedTree
     large = float(np.mean(trees.solo_cost[pool, -1]))
     t0 = time.perf_counter()
     fixed = {f.name: validity.pool_outcomes(trees, f, pool)
-             for f in evaluate.baseline_families(trees, names, seed)}
+             for f in baselines.baseline_families(trees, names, seed)}
     out: list[dict[str, Any]] = []
     for alpha in alphas:
         res = trainer.train(trees, trainer.TrainConfig(
             dataclasses.replace(exact_config or exact.ExactConfig(), alpha=alpha), seeds=(seed,),
             final_calibration=False))
         outcomes = {ROUTER: validity.pool_outcomes(
-            trees, evaluate.router_family(trees, res.log_prob_fn(0), ROUTER), pool), **fixed}
+            trees, learner.router_family(trees, res.log_prob_fn(0), ROUTER), pool), **fixed}
         for method, (errors, cost) in outcomes.items():
             for d in (None, delta):
                 r = validity.resplit(errors, cost, alpha, d, calibration, resplits, seed)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from jaxroute import trace
+from jaxroute import accounting, trace
 from jaxroute.errors import InputError
 from jaxroute.types import Rollout
 
@@ -207,7 +207,7 @@ def iter_problems(cfg: SyntheticConfig) -> Iterator[dict]:
         roots = [gen.segment(0, int(level), u, 0, True, cfg.prompt_tokens)
                  for _ in range(cfg.roots_per_problem)]
         solo = [{"correct": roots[0]["correct"],
-                 "cost": trace.sum_costs(s["cost"] for s in roots[0]["steps"])}]
+                 "cost": accounting.sum_costs(s["cost"] for s in roots[0]["steps"])}]
         for k in range(1, cfg.num_models):
             leaf = gen.solution(k, int(level), u, 0, True, cfg.prompt_tokens)
             solo.append({"correct": leaf["correct"], "cost": leaf["cost"]})

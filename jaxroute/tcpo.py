@@ -108,6 +108,11 @@ class TrainState:
     step: jax.Array  # () int32, iterations done
     normalizer: nets_lib.Normalizer
 
+    @property
+    def params(self) -> dict:
+        """The policy parameters (what `learner.fit` returns)."""
+        return self.policy_params
+
 
 def init_state(
     networks: nets_lib.RouterNetworks,
@@ -419,4 +424,4 @@ def make_learner(config: TCPOConfig, num_models: int, num_features: int) -> lear
     return learner.Learner(
         name="tcpo", networks=networks, prepare=prepare,
         init=lambda key, data: init_state(networks, config, key, data.normalizer),
-        update=update, params=lambda s: s.policy_params, kappa=lambda s: s.kappa)
+        update=update)

@@ -1,6 +1,9 @@
 """Trace trees: recorded generations from which every sticky routing policy's outcome is known.
 
-A *trace set* is a folder with `manifest.json` and `trees.jsonl` (one problem per line).
+A *trace set* is a folder with `manifest.json` and `trees.jsonl` (one problem per line); its files
+are read, written and repaired by `jaxroute.traceset`, and costs are accounted by
+`jaxroute.accounting`. This module is the format: the manifest, the record schema and its
+validation, and the packed array view every learner and evaluation reads (`pack`).
 
 Semantics (decisions 20–22). A *segment* is a run of steps by one model. Decision t
 observes step t of the current segment. "Continue" moves to step t+1 (after the final step it ends
@@ -28,30 +31,21 @@ Costs are kept as FLOPs and token counts; `pack` turns them into one cost unit: 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import itertools
-import json
 import math
-import os
-import re
-import shutil
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxroute.durable import atomic_write_text, whole_json
+from jaxroute.accounting import COST_FIELDS, COST_MODELS, cost_of
 from jaxroute.errors import InputError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TREES = "trees.jsonl"
 SPLITS = ("train", "cal", "test")
-COST_MODELS = ("flops", "mflops", "usd_cents")
-FLOP_UNITS = {"flops": 1e12, "mflops": 1e6}  # FLOPs per unit of each FLOPs cost model
 
 
 # Largest sane values: beyond them a number is corruption, and it would overflow the float32
@@ -122,56 +116,8 @@ class Manifest:
                    synthetic=bool(d.get("synthetic", False)), schema_version=version)
 
 
-def write_trace_set(folder: str | os.PathLike, manifest: Manifest, problems: Iterable[dict]) -> None:
-    """Write a whole trace set atomically (manifest last, so a readable manifest means complete)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    problems = list(problems)
-    for i, p in enumerate(problems):
-        validate_problem(p, manifest, where=f"{folder / TREES}: record {i + 1}")
-    atomic_write_text(folder / TREES,
-                      "".join(json.dumps(p, separators=(",", ":")) + "\n" for p in problems))
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
-
-
 # ------------------------------------------------------------------------------------------------
 # Reading and validation
-
-
-def read_manifest(folder: str | os.PathLike) -> Manifest:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise TraceFormatError(f"{path}: not found (is {folder} a trace set?)")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TraceFormatError(f"{path}: invalid JSON: {e}") from None
-    except UnicodeDecodeError as e:
-        raise TraceFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return Manifest.from_json(d, str(path))
-
-
-def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) from a JSON-lines file, with clear errors."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TraceFormatError(f"{path}: line {n}: not UTF-8 ({e.reason} at byte "
-                                       f"{e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if not line.endswith("\n"):  # a whole last record without its newline is kept
-                    raise TraceFormatError(
-                        f"{path}: line {n}: truncated last line (an interrupted write); run "
-                        f"`python -m launch.repair --traces={Path(path).parent}` or re-run the "
-                        "generator") from None
-                raise TraceFormatError(f"{path}: line {n}: invalid JSON: {e}") from None
-            yield n, rec
 
 
 def _need(d: Any, key: str, kind, where: str):
@@ -194,7 +140,6 @@ def _need(d: Any, key: str, kind, where: str):
 
 
 # The fields every cost record has (`prefill_flops`, where present, is a separate column).
-COST_FIELDS = ("flops", "input_tokens", "cached_input_tokens", "output_tokens")
 
 
 def _check_cost(c: Any, where: str) -> None:
@@ -297,26 +242,6 @@ def problem_errors(p: dict) -> list[str]:
     return out
 
 
-def load_trace_set(folder: str | os.PathLike) -> tuple[Manifest, list[dict]]:
-    """Read and validate a trace set; problems with a non-"ok" root status are kept (reported by
-    `pack` via `PackedTrees.ok`)."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    path = folder / TREES
-    if not path.exists():
-        raise TraceFormatError(f"{path}: not found")
-    problems, seen = [], set()
-    for n, p in read_records(path):
-        validate_problem(p, manifest, where=f"{path}: line {n}")
-        if p["problem_id"] in seen:
-            raise TraceFormatError(f"{path}: line {n}: duplicate problem_id {p['problem_id']!r}")
-        seen.add(p["problem_id"])
-        problems.append(p)
-    if not problems:
-        raise TraceFormatError(f"{path}: no problems")
-    return manifest, problems
-
-
 # ------------------------------------------------------------------------------------------------
 # Packed array view
 
@@ -375,29 +300,6 @@ class PackedTrees(NamedTuple):
 
     def split_indices(self, name: str) -> np.ndarray:
         return np.flatnonzero((self.split == SPLITS.index(name)) & self.ok)
-
-
-def sum_costs(costs, keys: Sequence[str] = COST_FIELDS) -> dict:
-    """Field-wise sum of cost records; `keys` (by default every cost record's fields) are
-    present, 0, even when no record has them. The one way every layer adds costs up."""
-    out: dict = {k: 0.0 if k.endswith("flops") else 0 for k in keys}
-    for c in costs:
-        for k, v in c.items():
-            out[k] = out.get(k, 0) + v
-    return out
-
-
-def cost_of(c: dict, model: ModelInfo, cost_model: str) -> float:
-    """One scalar cost: FLOPs in units of 1e12 ("flops") or 1e6 ("mflops"), or US cents from
-    token counts and prices ("usd_cents")."""
-    if cost_model in FLOP_UNITS:  # "mflops": the embedded tiny models' steps cost ~1e6 FLOPs
-        return c["flops"] / FLOP_UNITS[cost_model]
-    if cost_model == "usd_cents":
-        fresh = c["input_tokens"] - c["cached_input_tokens"]
-        usd = (fresh * model.price_input + c["cached_input_tokens"] * model.price_cached_input
-               + c["output_tokens"] * model.price_output) / 1e6
-        return 100.0 * usd
-    raise ValueError(f"cost_model must be one of {COST_MODELS}, got {cost_model!r}")
 
 
 # Padding of the per-segment arrays (axis 1 = segment, axis 2 = step); see `pack`.
@@ -526,64 +428,3 @@ def spend(manifest: Manifest, problems: Sequence[dict]) -> dict[str, float]:
             "PFLOPs": float(flops.step_cost.sum() + flops.branch_cost.sum()) / 1e3}
 
 
-class RepairRefused(InputError):
-    """`repair` would drop most of a trace set for one reason: a manifest/records mismatch to
-    fix, not damage to repair."""
-
-
-def repair(folder: str | os.PathLike, force: bool = False) -> dict[str, Any]:
-    """Make a damaged trace set loadable again (decision 78), conservatively: keep every record
-    that parses and validates (a whole last record without its newline too); drop a torn last
-    line, invalid records and duplicate problem ids (the first valid record of an id is kept —
-    two writers appended the same problems). When most records fail the same check (an edited
-    manifest, not damage) it refuses, naming the check, unless `force`. The old file is kept
-    as `trees.jsonl.bak` — or `.bak.1`, `.bak.2`, … : a backup is never overwritten — and the
-    repaired one is written atomically. Returns what was kept and dropped."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    path = folder / TREES
-    report: dict[str, Any] = {"kept": 0, "torn_bytes": 0, "invalid": [], "duplicates": [],
-                              "backup": None}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n") and not whole_json(data[data.rfind(b"\n") + 1:]):
-        report["torn_bytes"] = len(data) - (data.rfind(b"\n") + 1)
-        data = data[:data.rfind(b"\n") + 1]
-    keep, seen, reasons = [], set(), collections.Counter()
-    for n, raw in enumerate(data.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-            validate_problem(rec, manifest, where=f"{path}: line {n}")
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            message = str(e).removeprefix(f"{path}: line {n}: ")
-            report["invalid"].append(f"line {n}: {message[:160]}")
-            reasons[_reason(message)] += 1
-            continue
-        if rec["problem_id"] in seen:
-            report["duplicates"].append(f"line {n}: {rec['problem_id']}")
-            continue
-        seen.add(rec["problem_id"])
-        keep.append(raw.decode("utf-8"))
-    if reasons and not force:
-        reason, count = reasons.most_common(1)[0]
-        if count > len(keep):
-            raise RepairRefused(
-                f"{path}: {count} of {count + len(keep) + len(report['duplicates'])} records "
-                f"fail the same check ({reason}); that is a manifest/records mismatch (was "
-                f"{folder / MANIFEST} edited?), not damage — nothing was changed. Fix the "
-                "manifest, or repair with --force to drop them")
-    backup = path.with_name(TREES + ".bak")
-    for i in itertools.count(1):
-        if not backup.exists():
-            break
-        backup = path.with_name(f"{TREES}.bak.{i}")
-    shutil.copyfile(path, backup)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-    report["kept"], report["backup"] = len(keep), str(backup)
-    return report
-
-
-def _reason(message: str) -> str:
-    """A validation message without what varies per record (numbers, quoted ids)."""
-    return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", message))[:120]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from jaxroute import evaluate, exact, export, learner, tcpo
+from jaxroute import exact, export, guarantee, learner, tcpo
 from jaxroute.durable import atomic_write_text, exclusive
 from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
@@ -91,7 +91,7 @@ def train(trees: PackedTrees, config: TrainConfig = TrainConfig(),
     `workdir` when given) and calibrate each κ on the cal split."""
     trees.require_splits(*(("train", "cal") if config.final_calibration else ("train",)))
     if config.final_calibration:  # an impossible guarantee fails before any training
-        evaluate.check_calibration_size(len(trees.split_indices("cal")), config.alpha,
+        guarantee.check_calibration_size(len(trees.split_indices("cal")), config.alpha,
                                         config.delta)
     result = learner.fit(make_learner(config, trees), trees, config.alpha,
                          config.learner.iterations, config.seeds, chunk=config.chunk,
@@ -186,7 +186,7 @@ def export_result(path: Path, result: learner.TrainResult, config: TrainConfig, 
         hidden=config.learner.hidden,
         train_config={"trainer": config.learner_name, **dataclasses.asdict(config.learner),
                       "seed": config.seeds[0]},
-        extra={"guarantee": evaluate.guarantee(config.alpha, config.delta,
+        extra={"guarantee": guarantee.guarantee(config.alpha, config.delta,
                                                result.calibration_problems),
                "kappa_online": float(result.kappa_online[0]),
                "calibration_feasible": bool(result.feasible[0]) if result.feasible else False,

@@ -8,7 +8,7 @@ then has on fresh problems. Over calibration draws the two guarantees promise (d
 
 `pool_outcomes` walks a method's whole knob grid once on a large pool of problems (per-problem
 miscoverage and cost `[P, G]`); `resplit` then draws R random calibration sets of size n from
-the pool, calibrates each by `evaluate.conformal_choice` (all R at once) and measures the chosen
+the pool, calibrates each by `guarantee.conformal_choice` (all R at once) and measures the chosen
 knob's miscoverage and cost on the rest of the pool (its estimate of the risk; with thousands of
 test problems its own noise is ±2·√(α(1−α)/N_test)). Nothing here trains: the methods are fixed,
 only the calibration draw varies — exactly the randomness the guarantees are about.
@@ -21,20 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from jaxroute import env, evaluate
+from jaxroute import env, guarantee, stats
 from jaxroute.trace import PackedTrees
 
 
-def pool_outcomes(trees: PackedTrees, family: evaluate.Family, problems: np.ndarray
+def pool_outcomes(trees: PackedTrees, family: guarantee.Family, problems: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(miscoverage, cost), each `[P, G]` per problem of `problems` (sorted) at every knob value
     (averages over a problem's sampled roots): miscoverage = routed wrong while the large model
     is right."""
     dev = env.to_device(trees)
     pi, ri = env.instances(trees, np.asarray(problems))
-    correct, cost, _ = evaluate.walk_grid(trees, dev, family, pi, ri)
+    correct, cost, _ = guarantee.walk_grid(trees, dev, family, pi, ri)
     miss = ((~correct) & trees.solo_correct[pi, -1][None]).T.astype(float)
-    return evaluate.per_problem(miss, pi), evaluate.per_problem(cost.T.astype(float), pi)
+    return stats.per_problem(miss, pi), stats.per_problem(cost.T.astype(float), pi)
 
 
 def resplit(errors: np.ndarray, cost: np.ndarray, alpha: float, delta: float | None,
@@ -48,7 +48,7 @@ def resplit(errors: np.ndarray, cost: np.ndarray, alpha: float, delta: float | N
     rng = np.random.default_rng(seed)
     order = np.stack([rng.permutation(p) for _ in range(resplits)])  # [R, P]
     cal, test = order[:, :calibration], order[:, calibration:]
-    idx, feasible = evaluate.conformal_choice(errors[cal], alpha, delta)
+    idx, feasible = guarantee.conformal_choice(errors[cal], alpha, delta)
     return {"index": idx, "feasible": feasible,
             "miscoverage": errors[test, idx[:, None]].mean(1),
             "cost": cost[test, idx[:, None]].mean(1)}

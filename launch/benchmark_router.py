@@ -18,10 +18,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from generation import features
-from generation.backend import StepRequest
+from generation.backends.base import StepRequest
 from generation.tinylm import backend as tiny
 from generation.tinylm import task
+from generation.traces import features
 from jaxroute import export
 from jaxroute import networks as nets_lib
 from launch import common

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from absl import flags
 
-from generation import answers
+from generation import main_job
 from generation.tinylm import backend as tiny
-from generation.tinylm import embedded
-from jaxroute import exact, suite, trace
+from generation.traces import answers
+from jaxroute import exact, suite, trace, traceset
 from jaxroute.durable import append_records, atomic_write_text
 from jaxroute.errors import InputError
 from launch import common, report
@@ -65,12 +65,12 @@ def embedded_trees(out: Path, data_seed: int, sizes: tuple[int, int, int] = (400
                    ) -> tuple[trace.Manifest, trace.PackedTrees]:
     """The embedded tiny-LM trees of one data seed (generated once, then read back)."""
     folder = out / f"embedded_traces_seed{data_seed}"
-    problems, splits = embedded.problems_and_splits(
-        dict(zip(embedded.SPLIT_NAMES, sizes, strict=True)), data_seed)
+    problems, splits = main_job.problems_and_splits(
+        dict(zip(main_job.SPLIT_NAMES, sizes, strict=True)), data_seed)
     backends = [tiny.load("small"), tiny.load("large")]
     with answers.AnswerChecker(workers=2) as checker:
-        embedded.make_trace_set(backends, problems, splits, folder, data_seed, checker)
-    manifest, recs = trace.load_trace_set(folder)
+        main_job.make_trace_set(backends, problems, splits, folder, data_seed, checker)
+    manifest, recs = traceset.load_trace_set(folder)
     return manifest, trace.pack(manifest, recs, "mflops")
 
 

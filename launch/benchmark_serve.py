@@ -6,7 +6,7 @@ model alone through the same server stack.
 Starts `python -m launch.serve` as its own process twice — `--rule=router` and `--rule=large`
 (the large tiny model answering every step, through the same engine, HTTP layer and SDK client:
 the ratio is what routing costs or saves) — and drives each with closed-loop clients
-(`generation.loadgen`, the `openai` async SDK) at each concurrency. The router's share of time
+(`generation.serving.loadgen`, the `openai` async SDK) at each concurrency. The router's share of time
 is the server's own count: seconds in router decisions over seconds in engine rounds (a
 request's wall time is the rounds it waits through), from `/metrics`.
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 
 from absl import flags
 
-from generation import loadgen, serving
+from generation import serving
+from generation.serving import loadgen
 from generation.tinylm import task
 from launch import common
 from launch.results import save

@@ -16,12 +16,12 @@ import time
 import numpy as np
 from absl import flags
 
-from generation import features
-from generation.answers import extract_boxed
-from generation.backend import StepRequest
+from generation.backends.base import StepRequest
 from generation.tinylm import backend as tiny
 from generation.tinylm import task
-from jaxroute import evaluate
+from generation.traces import features
+from generation.traces.answers import extract_boxed
+from jaxroute import stats
 from launch import common
 from launch.results import save
 
@@ -95,7 +95,7 @@ def main(argv):
             scores.append(-features.s_os(np.asarray(r.confidence), mask).value)
             labels.append(not ok)
     scores, labels = np.asarray(scores), np.asarray(labels)
-    auc = evaluate.auroc(scores, labels)
+    auc = stats.auroc(scores, labels)
     print(f"S_os as a wrong-step detector: AUROC {auc:.3f} over {len(labels)} "
           f"steps ({labels.mean():.1%} wrong) (target ≥ 0.65)")
     save("tinylm", f"Embedded tiny LMs on {len(test)} test problems of the task",

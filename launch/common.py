@@ -13,7 +13,7 @@ import warnings
 
 from absl import app, flags, logging
 
-from jaxroute import synthetic, trace
+from jaxroute import accounting, synthetic, trace, traceset
 from jaxroute.errors import InputError
 
 _TRACES = flags.DEFINE_string("traces", None, "Trace-set folder (manifest.json + trees.jsonl).")
@@ -22,14 +22,14 @@ _SYNTHETIC = flags.DEFINE_integer(
     "(jaxroute.synthetic; for demos and tests, not real LLM data).")
 _SYNTHETIC_K = flags.DEFINE_integer("synthetic_models", 2, "Models in the synthetic set (2 or 3).")
 _SEED_DATA = flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic trace set.")
-_COST = flags.DEFINE_enum("cost_model", "flops", list(trace.COST_MODELS),
+_COST = flags.DEFINE_enum("cost_model", "flops", list(accounting.COST_MODELS),
                           "Cost unit: FLOPs in 1e12, or US cents from token counts and prices.")
 
 
 def load_trees() -> tuple[trace.Manifest, trace.PackedTrees, str]:
     """(manifest, packed trees, description) from --traces or --synthetic."""
     if _TRACES.value:
-        manifest, problems = trace.load_trace_set(_TRACES.value)
+        manifest, problems = traceset.load_trace_set(_TRACES.value)
         return manifest, trace.pack(manifest, problems, _COST.value), _TRACES.value
     if _SYNTHETIC.value > 0:
         if _SYNTHETIC_K.value == 3:
@@ -147,8 +147,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     (bad flags, configs, files, records — trace, dataset, router errors are kinds of it), fatal
     backend and worker failures, missing or locked files. Any other exception — a bug — keeps
     its traceback."""
-    from generation.answers import WorkerError
-    from generation.openai_backend import FatalBackendError
+    from generation.backends.retry import FatalBackendError
+    from generation.traces.answers import WorkerError
 
     return (InputError, FatalBackendError, WorkerError, flags.ValidationError,
             FileNotFoundError, FileExistsError, PermissionError)

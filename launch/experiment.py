@@ -17,7 +17,7 @@
    replay on the trees says ("offline replay vs live: N/N problems identical") — next to the
    per-step baselines that cannot be replayed: RSD (the stand-in tiny PRM) and SpecReason (the
    stand-in tiny judge), their thresholds calibrated on the paired R_M by the same rule over the
-   0.1 grid, all grid points in one engine (`generation.comparison.compare_live`);
+   0.1 grid, all grid points in one engine (`generation.live.comparison.compare_live`);
 5. writes report/ (table.md, table.json, accuracy_cost.png, config.json with wall, CPU and JAX
    compile seconds and peak resident memory per stage, timing.json).
 Every stage is resumable: re-running continues where it stopped — trace generation at the
@@ -33,9 +33,9 @@ from pathlib import Path
 
 from absl import flags
 
-from generation import answers
-from generation.tinylm import embedded
-from jaxroute import core, evaluate, exact, suite, trace, trainer
+from generation import main_job
+from generation.traces import answers
+from jaxroute import core, exact, guarantee, suite, trace, traceset, trainer
 from jaxroute.durable import atomic_write_text, exclusive
 from launch import common, report
 
@@ -47,7 +47,7 @@ _ITERS = flags.DEFINE_integer("iterations", exact.ExactConfig.iterations,
                               "Router training iterations.")
 _SEEDS = flags.DEFINE_integer("train_seeds", 3, "Routers trained (reported as mean ± sd).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for problems, sampling and the first router.")
-_ENGINE = flags.DEFINE_enum("engine", "jax", list(embedded.ENGINES), "Engine of the tiny LMs: "
+_ENGINE = flags.DEFINE_enum("engine", "jax", list(main_job.ENGINES), "Engine of the tiny LMs: "
                             "jax (built in) or vllm (the same weights exported and run by a real "
                             "vLLM engine; needs the real-engine environment, README).")
 _ONLINE = flags.DEFINE_bool("online", True, "Run the online stage (router live, RSD, SpecReason).")
@@ -78,21 +78,21 @@ def default_workdir(engine: str, delta: float | None) -> str:
 def run(work: Path, seed: int, alpha: float, delta: float | None = None) -> None:
     clock = common.StageClock()
     memory = {}  # peak resident memory after each stage (MB)
-    sizes = dict(zip(embedded.SPLIT_NAMES, map(int, _N.value), strict=True))
+    sizes = dict(zip(main_job.SPLIT_NAMES, map(int, _N.value), strict=True))
     # An impossible guarantee stops here, before any generation or training (decision 88).
-    evaluate.check_calibration_size(sizes["cal"], alpha, delta, where="--problems' cal count")
+    guarantee.check_calibration_size(sizes["cal"], alpha, delta, where="--problems' cal count")
     pac_delta = delta if delta is not None else 0.1
-    print(f"      guarantee: {evaluate.describe_guarantee(evaluate.guarantee(alpha, delta))}; "
+    print(f"      guarantee: {guarantee.describe_guarantee(guarantee.guarantee(alpha, delta))}; "
           f"{sizes['cal']} calibration problems (the least on which anything can be certified "
           f"at α = {alpha:g}: marginal {core.min_calibration_size(alpha)}, PAC at δ = "
           f"{pac_delta:g} {core.min_calibration_size(alpha, pac_delta)})")
-    problems, splits = embedded.problems_and_splits(sizes, seed)
-    backends, *scorers = embedded.models(_ENGINE.value, work, seed)
+    problems, splits = main_job.problems_and_splits(sizes, seed)
+    backends, *scorers = main_job.models(_ENGINE.value, work, seed)
     print(f"[1/5] trace trees: {len(problems)} problems, models "
           f"{[f'{b.name} ({b.params:,.0f} params)' for b in backends]}")
     with answers.AnswerChecker(workers=2) as checker:
-        embedded.make_trace_set(backends, problems, splits, work / "traces", seed, checker)
-    manifest, recs = trace.load_trace_set(work / "traces")
+        main_job.make_trace_set(backends, problems, splits, work / "traces", seed, checker)
+    manifest, recs = traceset.load_trace_set(work / "traces")
     trees = trace.pack(manifest, recs, "mflops")
     clock.mark("traces")
     memory["traces"] = common.peak_rss_mb()
@@ -110,13 +110,13 @@ def run(work: Path, seed: int, alpha: float, delta: float | None = None) -> None
     common.release_memory()
     print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; {clock.mark('train'):.0f} s")
     print("[3/5] every method at the same guarantee on the test split")
-    result = embedded.offline_result(trees, manifest, fit, paper, alpha, seed, delta)
+    result = main_job.offline_result(trees, manifest, fit, paper, alpha, seed, delta)
     clock.mark("evaluate")
     memory["evaluate"] = common.peak_rss_mb()
     common.release_memory()
     if _ONLINE.value:
         print("[4/5] online: the exported router, RSD and SpecReason, live on the test split")
-        embedded.live_result(result, work, manifest, recs, trees, backends, scorers, problems,
+        main_job.live_result(result, work, manifest, recs, trees, backends, scorers, problems,
                              splits, alpha, seed, between=common.release_memory, delta=delta)
         rep = result["replay"]
         print(f"      offline replay vs live: {rep['identical']}/{rep['problems']} problems "

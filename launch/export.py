@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxroute import trace, trainer
+from jaxroute import trace, traceset, trainer
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run folder (train_config.json, "
@@ -39,7 +39,7 @@ def main(argv):
         if not Path(src).is_dir():
             raise flags.ValidationError(f"{cfg_file}: the run's trace source {src!r} is not a "
                                         "folder; give --traces or --synthetic") from None
-        manifest, problems = trace.load_trace_set(src)
+        manifest, problems = traceset.load_trace_set(src)
         trees, source = trace.pack(manifest, problems, record.get("cost_model", "flops")), src
     out = Path(_OUT.value) if _OUT.value else work / "router"
     done = trainer.reexport(work, record, trees, manifest, source, out)

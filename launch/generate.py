@@ -20,11 +20,12 @@ from pathlib import Path
 
 from absl import flags
 
-from generation import answers, costs, datasets, tracegen
-from generation.backend import redact_spec
-from generation.backends import make_backend
-from generation.tinylm import embedded
-from generation.verifier import StepVerifier
+from generation import main_job
+from generation.backends import costs
+from generation.backends.base import redact_spec
+from generation.registry import make_backend
+from generation.traces import answers, datasets, tracegen
+from generation.traces.verifier import StepVerifier
 from jaxroute import trace
 from launch import common, presets
 
@@ -113,7 +114,7 @@ def main(argv):
         raise flags.ValidationError("--models needs at least two backends, small → large")
     if cfg.dataset == "tiny":
         n = _LIMIT.value or 300
-        problems, splits = embedded.problems_and_splits(
+        problems, splits = main_job.problems_and_splits(
             {"train": n // 2, "cal": n // 5, "test": n - n // 2 - n // 5}, _SEED.value)
     else:
         problems = datasets.load(cfg.dataset, _DATA.value, _LIMIT.value)
@@ -128,7 +129,7 @@ def main(argv):
                             block_size=cfg.block_size)
 
     backends = [backend(s, i) for i, s in enumerate(cfg.models)]
-    verifier = (embedded.rule_verifier if cfg.verifier == "rule" else
+    verifier = (main_job.rule_verifier if cfg.verifier == "rule" else
                 StepVerifier(backend(cfg.verifier, len(backends))) if cfg.verifier else None)
     prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
     gen_cfg = tracegen.GenConfig(roots=_ROOTS.value, max_steps=_MAX_STEPS.value,

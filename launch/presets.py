@@ -19,7 +19,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    models: tuple[str, ...]  # backend specs, small → large (generation.backends.make_backend)
+    models: tuple[str, ...]  # backend specs, small → large (generation.registry.make_backend)
     params: tuple[float, ...] = ()  # N per model for FLOPs (empty: from config.json / 0 for APIs)
     prm: str = ""  # RSD's reward model: "tiny" or "vllm:MODEL[:qwen|skywork]"
     judge: str = ""  # SpecReason's judge: "tiny", "vllm-large" (the large vLLM backend) or

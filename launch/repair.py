@@ -3,7 +3,7 @@
     python -m launch.repair --traces=traces/gsm8k
 
 Keeps every record that parses and validates, keeps the old file as trees.jsonl.bak (never
-overwriting an earlier backup) and prints what was dropped (`jaxroute.trace.repair`). When most
+overwriting an earlier backup) and prints what was dropped (`jaxroute.traceset.repair`). When most
 records fail the same check (an edited manifest, not damage) it refuses and changes nothing;
 --force drops them anyway.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from jaxroute import trace
+from jaxroute import traceset
 from jaxroute.durable import exclusive
 from launch import common
 
@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["traces"])
 def main(argv):
     del argv
     with exclusive(common.traces_folder()):
-        report = trace.repair(common.traces_folder(), force=_FORCE.value)
+        report = traceset.repair(common.traces_folder(), force=_FORCE.value)
     print(f"kept {report['kept']} problems; dropped a torn tail of {report['torn_bytes']} bytes, "
           f"{len(report['invalid'])} invalid records, {len(report['duplicates'])} duplicates; "
           f"the old file is {report['backup']}")

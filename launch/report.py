@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from jaxroute.durable import atomic_write_text
-from jaxroute.evaluate import describe_guarantee
+from jaxroute.guarantee import describe_guarantee
 
 
 def _fmt(x: float, digits: int) -> str:
@@ -79,7 +79,7 @@ def guarantee_line(result: dict[str, Any]) -> str:
     n = g.get("calibration_problems")
     return (f"\nGuarantee of every calibrated row: {describe_guarantee(g)}"
             + (f", calibrated on {n} problems" if n else "")
-            + " (`evaluate.conformal_choice`, one rule for every method).\n")
+            + " (`guarantee.conformal_choice`, one rule for every method).\n")
 
 
 def replay_line(result: dict[str, Any]) -> str:
@@ -334,7 +334,7 @@ def validity_notes(records: list[dict], delta: float, calibration: int, resplits
     return (f"Each (world, α): the methods are trained/fitted once on {sizes[0]} train problems; "
             f"{resplits} random re-splits of the other {sizes[1] + sizes[2]} into "
             f"{calibration} calibration and the rest test; every knob calibrated by "
-            "`evaluate.conformal_choice` under each guarantee. Marginal holds when the mean "
+            "`guarantee.conformal_choice` under each guarantee. Marginal holds when the mean "
             "test miscoverage is ≤ α + 2 Monte-Carlo standard errors; PAC (δ = "
             f"{delta:g}) when the share of re-splits with miscoverage ≤ α is ≥ 1 − δ − 2 "
             "binomial standard errors. Test miscoverage estimates each deployed knob's risk "

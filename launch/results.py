@@ -95,7 +95,7 @@ def render_benchmark(rec: dict) -> str:
     if rec["name"] in ("routing", "routing_quick", "routing_ablation"):
         # Runs from before decision 88 had only the marginal guarantee; later runs record it.
         head += (f"Guarantee of every calibrated cell: {rec.get('guarantee', 'marginal')} "
-                 "(`evaluate.conformal_choice`, decisions 68, 88).\n\n")
+                 "(`guarantee.conformal_choice`, decisions 68, 88).\n\n")
     return head + table(rec["columns"], rec["rows"]) + (f"\n{rec['notes']}\n" if rec["notes"]
                                                         else "")
 

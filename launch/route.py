@@ -9,7 +9,7 @@ Rules: `small`, `large` (one model alone), `router` (an exported router, eq. 6),
 (STEER's per-step GMMs fitted on the train split of --steer_traces, τ on the 0.1 grid), `rsd`
 (a process reward model), `specreason` (a judge). Thresholded rules are grid-searched on the
 calibration split (0.1 steps) and reported on the test split, with the offline table's
-metrics (`generation.comparison.compare_live`); each problem's pieces, decisions and costs go to
+metrics (`generation.live.comparison.compare_live`); each problem's pieces, decisions and costs go to
 OUT/<rule>/paths.jsonl.
 """
 
@@ -21,11 +21,13 @@ from pathlib import Path
 
 from absl import flags
 
-from generation import answers, comparison, datasets, features, online, rules, scorers
-from generation.backend import redact_spec
-from generation.backends import make_backend, model_infos
-from generation.tinylm import embedded
-from jaxroute import baselines, export, records, trace
+from generation import main_job
+from generation.backends.base import redact_spec
+from generation.backends.costs import model_infos
+from generation.live import comparison, online, rules, scorers
+from generation.registry import make_backend
+from generation.traces import answers, datasets, features
+from jaxroute import baselines, export, records, trace, traceset
 from jaxroute.durable import atomic_write_text
 from launch import common, presets, report
 
@@ -89,7 +91,7 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
     if "steer" in wanted and steer_src is None:
         print("STEER skipped: give --steer_traces=TRACE_SET (its train split fits the GMMs)")
     elif "steer" in wanted:
-        m, recs = trace.load_trace_set(steer_src)
+        m, recs = traceset.load_trace_set(steer_src)
         steer = baselines.fit_steer_on_train(trace.pack(m, recs, "flops"), m.feature_names)
         out.append(family("STEER", lambda tau: rules.SteerRule(steer, tau, k), "no"))
     for rule, role, spec in (("rsd", "prm", _PRM.value if _PRM.value is not None else pre.prm),
@@ -126,7 +128,7 @@ def main(argv):
                                           "models": [redact_spec(m) for m in pre.models],
                                           "dataset": pre.dataset})
     tiny = pre.dataset == "tiny"
-    cal, test = (embedded.cal_and_test(tuple(int(n) for n in _N.value), _SEED.value) if tiny
+    cal, test = (main_job.cal_and_test(tuple(int(n) for n in _N.value), _SEED.value) if tiny
                  else datasets.cal_and_test(pre.dataset, _DATA.value, _LIMIT.value, _SEED.value))
     cfg = online.OnlineConfig(max_steps=_MAX_STEPS.value or (8 if tiny else 40),
                               max_tokens_per_step=64 if tiny else pre.max_tokens_per_step,

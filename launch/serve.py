@@ -27,8 +27,9 @@ import threading
 import uvicorn
 from absl import flags
 
-from generation import asgi, serving
-from generation.openai_backend import completion_template
+from generation import serving
+from generation.backends.openai_backend import completion_template
+from generation.serving import asgi
 from launch import common
 
 _ROUTER = flags.DEFINE_string("router", None, "Exported router folder.")

@@ -9,17 +9,17 @@ from __future__ import annotations
 import uvicorn
 from absl import flags
 
-from generation import asgi
-from generation.tinylm import backend, server
+from generation.serving import asgi, tiny_server
+from generation.tinylm import backend
 from launch import common
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address.")
 _PORT = flags.DEFINE_integer("port", 8011, "Port.")
 _MODE = flags.DEFINE_enum("logprobs_mode", "logprobs", ["logprobs", "raw_logits"],
                           "Return log-probabilities or raw logits.")
-_MAX_BODY = flags.DEFINE_integer("max_body_bytes", server.TinyServerConfig.max_body_bytes,
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", tiny_server.TinyServerConfig.max_body_bytes,
                                  "Largest request body.")
-_MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", server.TinyServerConfig.max_concurrent,
+_MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", tiny_server.TinyServerConfig.max_concurrent,
                                        "Requests in flight (beyond: 429).")
 _HEADER_TIMEOUT = flags.DEFINE_float("header_timeout", 10.0, "Seconds a connection may take to "
                                      "send a request head (beyond: closed).")
@@ -36,7 +36,7 @@ def main(argv):
     del argv
 
     models = {b.name: b for b in (backend.load("small"), backend.load("large"))}
-    app = server.make_app(models, _MODE.value, server.TinyServerConfig(
+    app = tiny_server.make_app(models, _MODE.value, tiny_server.TinyServerConfig(
         max_body_bytes=_MAX_BODY.value, max_concurrent=_MAX_CONCURRENT.value))
     print(f"serving {sorted(models)} at http://{_HOST.value}:{_PORT.value}/v1", flush=True)
     uvicorn.Server(asgi.uvicorn_config(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import flags
 
-from jaxroute import core, evaluate, exact, tcpo, trainer
+from jaxroute import core, exact, guarantee, tcpo, trainer
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (router, config, checkpoints).")
@@ -72,8 +72,8 @@ def run(config: trainer.TrainConfig, workdir: Path):
           f"{core.min_calibration_size(config.alpha, pac_delta)}")
     res = trainer.train_and_export(trees, manifest, config, workdir, source=source,
                                    cost_model=common.cost_model(), overwrite=_OVERWRITE.value)
-    g = evaluate.guarantee(config.alpha, config.delta, res.calibration_problems)
-    print(f"κ deployed {res.kappa:.4g} ({evaluate.describe_guarantee(g)}; "
+    g = guarantee.guarantee(config.alpha, config.delta, res.calibration_problems)
+    print(f"κ deployed {res.kappa:.4g} ({guarantee.describe_guarantee(g)}; "
           f"{res.calibration_problems} calibration problems; calibration "
           f"{'feasible' if res.feasible[0] else 'INFEASIBLE'}); router exported to "
           f"{workdir / 'router'} ({config.to_dict()})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from generation.backend import StepRequest, StepResult, is_final_step
+from generation.backends.base import StepRequest, StepResult, is_final_step
 
 
 def _h(s: str) -> int:

@@ -5,7 +5,7 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 
-from jaxroute import baselines, env, evaluate, synthetic, trace
+from jaxroute import baselines, env, evaluate, stats, synthetic, trace
 
 
 def test_mixture_recovers_known_mixture():
@@ -105,10 +105,10 @@ def test_cost_at_accuracy_uses_the_lower_hull():
     curve = [{"accuracy": 50.0, "cost": 1.0}, {"accuracy": 70.0, "cost": 5.0},
              {"accuracy": 90.0, "cost": 3.0}, {"accuracy": 95.0, "cost": 9.0}]
     # (70, 5) is dominated by mixing (50, 1) and (90, 3).
-    assert evaluate.cost_at_accuracy(curve, 70.0) == 2.0
-    assert evaluate.cost_at_accuracy(curve, 92.5) == 6.0
-    assert np.isnan(evaluate.cost_at_accuracy(curve, 99.0))
-    assert evaluate.cost_at_accuracy(curve, 10.0) == 1.0
+    assert stats.cost_at_accuracy(curve, 70.0) == 2.0
+    assert stats.cost_at_accuracy(curve, 92.5) == 6.0
+    assert np.isnan(stats.cost_at_accuracy(curve, 99.0))
+    assert stats.cost_at_accuracy(curve, 10.0) == 1.0
 
 
 def test_matched_costs_read_every_curve_at_the_reference_accuracy():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from generation import answers, datasets
+from generation.traces import answers, datasets
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="../shared/data not present")
@@ -127,7 +127,7 @@ def test_workers_die_with_their_parent(tmp_path):
     import sys
     import time
 
-    code = ("from generation import answers; c = answers.AnswerChecker(workers=2); "
+    code = ("from generation.traces import answers; c = answers.AnswerChecker(workers=2); "
             "print(' '.join(str(w.proc.pid) for w in c._workers), flush=True); "
             "import time; time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from generation import costs, features
+from generation.backends import costs
+from generation.traces import features
 
 
 def test_math_mask_rule():
@@ -89,7 +90,7 @@ def test_parameters_of_a_gpt2_config_and_from_the_weights(tmp_path):
     import numpy as np
     from safetensors.numpy import save_file
 
-    from generation import costs
+    from generation.backends import costs
 
     h, layers, vocab, pos, inner = 64, 2, 100, 32, 256
     cfg = {"model_type": "gpt2", "n_embd": h, "n_layer": layers, "n_head": 2, "n_inner": inner,

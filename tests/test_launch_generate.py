@@ -8,7 +8,7 @@ from pathlib import Path
 
 from openai_server import FakeOpenAI
 
-from jaxroute import trace
+from jaxroute import trace, traceset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_generate_cli_writes_a_resumable_trace_set(tmp_path):
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
         assert set(srv.auth_headers) == {"Bearer test"}  # OPENAI_API_KEY from the environment
-        manifest, problems = trace.load_trace_set(out)
+        manifest, problems = traceset.load_trace_set(out)
         assert "s3cret" not in (out / "manifest.json").read_text()
         assert manifest.provenance["verifier"].startswith("openai:judge@http://127.0.0.1:")
         assert len(problems) == 6 and [m.name for m in manifest.models] == ["small", "large"]
@@ -76,11 +76,11 @@ def test_failed_requests_are_not_results_and_are_retried_on_resume(tmp_path):
         res = _generate(tmp_path, srv, "k", ["--max_error_rate=0.9"])
         assert res.returncode == 1 and "1 problems failed" in res.stderr, res.stderr[-2000:]
         assert "BadRequestError" in res.stdout
-        _, done = trace.load_trace_set(tmp_path / "traces")
+        _, done = traceset.load_trace_set(tmp_path / "traces")
         assert len(done) == 5  # the failed problem was not written
-        manifest = trace.read_manifest(tmp_path / "traces")
+        manifest = traceset.read_manifest(tmp_path / "traces")
         assert manifest.provenance["last_run"]["failed"] == 1
         res = _generate(tmp_path, srv, "k")  # resume: only the failed problem is generated
         assert res.returncode == 0, res.stderr[-2000:]
-        _, done = trace.load_trace_set(tmp_path / "traces")
+        _, done = traceset.load_trace_set(tmp_path / "traces")
         assert len(done) == 6 and all(not trace.problem_errors(p) for p in done)

@@ -188,10 +188,11 @@ def test_every_decision_cited_exists_and_superseded_ones_say_by_which():
 
 def test_every_function_named_in_the_decision_log_exists():
     text = (ROOT / "docs" / "decisions.md").read_text()
-    prefixes = ("", "jaxroute.", "jaxroute.core.", "generation.", "generation.tinylm.",
-                "generation.serving.")
-    roots = {p.stem for d in ("jaxroute", "jaxroute/core", "generation", "generation/tinylm",
-                              "generation/serving", "launch") for p in (ROOT / d).glob("*.py")}
+    rooms = ("backends", "traces", "tinylm", "live", "serving")
+    prefixes = ("", "jaxroute.", "jaxroute.core.", "generation.",
+                *(f"generation.{r}." for r in rooms))
+    roots = {p.stem for d in ("jaxroute", "jaxroute/core", "generation", "launch",
+                              *(f"generation/{r}" for r in rooms)) for p in (ROOT / d).glob("*.py")}
     roots |= {"core", "jaxroute", "generation", "launch"}
     names = sorted({n for n in re.findall(r"`([a-z_]+(?:\.[A-Za-z_]\w*)+)`", text)
                     if n.split(".")[0] in roots})
@@ -215,3 +216,74 @@ def test_no_text_refers_to_an_issue_number():
     for path in _repository_texts():
         for line in path.read_text().splitlines():
             assert not re.search(r"\b[Ii]ssues? #?\d+", line), f"{path.relative_to(ROOT)}: {line}"
+
+
+# The rooms of `generation` and the rooms each may import (decision 89). A module outside
+# every room, or an arrow not listed, fails: the layout is decided here, not by accident.
+ROOMS = {
+    "backends": set(),
+    "traces": {"backends"},
+    "tinylm": {"backends", "traces"},
+    "registry": {"backends", "tinylm"},
+    "live": {"backends", "traces", "tinylm", "registry"},
+    "serving": {"backends", "traces", "tinylm", "registry", "live"},
+    "main_job": {"backends", "traces", "tinylm", "registry", "live"},
+}
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "generation" and len(parts) > 1 else None
+
+
+def test_generation_is_laid_out_by_room_and_arrows_between_rooms_are_the_allowed_ones():
+    graph = _module_graph()
+    arrows = sorted({(_room(a), _room(b)) for a, deps in graph.items() for b in deps
+                     if _room(a) and _room(b) and _room(a) != _room(b)})
+    print("rooms:", {r: sorted({b for a, b in arrows if a == r}) for r in ROOMS})
+    assert {_room(m) for m in graph if _room(m)} <= set(ROOMS), "a module outside every room"
+    for a, b in arrows:
+        assert b in ROOMS[a], f"generation.{a} imports generation.{b}"
+    for room in ROOMS:  # each room says what it holds and what it may import
+        init = ROOT / "generation" / room / "__init__.py"
+        if init.exists():
+            assert "May import" in init.read_text(), init
+
+
+def test_the_models_package_holds_models():
+    """No loop between `generation.tinylm` and the rest of `generation` (imports inside
+    functions counted): the main job's pipeline and the tiny server live outside it."""
+    graph = _module_graph()
+    importers = {_room(a) for a, deps in graph.items() for b in deps
+                 if _room(b) == "tinylm" and _room(a) != "tinylm"}
+    imported = {_room(b) for a, deps in graph.items() if _room(a) == "tinylm" for b in deps
+                if _room(b) and _room(b) != "tinylm"}
+    assert not importers & imported, importers & imported
+
+
+def test_training_sits_below_evaluation_and_the_guarantee_below_training():
+    graph = _module_graph()
+    for m in ("jaxroute.learner", "jaxroute.trainer", "jaxroute.exact", "jaxroute.tcpo"):
+        assert "jaxroute.evaluate" not in graph[m], m
+    allowed = {"jaxroute.core", "jaxroute.env", "jaxroute.stats", "jaxroute.trace",
+               "jaxroute.errors"}
+    assert {d.removesuffix(".calibration") for d in graph["jaxroute.guarantee"]} <= allowed, \
+        graph["jaxroute.guarantee"]
+
+
+# Functions longer than this are split, unless they are kernels documented as one piece.
+MAX_FUNCTION_LINES = 80
+LONG_KERNELS: set[str] = set()
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for pkg in ("jaxroute", "generation"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    n = node.end_lineno - node.lineno + 1
+                    name = f"{path.relative_to(ROOT)}:{node.name}"
+                    if n > MAX_FUNCTION_LINES and name not in LONG_KERNELS:
+                        long.append(f"{name} ({n} lines)")
+    assert not long, long

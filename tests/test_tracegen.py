@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from fakes import ScriptedBackend
 
-from generation import answers, tracegen
-from generation.datasets import Problem
-from jaxroute import trace
+from generation.traces import answers, tracegen
+from generation.traces.datasets import Problem
+from jaxroute import trace, traceset
 
 
 def problems(n):
@@ -86,12 +86,12 @@ def test_run_resumes_after_a_crash_and_shards_merge(tmp_path, checker):
     small.generate = crashing
     with pytest.raises(RuntimeError, match="fell off"):
         tracegen.run(gen, probs, splits, tmp_path / "a", {"x": 1})
-    _, done = trace.load_trace_set(tmp_path / "a")
+    _, done = traceset.load_trace_set(tmp_path / "a")
     assert [r["problem_id"] for r in done] == ["p0", "p1", "p2", "p3", "p4", "p5"]
     small.generate = real
     small.calls = 0
     tracegen.run(gen, probs, splits, tmp_path / "a", {"x": 1})
-    _, full = trace.load_trace_set(tmp_path / "a")
+    _, full = traceset.load_trace_set(tmp_path / "a")
     assert [r["problem_id"] for r in full] == [f"p{i}" for i in range(7)]
     assert small.calls == 3  # only p6's three steps were generated again
     # Two shards, then a merge, give the same problems.
@@ -99,7 +99,7 @@ def test_run_resumes_after_a_crash_and_shards_merge(tmp_path, checker):
         tracegen.run(gen, probs, splits, tmp_path / f"s{s}", {"x": 1}, num_shards=2,
                      shard_index=s)
     merged = tracegen.merge([tmp_path / "s0", tmp_path / "s1"], tmp_path / "m")
-    _, recs = trace.load_trace_set(merged)
+    _, recs = traceset.load_trace_set(merged)
     assert sorted(r["problem_id"] for r in recs) == [f"p{i}" for i in range(7)]
     with pytest.raises(ValueError, match="duplicate problem_id"):
         tracegen.merge([tmp_path / "s0", tmp_path / "s0"], tmp_path / "m2")
@@ -164,11 +164,11 @@ def test_a_problem_with_a_failed_request_is_not_a_result(checker, tmp_path):
     assert summary.failed == ["p1"] and summary.written == 3
     # One per leaf of the 3 steps, and R_M (the leaf at step 0, recorded as the solo run too).
     assert summary.reasons == {"server said no": 4}
-    _, done = trace.load_trace_set(tmp_path / "t")
+    _, done = traceset.load_trace_set(tmp_path / "t")
     assert [p["problem_id"] for p in done] == ["p0", "p2", "p3"]
     # Accepting partial sets writes it, marked unusable: packing leaves it out.
     summary = tracegen.run(gen, probs, splits, tmp_path / "t", {}, accept_partial=True)
-    m, done = trace.load_trace_set(tmp_path / "t")
+    m, done = traceset.load_trace_set(tmp_path / "t")
     packed = trace.pack(m, done)
     assert len(done) == 4 and list(packed.ok) == [True, True, True, False]
 

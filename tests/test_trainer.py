@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxroute import core, evaluate, exact, export, synthetic, tcpo, trace, trainer
+from jaxroute import core, evaluate, exact, export, guarantee, learner, synthetic, tcpo, trace, trainer
 from jaxroute.core import threshold
 
 
@@ -184,8 +184,8 @@ def test_a_pac_run_calibrates_by_learn_then_test_and_records_its_guarantee(tmp_p
     router = export.load_router(tmp_path / "router", feature_names=manifest.feature_names)
     assert router.guarantee == {"kind": "pac", "alpha": 0.2, "delta": 0.2,
                                 "calibration_problems": n}
-    fam = evaluate.router_family(packed, res.log_prob_fn(0))
-    fw = evaluate.walk_family(packed, env_lib.to_device(packed), fam,
+    fam = learner.router_family(packed, res.log_prob_fn(0))
+    fw = guarantee.walk_family(packed, env_lib.to_device(packed), fam,
                               env_lib.instances(packed, packed.split_indices("cal")))
     idx, ok = _ltt_plain(fw.cal_errors, 0.2, 0.2)
     assert ok and res.feasible[0] and res.kappas[0] == pytest.approx(fam.grid[idx])

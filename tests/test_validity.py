@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxroute import env, evaluate, synthetic, trace, validity
+from jaxroute import baselines, env, guarantee, synthetic, trace, validity
 
 
 def _pool(p, risk, rng):
@@ -28,7 +28,7 @@ def test_each_resplit_is_calibrated_by_the_one_rule_on_its_own_draw():
         for i in range(12):
             order = draw.permutation(600)
             cal, test = order[:150], order[150:]
-            idx, ok = evaluate.conformal_choice(errors[cal], 0.1, delta)
+            idx, ok = guarantee.conformal_choice(errors[cal], 0.1, delta)
             assert (r["index"][i], r["feasible"][i]) == (idx, ok)
             assert r["miscoverage"][i] == pytest.approx(errors[test, idx].mean())
             assert r["cost"][i] == pytest.approx(cost[test, idx].mean())
@@ -69,10 +69,10 @@ def test_summarize_says_when_a_guarantee_fails():
 def test_pool_outcomes_equal_a_plain_walk_of_the_family():
     manifest, problems = synthetic.generate(synthetic.SyntheticConfig(num_problems=120, roots_per_problem=2))
     trees = trace.pack(manifest, problems)
-    fam = evaluate.threshold_family(trees, 0, grid_size=9)
+    fam = baselines.threshold_family(trees, 0, grid_size=9)
     pool = np.concatenate([trees.split_indices("cal"), trees.split_indices("test")])
     errors, cost = validity.pool_outcomes(trees, fam, pool)
-    fw = evaluate.walk_family(trees, env.to_device(trees), fam, env.instances(trees, pool))
+    fw = guarantee.walk_family(trees, env.to_device(trees), fam, env.instances(trees, pool))
     np.testing.assert_allclose(errors, fw.cal_errors)
     # Cost per problem against a plain loop over instances and grid values.
     pi, ri = env.instances(trees, pool)

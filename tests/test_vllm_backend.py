@@ -3,8 +3,8 @@
 import fake_vllm
 import pytest
 
-from generation.backend import StepRequest
-from generation.vllm_backend import VLLMBackend
+from generation.backends.base import StepRequest
+from generation.backends.vllm_backend import VLLMBackend
 
 
 def make(**kw):
@@ -52,7 +52,7 @@ def test_batches_all_waiting_problems_in_one_call():
 
 
 def test_params_of_a_hub_name_come_from_the_loaded_engine():
-    from generation import costs
+    from generation.backends import costs
 
     be = VLLMBackend("Qwen/Qwen2.5-Math-7B-Instruct", vllm_module=fake_vllm.module())
     assert be.params == costs.params_from_config(fake_vllm.LLM.HF_CONFIG) > 0
@@ -85,7 +85,7 @@ def test_jax_in_the_vllm_process_does_not_preallocate(monkeypatch):
 def test_reward_model_engine_starts_eagerly_with_its_own_limits(monkeypatch):
     import sys
 
-    from generation import scorers
+    from generation.live import scorers
 
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm.module())
     prm = scorers.VLLMRewardModel("Qwen/Qwen2.5-Math-PRM-7B", gpu_memory_utilization=0.2,
@@ -104,7 +104,7 @@ def test_make_backend_passes_dtype_and_block_size_to_the_engine(monkeypatch):
     bfloat16 and 128-token blocks made prefix-cache hits rare."""
     import sys
 
-    from generation.backends import make_backend
+    from generation.registry import make_backend
 
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm.module())
     be = make_backend("vllm:fake-1.5b", params=1.5e9, dtype="float32", block_size=32,
@@ -117,7 +117,7 @@ def test_make_backend_passes_dtype_and_block_size_to_the_engine(monkeypatch):
 def test_the_judge_scores_an_over_long_item_alone():
     """Regression (decision 85): one judge chat over the engine's context failed the whole
     batch; now it scores 0 with a failure of its own and the others are scored."""
-    from generation import scorers
+    from generation.live import scorers
 
     be = make(max_model_len=1024)
     judge = scorers.VLLMJudge(be)

@@ -18,8 +18,8 @@ import pytest
 
 vllm = pytest.importorskip("vllm", reason="vllm is not installed (pip install '.[vllm]')")
 
-from generation import scorers  # noqa: E402
-from generation.vllm_backend import engine_kwargs, sampling_kwargs  # noqa: E402
+from generation.backends.vllm_backend import engine_kwargs, sampling_kwargs  # noqa: E402
+from generation.live import scorers  # noqa: E402
 
 QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -11,12 +11,13 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
-from generation import asgi, rules
-from generation.backends import make_backend, model_infos
-from generation.features import FEATURE_NAMES
-from generation.serving import handlers
+from generation.backends.costs import model_infos
+from generation.live import rules
+from generation.registry import make_backend
+from generation.serving import asgi, handlers
 from generation.serving.metrics import ServerMetrics
 from generation.serving.service import RoutingService, ServeConfig
+from generation.traces.features import FEATURE_NAMES
 from jaxroute import export
 from jaxroute.errors import InputError
 

@@ -16,9 +16,8 @@ from typing import NamedTuple
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from generation import asgi
-from generation.asgi import RequestError
-from generation.serving import protocol
+from generation.serving import asgi, protocol
+from generation.serving.asgi import RequestError
 from generation.serving.metrics import ServerMetrics
 from generation.serving.service import RoutingService, ServeConfig
 

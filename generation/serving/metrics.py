@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from generation import online
-from generation.asgi import RequestError
+from generation.live import online
+from generation.serving.asgi import RequestError
 from jaxroute import trace
 
 

@@ -10,9 +10,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from generation import asgi, online
-from generation.asgi import RequestError
-from jaxroute import trace
+from generation.live import online
+from generation.serving import asgi
+from generation.serving.asgi import RequestError
+from jaxroute import accounting, trace
 
 HONOURED = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "seed",
             "stream", "stream_options", "user"}
@@ -76,8 +77,8 @@ def routing_trace(live: online.Live, models: Sequence[trace.ModelInfo]) -> dict[
     flops = usd = 0.0
     for i, p in enumerate(live.pieces):
         m = models[p["model"]]
-        flops += trace.cost_of(p["cost"], m, "flops") * 1e12
-        usd += trace.cost_of(p["cost"], m, "usd_cents") / 100.0
+        flops += accounting.cost_of(p["cost"], m, "flops") * 1e12
+        usd += accounting.cost_of(p["cost"], m, "usd_cents") / 100.0
         if escalated_at is None and (not p.get("kept", True) or p["model"] != 0):
             escalated_at = i
         steps.append({"text": p["text"], "model": m.name, "kept": p.get("kept", True),

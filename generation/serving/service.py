@@ -18,9 +18,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from generation import online
-from generation.asgi import RequestError
-from generation.datasets import Problem
+from generation.live import online
+from generation.serving.asgi import RequestError
+from generation.traces.datasets import Problem
 from jaxroute import trace
 from jaxroute.errors import InputError
 

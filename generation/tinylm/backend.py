@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from generation.backend import StepRequest, StepResult, is_final_step, prefix_text
+from generation.backends.base import StepRequest, StepResult, is_final_step, prefix_text
 from generation.tinylm import train
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
 from jaxroute.errors import InputError

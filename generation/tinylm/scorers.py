@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from generation import features
-from generation.backend import StepRequest, prefix_text
+from generation.backends.base import StepRequest, prefix_text
 from generation.tinylm import task, train
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
+from generation.traces import features
 from jaxroute.errors import InputError
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"

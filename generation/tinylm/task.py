@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from generation.datasets import Problem
+from generation.traces.datasets import Problem
 
 NAMES = ("Ada", "Ben", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo")
 ITEMS = ("apples", "coins", "cards", "books", "pens", "shells")

@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
+from generation.backends.base import Backend
+from jaxroute import trace
 from jaxroute.errors import InputError
 
 
@@ -39,7 +42,7 @@ def prefill_flops(prompt_tokens: int, cached_tokens: int, params: float) -> floa
 def generation_cost(r, params: float) -> dict:
     """A generated piece's cost record (trace format): generation FLOPs (2N per generated token,
     the paper's cost) and token counts; prefill FLOPs of the uncached prompt are a separate
-    column, not part of "flops". `r` is a `generation.backend.StepResult`."""
+    column, not part of "flops". `r` is a `generation.backends.base.StepResult`."""
     return {"flops": step_flops(r.completion_tokens, params),
             "input_tokens": int(r.prompt_tokens), "cached_input_tokens": int(r.cached_tokens),
             "output_tokens": int(r.completion_tokens),
@@ -116,3 +119,13 @@ def params_from_weights(folder: str | Path) -> float | None:
             header = json.loads(fh.read(n))
         total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return float(total)
+
+
+def model_infos(backends: Sequence[Backend], prices: Sequence[Price] | None = None
+                ) -> tuple[trace.ModelInfo, ...]:
+    """The trace format's record of each backend: name, N, prices (given, else the backend's
+    own `price`, else zero)."""
+    if prices is None:
+        prices = [getattr(b, "price", Price(0, 0, 0)) for b in backends]
+    return tuple(trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input, p.output)
+                 for b, p in zip(backends, prices, strict=True))

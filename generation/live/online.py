@@ -1,7 +1,7 @@
 """Online routing: live stepwise generation for a batch of problems with any routing rule.
 
 Every live problem has a current model. Each round, the current models write the next step of
-their problems (one batched call per model); the rule (`generation.rules`) looks at each draft
+their problems (one batched call per model); the rule (`generation.live.rules`) looks at each draft
 and answers with the model that should own that step:
 
 - the same model → the draft is accepted;
@@ -26,12 +26,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from generation import costs, features, tracegen
-from generation.answers import AnswerChecker, Verdict
-from generation.backend import STEP_DELIMITER, Backend, StepRequest, StepResult, prefix_text
-from generation.datasets import Problem
-from generation.rules import Rule, View
-from jaxroute import trace
+from generation.backends import costs
+from generation.backends.base import STEP_DELIMITER, Backend, StepRequest, StepResult, prefix_text
+from generation.live.rules import Rule, View
+from generation.traces import features, tracegen
+from generation.traces.answers import AnswerChecker, Verdict
+from generation.traces.datasets import Problem
+from jaxroute import accounting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +267,7 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
     return [{"problem_id": s.problem.problem_id, "dataset": s.problem.dataset,
              "difficulty": s.problem.difficulty, "method": rule.name,
              "correct": v == Verdict.CORRECT, "verdict": str(v), "status": s.status,
-             "pieces": s.pieces, "scorer_cost": trace.sum_costs(s.scorer)}
+             "pieces": s.pieces, "scorer_cost": accounting.sum_costs(s.scorer)}
             for s, v in zip(live, verdicts, strict=True)]
 
 

@@ -1,4 +1,4 @@
-"""Routing rules for live stepwise generation (`generation.online.run_online`).
+"""Routing rules for live stepwise generation (`generation.live.online.run_online`).
 
 A rule sees each fresh draft (`View`: the problem, the accepted steps, the draft and its
 features) and answers with the model that owns that step (`Decision`). Sticky rules (the TCPO
@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from generation.backend import StepResult
-from generation.datasets import Problem
+from generation.backends.base import StepResult
+from generation.traces.datasets import Problem
 from jaxroute import baselines
 
 

@@ -84,14 +84,14 @@ class WorkerError(RuntimeError):
 
 
 class _Worker:
-    """One `python -m generation.answer_worker` process: JSON lines in, JSON lines out. It
+    """One `python -m generation.traces.answer_worker` process: JSON lines in, JSON lines out. It
     imports only math-verify (not the caller's main module), and exits when its stdin closes —
     so it dies with its parent, even on kill -9."""
 
-    command: tuple[str, ...] | None = None  # default: this Python, -m generation.answer_worker
+    command: tuple[str, ...] | None = None  # default: this Python, -m generation.traces.answer_worker
 
     def __init__(self, start_timeout: float):
-        cmd = list(self.command or (sys.executable, "-m", "generation.answer_worker"))
+        cmd = list(self.command or (sys.executable, "-m", "generation.traces.answer_worker"))
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,

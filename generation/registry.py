@@ -1,19 +1,18 @@
-"""Backends from specs (`make_backend`) and the trace format's model records of backends
-(`model_infos`). The registry imports each implementation lazily, so only the kind asked for
-must be installed (vLLM, the OpenAI SDK, the tiny models' flax)."""
+"""Backends from specs (`make_backend`): the one place that knows every implementation (vLLM,
+OpenAI-compatible servers, the tiny models), so it sits above `generation.backends` and
+`generation.tinylm`. Each implementation is imported lazily, so only the kind asked for must be
+installed (vLLM, the OpenAI SDK, the tiny models' flax)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from generation import costs
-from generation.backend import Backend
-from jaxroute import trace
+from generation.backends.base import Backend
 from jaxroute.errors import InputError
 
 
 def _vllm(rest: str, **kw) -> Backend:
-    from generation.vllm_backend import VLLMBackend
+    from generation.backends.vllm_backend import VLLMBackend
 
     return VLLMBackend(rest, params=kw["params"], tensor_parallel_size=kw["tensor_parallel_size"],
                        gpu_memory_utilization=kw["gpu_memory_utilization"],
@@ -23,7 +22,7 @@ def _vllm(rest: str, **kw) -> Backend:
 
 def _openai(kind: str) -> Callable[..., Backend]:
     def make(rest: str, **kw) -> Backend:
-        from generation.openai_backend import OpenAIBackend
+        from generation.backends.openai_backend import OpenAIBackend
 
         model, _, base = rest.partition("@")
         if not model:
@@ -78,13 +77,3 @@ def make_backend(spec: str, *, params: float | None = None, cache=None, seed: in
                        max_model_len=max_model_len, api_key=api_key,
                        max_error_rate=max_error_rate, dtype=dtype, block_size=block_size,
                        template=template)
-
-
-def model_infos(backends: Sequence[Backend], prices: Sequence[costs.Price] | None = None
-                ) -> tuple[trace.ModelInfo, ...]:
-    """The trace format's record of each backend: name, N, prices (given, else the backend's
-    own `price`, else zero)."""
-    if prices is None:
-        prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
-    return tuple(trace.ModelInfo(b.name, float(b.params), p.input, p.cached_input, p.output)
-                 for b, p in zip(backends, prices, strict=True))

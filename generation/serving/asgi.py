@@ -1,5 +1,5 @@
 """What jaxroute's two OpenAI-compatible HTTP servers share (decision 80): the routing server
-(`generation.serving`) and the tiny-model server (`generation.tinylm.server`) are Starlette
+(`generation.serving`) and the tiny-model server (`generation.serving.tiny_server`) are Starlette
 applications served by uvicorn, and both answer every bad request in OpenAI's error shape.
 
 Here: `RequestError` and `error_body` (the error shape), `read_json(request, …)` (a body capped

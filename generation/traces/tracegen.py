@@ -23,12 +23,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from generation import costs, features
-from generation.answers import AnswerChecker, Verdict
-from generation.backend import Backend, StepRequest, StepResult, prefix_text
-from generation.backends import model_infos
-from generation.datasets import Problem
-from jaxroute import durable, trace
+from generation.backends import costs
+from generation.backends.base import Backend, StepRequest, StepResult, prefix_text
+from generation.backends.costs import model_infos
+from generation.traces import features
+from generation.traces.answers import AnswerChecker, Verdict
+from generation.traces.datasets import Problem
+from jaxroute import accounting, durable, trace, traceset
 from jaxroute.errors import InputError
 
 
@@ -411,7 +412,7 @@ def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, 
     manifest = gen.manifest(provenance)
     mpath = out / trace.MANIFEST
     if mpath.exists():
-        old = trace.read_manifest(out)
+        old = traceset.read_manifest(out)
         if [m.name for m in old.models] != [m.name for m in manifest.models] or \
                 old.feature_names != manifest.feature_names or \
                 old.provenance.get("model_versions") != manifest.provenance["model_versions"]:
@@ -427,7 +428,7 @@ def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, 
     tpath = out / trace.TREES
     tpath.touch()
     dropped = durable.repair_tail(tpath)
-    done = {rec["problem_id"] for _, rec in trace.read_records(tpath)}
+    done = {rec["problem_id"] for _, rec in traceset.read_records(tpath)}
     todo = [p for p in problems if shard_of(p.problem_id, num_shards) == shard_index
             and p.problem_id not in done]
     summary = RunSummary(out)
@@ -474,7 +475,7 @@ def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, 
 def merge(parts: Sequence[Path], out: Path) -> Path:
     """Merge shard folders (same manifest) into one trace set; duplicate ids are an error."""
     parts = [Path(p) for p in parts]
-    manifests = [trace.read_manifest(p) for p in parts]
+    manifests = [traceset.read_manifest(p) for p in parts]
     first = manifests[0]
     for p, m in zip(parts, manifests, strict=True):
         if m.to_json()["models"] != first.to_json()["models"] or \
@@ -482,16 +483,16 @@ def merge(parts: Sequence[Path], out: Path) -> Path:
             raise InputError(f"{p}: manifest differs from {parts[0]}")
     records, seen = [], set()
     for p in parts:
-        for n, rec in trace.read_records(p / trace.TREES):
+        for n, rec in traceset.read_records(p / trace.TREES):
             if rec["problem_id"] in seen:
                 raise InputError(f"{p / trace.TREES}: line {n}: duplicate problem_id "
                                  f"{rec['problem_id']!r}")
             seen.add(rec["problem_id"])
             records.append(rec)
-    trace.write_trace_set(out, first, records)
+    traceset.write_trace_set(out, first, records)
     return Path(out)
 
 
 def _sum(costs) -> dict:
     """A generated segment's cost: its pieces' costs added up, prefill FLOPs included."""
-    return trace.sum_costs(costs, trace.COST_FIELDS + ("prefill_flops",))
+    return accounting.sum_costs(costs, accounting.COST_FIELDS + ("prefill_flops",))

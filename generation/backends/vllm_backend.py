@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from generation import costs
-from generation.backend import (
+from generation.backends import costs
+from generation.backends.base import (
     STEP_DELIMITER,
     SYSTEM_PROMPT,
     StepRequest,
@@ -102,7 +102,7 @@ def engine_params(llm, model: str) -> float:
 
 
 class VLLMBackend:
-    """A `generation.backend.Backend` over `vllm.LLM`.
+    """A `generation.backends.base.Backend` over `vllm.LLM`.
 
     Args:
       model: local path (or hub name, online only).

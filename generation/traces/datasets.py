@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from generation import answers
+from generation.traces import answers
 from jaxroute.errors import InputError
 
 

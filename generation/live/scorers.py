@@ -1,4 +1,4 @@
-"""Step scorers for the per-step baselines (`generation.online.ScoreRule`).
+"""Step scorers for the per-step baselines (`generation.live.online.ScoreRule`).
 
 - `VLLMRewardModel` — RSD's process reward model through vLLM's pooling runner
   (`LLM(model=…, runner="pooling")`; `LLM.encode(…, pooling_task="token_classify")` in vLLM
@@ -24,9 +24,9 @@ import math
 import re
 from collections.abc import Sequence
 
-from generation import costs
-from generation.backend import SYSTEM_PROMPT
-from generation.vllm_backend import chat_ids
+from generation.backends import costs
+from generation.backends.base import SYSTEM_PROMPT
+from generation.backends.vllm_backend import chat_ids
 from jaxroute.errors import InputError
 
 STEP_TAG = "<extra_0>"  # Qwen2.5-Math-PRM's step tag (the embedded stand-in's too)
@@ -61,7 +61,7 @@ def expected_digit(top_logprobs: Sequence[dict]) -> float:
 class OpenAIJudge:
     """SpecReason's judge through an `OpenAIBackend` (any OpenAI-compatible chat endpoint)."""
 
-    backend: object  # generation.openai_backend.OpenAIBackend (its client, retries and cache)
+    backend: object  # generation.backends.openai_backend.OpenAIBackend (its client, retries and cache)
     params: float = 0.0  # N of the judge model for FLOPs (0: unknown, e.g. a closed API model)
     top_logprobs: int = 10
     name: str = "SpecReason judge"
@@ -208,7 +208,7 @@ class VLLMJudge:
     "logprobs". With `logprobs_mode="raw_logits"` those are raw logits; renormalising over the
     digits gives the same probabilities either way (softmax is shift-invariant)."""
 
-    backend: object  # generation.vllm_backend.VLLMBackend
+    backend: object  # generation.backends.vllm_backend.VLLMBackend
     top_logprobs: int = 5  # the backend's engine caps this at its max_logprobs (5)
     name: str = "SpecReason judge"
 
@@ -263,7 +263,7 @@ def from_spec(spec: str, backends, *, role: str, cache=None, seed: int = 0,
         return VLLMRewardModel(m.group(1), prompt_format=fmt, trust_remote_code=fmt == "skywork",
                                **(prm_engine or {}))
     if kind == "openai":
-        from generation.backends import make_backend
+        from generation.registry import make_backend
 
         return OpenAIJudge(make_backend(spec, cache=cache, seed=seed))
     raise InputError(f"unknown scorer spec {spec!r} (tiny, vllm-large, vllm:MODEL[:qwen|skywork], "

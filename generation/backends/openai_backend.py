@@ -1,5 +1,6 @@
 """Stepwise generation through any OpenAI-compatible server (OpenAI, `vllm serve`, the tiny-model
-server), with log-probabilities, one retry policy, a circuit breaker and a persistent cache.
+server), with log-probabilities, one retry policy and circuit breaker (`generation.backends.retry`)
+and a persistent response cache (`generation.backends.response_cache`).
 
 Two request modes:
 - "chat" (OpenAI models, which have no assistant prefill): the partial solution goes into the
@@ -24,27 +25,30 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import email.utils
 import hashlib
 import json
 import math
 import os
-import random
 import re
-import sqlite3
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from generation import costs
-from generation.backend import (
+from generation.backends import costs
+from generation.backends.base import (
     STEP_DELIMITER,
     SYSTEM_PROMPT,
     StepRequest,
     StepResult,
     prefix_text,
     redact_url,
+)
+from generation.backends.response_cache import ResponseCache
+from generation.backends.retry import (
+    Backoff,
+    CircuitBreaker,
+    CircuitOpen,
+    FatalBackendError,
+    retry_after_seconds,
 )
 
 CHAT_SYSTEM = SYSTEM_PROMPT + " Separate steps with a blank line."
@@ -108,94 +112,8 @@ def context_room(e) -> int | None:
     return None
 
 
-class ResponseCache:
-    """SQLite map from a request key to the raw JSON response."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
-        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT)")
-        self._db.commit()
-
-    def get(self, key: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute("SELECT body FROM responses WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
-
-    def put(self, key: str, body: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)",
-                             (key, json.dumps(body)))
-            self._db.commit()
-
-
-class CircuitOpen(RuntimeError):
-    pass
-
-
-class FatalBackendError(RuntimeError):
-    """A failure that would make every later result wrong (refused key, unknown model, a server
-    that cannot be reached, too many failures): the run stops at once with this message."""
-
-
-class CircuitBreaker:
-    """Closed → open after `threshold` consecutive failed requests → half-open after `cooldown`
-    seconds (one probe request passes) → closed on its success, open again on its failure."""
-
-    def __init__(self, threshold: int = 10, cooldown: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.threshold, self.cooldown, self.clock = threshold, cooldown, clock
-        self.failures, self.opened_at, self.probing = 0, None, False
-
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if self.clock() - self.opened_at >= self.cooldown else "open"
-
-    def allow(self) -> bool:
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "half-open" and not self.probing:
-            self.probing = True
-            return True
-        return False
-
-    def record(self, ok: bool) -> None:
-        self.probing = False
-        if ok:
-            self.failures, self.opened_at = 0, None
-            return
-        self.failures += 1
-        if self.opened_at is not None or self.failures >= self.threshold:
-            self.opened_at = self.clock()
-
-
-def retry_after_seconds(headers, cap: float) -> float | None:
-    """Seconds from a `Retry-After` (or `retry-after-ms`) header, capped; None if absent."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return min(cap, max(0.0, float(ms) / 1000.0))
-        except ValueError:
-            pass
-    val = headers.get("retry-after")
-    if val is None:
-        return None
-    try:
-        return min(cap, max(0.0, float(val)))
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(val)
-        return None if when is None else min(cap, max(0.0, when.timestamp() - time.time()))
-
-
 class OpenAIBackend:
-    """A `generation.backend.Backend` over an OpenAI-compatible HTTP API.
+    """A `generation.backends.base.Backend` over an OpenAI-compatible HTTP API.
 
     Args:
       model: model name on the server.
@@ -244,14 +162,14 @@ class OpenAIBackend:
                                         "OPENAI_API_KEY (or pass api_key)")
             self.api_key = "EMPTY"  # a local server (vllm serve, the tiny-model server)
         self.concurrency, self.max_attempts = concurrency, max_attempts
-        self.backoff_base, self.backoff_max, self.timeout = backoff_base, backoff_max, timeout
+        self.timeout = timeout
         self.retry_after_max = retry_after_max
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
         self.max_error_rate, self.min_requests = max_error_rate, min_requests
         self._checked = not preflight
         self.cache = ResponseCache(cache_path) if cache_path else None
         self.temperature, self.top_logprobs, self.template = temperature, top_logprobs, template
-        self._rng = random.Random(seed)
+        self.backoff = Backoff(backoff_base, backoff_max, seed)
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "failures": 0,
                       "context_clamps": 0}
         self.failure_reasons: collections.Counter = collections.Counter()
@@ -428,9 +346,7 @@ class OpenAIBackend:
                 last = e
             if attempt + 1 < self.max_attempts:
                 self.stats["retries"] += 1
-                delay = min(self.backoff_max, self.backoff_base * 2**attempt)
-                delay *= self._rng.uniform(0.5, 1.5)
-                await asyncio.sleep(max(delay, hint or 0.0))
+                await asyncio.sleep(self.backoff.delay(attempt, hint))
         self.breaker.record(False)
         raise RuntimeError(f"request {key}: gave up after {self.max_attempts} attempts: "
                            f"{type(last).__name__}: {last}")

@@ -122,13 +122,7 @@ def evaluate_family(trees: PackedTrees, dev: PackedTrees, family: Family, cal, t
 
 
 def _num(g) -> float:
-    try:
-        return float(g)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-# -- the methods as families ------------------------------------------------------------------
+    return float(g) if isinstance(g, int | float | np.number) else float("nan")
 
 
 def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,

@@ -87,7 +87,7 @@ def models(engine: str, work: Path, seed: int = 0):
     # engines in one process must not pin the same cores. A user's own setting wins.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    folders = hf_export.export_all(work / "models")
+    folders = hf_export.export_all(work / "models", overwrite=True)
     engine_kw = dict(dtype="float32", max_model_len=LMConfig.max_len)
     backends = [VLLMBackend(str(folders[n]), block_size=32, gpu_memory_utilization=0.1,
                             name=f"tinylm-{n}", seed=seed, **engine_kw)

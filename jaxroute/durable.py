@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
+import numbers
 import os
 import tempfile
 from collections.abc import Iterable
@@ -76,8 +78,45 @@ def whole_json(raw: bytes) -> bool:
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
         return False
 
-__all__ = ["FolderInUse", "append_records", "atomic_write_text", "exclusive", "repair_tail",
-           "whole_json"]
+# Non-finite numbers in the JSON files this project writes (decision 90): strings, so every
+# parser reads the files (RFC 8259 has no NaN or Infinity); `read_json` turns them back.
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def strict_json(obj, **kw) -> str:
+    """`json.dumps(obj, **kw)` as strict JSON: NaN, +∞ and −∞ (Python or NumPy floats) are
+    written as the strings "NaN", "Infinity", "-Infinity"; nothing else changes."""
+    return json.dumps(_finite(obj), allow_nan=False, **kw)
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    if isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral):
+        x = float(x)
+        if not math.isfinite(x):
+            return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+    return x
+
+
+def read_json(text: str):
+    """Parse a file `strict_json` wrote: the strings "NaN", "Infinity", "-Infinity" become the
+    floats again (the older files' bare NaN and Infinity are read too)."""
+    return _nonfinite(json.loads(text))
+
+
+def _nonfinite(x):
+    if isinstance(x, dict):
+        return {k: _nonfinite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nonfinite(v) for v in x]
+    return NONFINITE.get(x, x) if isinstance(x, str) else x
+
+
+__all__ = ["NONFINITE", "FolderInUse", "append_records", "atomic_write_text", "exclusive",
+           "read_json", "repair_tail", "strict_json", "whole_json"]
 
 
 def _umask() -> int:

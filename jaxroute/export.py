@@ -13,6 +13,7 @@ caller's, and returns a `Router` whose `decide(features, model)` is eq. 6.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -29,8 +30,8 @@ import orbax.checkpoint as ocp
 
 from jaxroute import networks as nets_lib
 from jaxroute.core import threshold
-from jaxroute.durable import atomic_write_text
-from jaxroute.errors import InputError
+from jaxroute.durable import atomic_write_text, read_json, strict_json
+from jaxroute.errors import InputError, quote
 
 ROUTER_SCHEMA = 1
 # κ is compared with probabilities; calibration puts it in [0, just above the largest score].
@@ -189,7 +190,7 @@ def export_router(path: str | Path, networks: nets_lib.RouterNetworks, policy_pa
         "kappa": float(kappa),
         **(extra or {}),
     }
-    atomic_write_text(tmp / "router.json", json.dumps(meta, indent=2, default=str) + "\n")
+    atomic_write_text(tmp / "router.json", strict_json(meta, indent=2, default=str) + "\n")
     os.chmod(tmp, 0o777 & ~_umask())
     old = None
     if path.exists():
@@ -207,6 +208,65 @@ def _umask() -> int:
     return mask
 
 
+def _number(x) -> float | None:
+    """A JSON number (or strict JSON's "NaN"/"Infinity" string, `durable.strict_json`) as a
+    float; None when it is neither."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return None
+    return float(x)
+
+
+def check_meta(meta: dict, meta_file) -> None:
+    """Everything else in router.json a server relies on, checked at load rather than failing
+    later (decision 90): the model records agree with `model_names`, in order, small → large;
+    the guarantee is one the project makes, at the router's α; the other recorded numbers are
+    numbers."""
+    names = meta["model_names"]
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise RouterSpecError(f"{meta_file}: field 'model_names' must be distinct names")
+    models = meta.get("models")
+    if models is not None:
+        if not isinstance(models, list) or len(models) != len(names) or not all(
+                isinstance(m, dict) for m in models):
+            raise RouterSpecError(f"{meta_file}: field 'models' must hold one record per model")
+        if [m.get("name") for m in models] != names:
+            raise RouterSpecError(
+                f"{meta_file}: field 'model_names' {quote(names)} disagrees with the model "
+                f"records {quote([m.get('name') for m in models])}: was router.json edited?")
+        params = [_number(m.get("params")) for m in models]
+        if any(n is None or not math.isfinite(n) or n < 0 for n in params):
+            raise RouterSpecError(f"{meta_file}: every model record needs 'params' ≥ 0")
+        known = [n for n in params if n > 0]
+        if len(known) == len(params) and any(b < a for a, b in itertools.pairwise(known)):
+            raise RouterSpecError(
+                f"{meta_file}: models must go small → large, but their parameter counts are "
+                f"{params}: was router.json edited?")
+    g = meta.get("guarantee")
+    if g is not None:
+        if not isinstance(g, dict) or g.get("kind") not in ("marginal", "pac"):
+            raise RouterSpecError(f"{meta_file}: field 'guarantee' must be an object with "
+                                  f"'kind' marginal or pac, got {quote(g)}")
+        a, d = _number(g.get("alpha")), g.get("delta")
+        if a is None or abs(a - float(meta["alpha"])) > 1e-12:
+            raise RouterSpecError(f"{meta_file}: the guarantee's 'alpha' {quote(g.get('alpha'))}"
+                                  f" is not the router's α = {meta['alpha']}")
+        if (g["kind"] == "marginal") != (d is None) or (
+                d is not None and not (_number(d) is not None and 0 < float(d) < 1)):
+            raise RouterSpecError(f"{meta_file}: the guarantee's 'delta' must be null (marginal)"
+                                  f" or in (0, 1) (PAC), got {quote(d)}")
+        n = g.get("calibration_problems")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise RouterSpecError(f"{meta_file}: the guarantee's 'calibration_problems' must be "
+                                  f"a count, got {quote(n)}")
+    for key in ("kappa_online",):
+        if key in meta and meta[key] is not None and _number(meta[key]) is None:
+            raise RouterSpecError(f"{meta_file}: field {key!r} must be a number, got "
+                                  f"{quote(meta[key])}")
+    feasible = meta.get("calibration_feasible")
+    if feasible is not None and not isinstance(feasible, bool):
+        raise RouterSpecError(f"{meta_file}: field 'calibration_feasible' must be true or false")
+
+
 def load_router(path: str | Path, feature_names: Sequence[str] | None = None,
                 model_names: Sequence[str] | None = None) -> Router:
     """Load an exported router; check it against the caller's feature spec and model pair."""
@@ -215,7 +275,7 @@ def load_router(path: str | Path, feature_names: Sequence[str] | None = None,
     if not meta_file.exists():
         raise FileNotFoundError(f"{meta_file}: not found (is {path} an exported router?)")
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        meta = read_json(meta_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RouterSpecError(f"{meta_file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict):
@@ -246,8 +306,9 @@ def load_router(path: str | Path, feature_names: Sequence[str] | None = None,
         raise RouterSpecError(f"{meta_file}: field 'num_models' = {meta['num_models']} but "
                               f"'model_names' lists {len(meta['model_names'])}")
     if not meta["hidden"] or not all(isinstance(h, int) and h >= 1 for h in meta["hidden"]):
-        raise RouterSpecError(f"{meta_file}: field 'hidden' = {meta['hidden']!r} is not a list "
-                              "of layer widths ≥ 1")
+        raise RouterSpecError(f"{meta_file}: field 'hidden' = {quote(meta['hidden'])} is not a "
+                              "list of layer widths ≥ 1")
+    check_meta(meta, meta_file)
     networks = nets_lib.make_networks(meta["num_models"], len(meta["feature_names"]),
                                       tuple(meta["hidden"]))
     template_policy, _, _ = nets_lib.init_params(networks, jax.random.PRNGKey(0))

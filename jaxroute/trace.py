@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxroute.accounting import COST_FIELDS, COST_MODELS, cost_of
-from jaxroute.errors import InputError
+from jaxroute.errors import InputError, quote
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -135,7 +135,7 @@ def _need(d: Any, key: str, kind, where: str):
         ok = isinstance(val, kind)
     if not ok:
         raise TraceFormatError(f"{where}: field {key!r} must be {getattr(kind, '__name__', kind)}"
-                               f" (finite and sane, non-negative for counts), got {val!r}")
+                               f" (finite and sane, non-negative for counts), got {quote(val)}")
     return val
 
 
@@ -185,7 +185,7 @@ def _check_segment(seg: Any, k_models: int, n_feat: int, where: str, depth: int)
                 _need(br, "correct", bool, wb)
                 _check_cost(_need(br, "cost", dict, wb), f"{wb}.cost")
             else:
-                if br.get("model") != kp:
+                if _need(br, "model", int, wb) != kp:
                     raise TraceFormatError(f"{wb}: field 'model' must be {kp}")
                 _check_segment(br, k_models, n_feat, wb, depth + 1)
 
@@ -193,12 +193,13 @@ def _check_segment(seg: Any, k_models: int, n_feat: int, where: str, depth: int)
 def validate_problem(p: Any, manifest: Manifest, where: str) -> None:
     """Raise TraceFormatError naming `where` (file and record) and the field if `p` is malformed."""
     pid = p.get("problem_id") if isinstance(p, dict) else None
-    where = f"{where} (problem {pid!r})" if pid is not None else where
+    where = f"{where} (problem {quote(pid)})" if pid is not None else where
     _need(p, "problem_id", str, where)
     _need(p, "dataset", str, where)
     split = _need(p, "split", str, where)
     if split not in SPLITS:
-        raise TraceFormatError(f"{where}: field 'split' must be one of {SPLITS}, got {split!r}")
+        raise TraceFormatError(f"{where}: field 'split' must be one of {SPLITS}, got "
+                               f"{quote(split)}")
     d = p.get("difficulty")
     if d is not None and not (isinstance(d, (int, float)) and math.isfinite(d)):
         raise TraceFormatError(f"{where}: field 'difficulty' must be a number or null")
@@ -213,7 +214,7 @@ def validate_problem(p: Any, manifest: Manifest, where: str) -> None:
     if not roots:
         raise TraceFormatError(f"{where}: field 'roots' is empty")
     for j, seg in enumerate(roots):
-        if seg.get("model") != 0:
+        if _need(seg, "model", int, f"{where}.roots[{j}]") != 0:
             raise TraceFormatError(f"{where}.roots[{j}]: field 'model' must be 0")
         _check_segment(seg, k, len(manifest.feature_names), f"{where}.roots[{j}]", 0)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxroute.durable import atomic_write_text, whole_json
-from jaxroute.errors import InputError
+from jaxroute.errors import InputError, quote
 from jaxroute.trace import MANIFEST, TREES, Manifest, TraceFormatError, validate_problem
 
 
@@ -50,10 +50,20 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
 
 
 
+MAX_RECORD_BYTES = 64 << 20  # a longer line is not a trace record (and is never read whole)
+
+
 def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) from a JSON-lines file, with clear errors."""
+    """Yield (line number, record) from a JSON-lines file, with clear errors that quote at most
+    a bounded prefix of anything in the file (decision 90)."""
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n in itertools.count(1):
+            raw = f.readline(MAX_RECORD_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_RECORD_BYTES:
+                raise TraceFormatError(f"{path}: line {n} is longer than {MAX_RECORD_BYTES} "
+                                       "bytes: not a trace record")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -70,8 +80,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                         f"`python -m launch.repair --traces={Path(path).parent}` or re-run the "
                         "generator") from None
                 raise TraceFormatError(f"{path}: line {n}: invalid JSON: {e}") from None
+            except (ValueError, RecursionError) as e:  # 5000-digit integers, deep nesting
+                raise TraceFormatError(f"{path}: line {n}: unreadable JSON value "
+                                       f"({quote(str(e) or type(e).__name__)})") from None
             yield n, rec
-
 
 
 def load_trace_set(folder: str | os.PathLike) -> tuple[Manifest, list[dict]]:
@@ -86,7 +98,8 @@ def load_trace_set(folder: str | os.PathLike) -> tuple[Manifest, list[dict]]:
     for n, p in read_records(path):
         validate_problem(p, manifest, where=f"{path}: line {n}")
         if p["problem_id"] in seen:
-            raise TraceFormatError(f"{path}: line {n}: duplicate problem_id {p['problem_id']!r}")
+            raise TraceFormatError(f"{path}: line {n}: duplicate problem_id "
+                                   f"{quote(p['problem_id'])}")
         seen.add(p["problem_id"])
         problems.append(p)
     if not problems:
@@ -119,10 +132,13 @@ def repair(folder: str | os.PathLike, force: bool = False) -> dict[str, Any]:
         report["torn_bytes"] = len(data) - (data.rfind(b"\n") + 1)
         data = data[:data.rfind(b"\n") + 1]
     keep, seen, reasons = [], set(), collections.Counter()
-    for n, raw in enumerate(data.splitlines(), 1):
+    # Lines end at "\n" only: a "\r" is JSON whitespace inside a record the loader accepts.
+    for n, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
         try:
+            if len(raw) > MAX_RECORD_BYTES:
+                raise TraceFormatError(f"longer than {MAX_RECORD_BYTES} bytes")
             rec = json.loads(raw.decode("utf-8"))
             validate_problem(rec, manifest, where=f"{path}: line {n}")
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -131,7 +147,7 @@ def repair(folder: str | os.PathLike, force: bool = False) -> dict[str, Any]:
             reasons[_reason(message)] += 1
             continue
         if rec["problem_id"] in seen:
-            report["duplicates"].append(f"line {n}: {rec['problem_id']}")
+            report["duplicates"].append(f"line {n}: {quote(rec['problem_id'])}")
             continue
         seen.add(rec["problem_id"])
         keep.append(raw.decode("utf-8"))

@@ -197,16 +197,18 @@ def reexport(workdir: Path, record: dict, trees: PackedTrees, manifest, source: 
              out: Path) -> dict[str, float]:
     """Re-export the router of the run in `workdir` (its `train_config.json` is `record`) and
     check the copy: the run resumes from its checkpoints (nothing is retrained when it
-    finished; they must be of this config and trace set). The exported copy must give the
-    run's π on every cal node (max |Δπ| ≤ 1e-5), else `RuntimeError`. Returns κ, α, the nodes
-    checked and the gap."""
+    finished; they must be of this config and trace set), holding the run folder's lock (a
+    training run or another export in it is refused, `durable.FolderInUse`; decision 90). The
+    exported copy must give the run's π on every cal node (max |Δπ| ≤ 1e-5), else
+    `RuntimeError`. Returns κ, α, the nodes checked and the gap."""
     cost_model = record.get("cost_model", "flops")
     config = config_from_dict(record)
     if not (workdir / "checkpoints").exists():
         raise FileNotFoundError(f"{workdir / 'checkpoints'}: no checkpoints to export")
-    check_workdir(workdir, run_fingerprint(trees, config, cost_model), overwrite=False)
-    result = train(trees, config, workdir)  # resumes; trains only what is missing
-    export_result(out, result, config, manifest, source, cost_model)
+    with exclusive(workdir):  # the lock `train_and_export` holds: one writer per run folder
+        check_workdir(workdir, run_fingerprint(trees, config, cost_model), overwrite=False)
+        result = train(trees, config, workdir)  # resumes; trains only what is missing
+        export_result(out, result, config, manifest, source, cost_model)
     router = export.load_router(out, feature_names=manifest.feature_names,
                                 model_names=[m.name for m in manifest.models])
     cal = trees.subset(trees.split_indices("cal"))

@@ -24,7 +24,7 @@ from generation import main_job
 from generation.tinylm import backend as tiny
 from generation.traces import answers
 from jaxroute import exact, suite, trace, traceset
-from jaxroute.durable import append_records, atomic_write_text
+from jaxroute.durable import append_records, atomic_write_text, strict_json
 from jaxroute.errors import InputError
 from launch import common, report
 from launch.results import save
@@ -144,7 +144,7 @@ def main(argv):
     records = [r for r in records if r["world"] in names]
     rows = suite.aggregate(records)
     verdicts = suite.targets(rows)
-    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "targets": verdicts},
+    atomic_write_text(out / "summary.json", strict_json({"rows": rows, "targets": verdicts},
                                                        indent=2, default=float) + "\n")
     md = report.routing_table(rows, verdicts)
     if ablation:

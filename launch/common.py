@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import gc
+import os
 import platform
 import resource
 import sys
@@ -151,7 +153,26 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from generation.traces.answers import WorkerError
 
     return (InputError, FatalBackendError, WorkerError, flags.ValidationError,
-            FileNotFoundError, FileExistsError, PermissionError)
+            FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            IsADirectoryError)
+
+
+# Errors of a full disk (or quota, or a file-size limit): one line, and the run resumes.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(e: BaseException) -> bool:
+    """A write that found no room: an `OSError` with a disk-full errno, or a native library's
+    error (orbax/tensorstore, safetensors) that reports one in its message."""
+    if isinstance(e, OSError) and e.errno in DISK_FULL:
+        return True
+    text = str(e)
+    return any(os.strerror(n) in text for n in DISK_FULL)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 def run(main) -> None:
@@ -169,6 +190,14 @@ def run(main) -> None:
             sys.exit(130)
         except user_errors() as e:
             sys.stderr.write(f"error: {e}\n")
+            sys.exit(2)
+        except Exception as e:  # noqa: BLE001 — a full disk, whoever's write found it
+            if not disk_full(e):
+                raise
+            where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+            sys.stderr.write(f"error: no room on the disk{where} ({_first_line(e)}): free space "
+                             "and re-run the same command; finished work is kept and it "
+                             "resumes\n")
             sys.exit(2)
 
     app.run(wrapped)

@@ -28,7 +28,6 @@ chunk in flight, training at its last checkpoint, the online stage at the method
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from absl import flags
@@ -36,7 +35,7 @@ from absl import flags
 from generation import main_job
 from generation.traces import answers
 from jaxroute import core, exact, guarantee, suite, trace, traceset, trainer
-from jaxroute.durable import atomic_write_text, exclusive
+from jaxroute.durable import atomic_write_text, exclusive, strict_json
 from launch import common, report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (default runs/experiment, "
@@ -139,7 +138,7 @@ def run(work: Path, seed: int, alpha: float, delta: float | None = None) -> None
     report.write_report(work / "report", result, UNIT, title, config)
     print(report.markdown_table(result["rows"], UNIT, title) + report.guarantee_line(result)
           + report.matched_line(result, UNIT) + report.replay_line(result))
-    atomic_write_text(work / "report" / "timing.json", json.dumps(times) + "\n")
+    atomic_write_text(work / "report" / "timing.json", strict_json(times) + "\n")
     print("      " + "; ".join(f"{k.replace('_', ' ')}: " + ", ".join(
         f"{s} {v:.0f}" for s, v in t.items()) for k, t in times.items()))
     print(f"done in {times['seconds']['total']:.0f} s; report in {work / 'report'}")

@@ -14,13 +14,16 @@ from generation.tinylm import hf_export
 from launch import common
 
 _OUT = flags.DEFINE_string("out", "runs/models", "Folder to write small/, large/ and prm/ into.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out folder (it is "
+                                "written afresh, never merged).")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Tiny-model weights folder (default: the "
                                "committed ones).")
 
 
 def main(argv):
     del argv
-    for name, path in hf_export.export_all(_OUT.value, _WEIGHTS.value).items():
+    for name, path in hf_export.export_all(_OUT.value, _WEIGHTS.value,
+                                                   overwrite=_OVERWRITE.value).items():
         print(f"{name}: {path}")
 
 

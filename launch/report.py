@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxroute.durable import atomic_write_text
+from jaxroute.durable import atomic_write_text, strict_json
 from jaxroute.guarantee import describe_guarantee
 
 
@@ -101,8 +100,8 @@ def write_report(out: Path, result: dict[str, Any], cost_unit: str, title: str,
     md = (markdown_table(result["rows"], cost_unit, title) + guarantee_line(result)
           + matched_line(result, cost_unit) + replay_line(result))
     atomic_write_text(out / "table.md", md)
-    atomic_write_text(out / "table.json", json.dumps(result, indent=2, default=float) + "\n")
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    atomic_write_text(out / "table.json", strict_json(result, indent=2, default=float) + "\n")
+    atomic_write_text(out / "config.json", strict_json(config, indent=2, default=str) + "\n")
     plot(out / "accuracy_cost.png", result, cost_unit, title)
 
 

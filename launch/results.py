@@ -12,7 +12,6 @@ Sources: `RUNS/experiment/report/{table.md,config.json}` (the main job) and ever
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import re
@@ -22,7 +21,7 @@ from typing import Any
 
 from absl import flags
 
-from jaxroute.durable import atomic_write_text
+from jaxroute.durable import atomic_write_text, read_json, strict_json
 from jaxroute.errors import InputError
 from launch import common, presets
 
@@ -66,7 +65,7 @@ def save(name: str, title: str, columns: list[str], rows: list[list[Any]], *,
               "command": "python -m " + " ".join([_module_of_main()] + sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": machine(),
               **(extra or {})}
-    atomic_write_text(path, json.dumps(record, indent=2, default=float) + "\n")
+    atomic_write_text(path, strict_json(record, indent=2, default=float) + "\n")
     return path
 
 
@@ -106,7 +105,7 @@ def main_job(runs: Path, folder: str = "experiment", command: str = MAIN_COMMAND
     if not (rep / "table.md").exists():
         return None
     md = (rep / "table.md").read_text()
-    cfg = json.loads((rep / "config.json").read_text()) if (rep / "config.json").exists() else {}
+    cfg = read_json((rep / "config.json").read_text()) if (rep / "config.json").exists() else {}
     secs = cfg.get("seconds", {})
     when = datetime.date.fromtimestamp((rep / "table.md").stat().st_mtime).isoformat()
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
@@ -140,7 +139,7 @@ def engines_side_by_side(runs: Path) -> str | None:
     paths = [runs / f / "report" / "table.json" for f in ("experiment", "experiment_vllm")]
     if not all(p.exists() for p in paths):
         return None
-    jax_rows, vllm_rows = ({_method_key(r["method"]): r for r in json.loads(p.read_text())["rows"]}
+    jax_rows, vllm_rows = ({_method_key(r["method"]): r for r in read_json(p.read_text())["rows"]}
                            for p in paths)
     rows = []
     for name, a in jax_rows.items():
@@ -170,8 +169,8 @@ def price_of_pac(runs: Path) -> str | None:
     paths = [runs / f / "report" / "table.json" for f in ("experiment", "experiment_pac")]
     if not all(p.exists() for p in paths):
         return None
-    marg, pac = ({r["method"]: r for r in json.loads(p.read_text())["rows"]} for p in paths)
-    g = json.loads(paths[1].read_text()).get("guarantee", {})
+    marg, pac = ({r["method"]: r for r in read_json(p.read_text())["rows"]} for p in paths)
+    g = read_json(paths[1].read_text()).get("guarantee", {})
     rows = []
     for name, a in marg.items():
         b = pac.get(name)
@@ -192,7 +191,7 @@ def pac_sentence(runs: Path) -> str | None:
     paths = [runs / f / "report" / "table.json" for f in ("experiment", "experiment_pac")]
     if not all(p.exists() for p in paths):
         return None
-    marg, pac = (json.loads(p.read_text()) for p in paths)
+    marg, pac = (read_json(p.read_text()) for p in paths)
     pick = lambda res: next((r for r in res["rows"] if r.get("kind") == "router"  # noqa: E731
                              and "mean ± sd" in r["method"]), None)
     a, b = pick(marg), pick(pac)
@@ -208,7 +207,7 @@ def pac_sentence(runs: Path) -> str | None:
 
 def _load(runs: Path, name: str) -> dict | None:
     path = runs / "benchmarks" / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path.read_text()) if path.exists() else None
 
 
 def targets(runs: Path) -> str:
@@ -216,7 +215,7 @@ def targets(runs: Path) -> str:
     each read from the output of the run that measured it."""
     rows = []
     cfg_path = runs / "experiment" / "report" / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg = read_json(cfg_path.read_text()) if cfg_path.exists() else {}
     mem, secs = cfg.get("peak_rss_mb", {}), cfg.get("seconds", {})
 
     def verdict(value, limit):
@@ -283,7 +282,7 @@ def render(runs: Path) -> tuple[str, str]:
     for name, cmd in BENCHMARKS.items():
         path = runs / "benchmarks" / f"{name}.json"
         if path.exists():
-            out.append(render_benchmark(json.loads(path.read_text())))
+            out.append(render_benchmark(read_json(path.read_text())))
         else:
             out.append(f"### {name}\n\nNot run yet: `{cmd}`.\n")
     readme = (main if main else f"Not run yet: `{MAIN_COMMAND}`.\n") + (

@@ -15,7 +15,6 @@ OUT/<rule>/paths.jsonl.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from generation.live import comparison, online, rules, scorers
 from generation.registry import make_backend
 from generation.traces import answers, datasets, features
 from jaxroute import baselines, export, records, trace, traceset
-from jaxroute.durable import atomic_write_text
+from jaxroute.durable import atomic_write_text, strict_json
 from launch import common, presets, report
 
 _PRESET = flags.DEFINE_enum("preset", "embedded", sorted(presets.PRESETS), "Paper setup.")
@@ -158,7 +157,7 @@ def main(argv):
                          "dataset": pre.dataset, "cost_model": cost_model,
                          "config": cfg.__dict__, "router": _ROUTER.value})
     print(report.markdown_table(res.rows, unit, title))
-    atomic_write_text(out / "rows.json", json.dumps(res.rows, indent=2, default=float) + "\n")
+    atomic_write_text(out / "rows.json", strict_json(res.rows, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -104,9 +104,10 @@ def main(argv):
         max_connections=_MAX_CONNECTIONS.value, host=_HOST.value, port=_PORT.value,
         timeout_graceful_shutdown=60))
 
-    def shutdown(signum, frame):  # drain, then stop the server; a second signal: at once
+    def shutdown(signum, frame):  # drain, then stop; a second signal: answer everyone 503 now
         if application.state.admission.draining:
-            server.should_exit = server.force_exit = True
+            serving.abort(application)
+            server.should_exit = True
             return
         print("draining: in-flight requests finish, new ones get 503 (again to stop now)",
               file=sys.stderr, flush=True)

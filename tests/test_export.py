@@ -112,3 +112,18 @@ def test_an_edited_or_truncated_router_is_refused_naming_the_file(tmp_path):
     with pytest.raises(export.RouterSpecError, match="unreadable") as e:
         export.load_router(broken)
     assert str(broken / "params") in str(e.value)
+
+
+def test_router_json_is_strict_json_and_loads_back(tmp_path):
+    """Regression: router.json held `"kappa_online": NaN`, which strict parsers (other
+    languages') refuse. Non-finite numbers are strings now, and the router loads back."""
+    nets = nets_lib.make_networks(2, 5, (8,))
+    params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(0))
+    norm = nets_lib.Normalizer(np.zeros(5, np.float32), np.ones(5, np.float32))
+    path = export.export_router(tmp_path / "r", nets, params, norm, 0.3, feature_names=FEATS,
+                                model_names=["s", "l"], alpha=0.05, hidden=(8,),
+                                extra={"kappa_online": float("nan")})
+    meta = json.loads((path / "router.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert meta["kappa_online"] == "NaN"
+    assert np.isnan(export.load_router(path).meta["kappa_online"])

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 from generation.tinylm import hf_export, task, train
 from generation.tinylm.backend import load
 from generation.tinylm.model import Tokenizer
+from jaxroute.errors import InputError
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,3 +89,24 @@ def test_real_transformers_tokenizes_as_the_jax_tokenizer(folders, loader):
                                     {"role": "user", "content": "judge"}],
                                    add_generation_prompt=True, tokenize=False)
     assert judge == "<bos>q<asst>s1\n\ns2<eos>judge<asst>"
+
+
+def test_out_must_be_an_empty_folder_unless_overwritten_and_is_then_written_clean(tmp_path):
+    """Regression: `--out` onto a file ended in a NotADirectoryError traceback, and onto a
+    non-empty folder the export merged, leaving a stale `model.safetensors.index.json` beside
+    the new weights (decision 90)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        hf_export.export_all(a_file)
+    out = tmp_path / "models"
+    (out / "small").mkdir(parents=True)
+    (out / "small" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(InputError, match="not empty.*--overwrite"):
+        hf_export.export_all(out)
+    assert (out / "small" / "model.safetensors.index.json").exists()  # nothing was touched
+    done = hf_export.export_all(out, overwrite=True)
+    assert not (out / "small" / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["large", "prm", "small"]
+    assert (done["small"] / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -55,7 +55,10 @@ def test_route_cli_runs_rules_and_per_step_baselines_on_loopback(tmp_path):
                     "--cost_model=usd_cents", f"--out={out}"],
                    env=dict(os.environ, OPENAI_API_KEY="test"))
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {r["method"]: r for r in json.loads((out / "rows.json").read_text())}
+    # Regression: rows.json and report/table.json held NaN/Infinity, which strict parsers refuse.
+    strict = dict(parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    json.loads((out / "report" / "table.json").read_text(), **strict)
+    rows = {r["method"]: r for r in json.loads((out / "rows.json").read_text(), **strict)}
     assert set(rows) == {"model 0 only", "model 1 only", "SpecReason"}
     assert rows["SpecReason"]["scorer_cost"] > 0 and rows["model 0 only"]["scorer_cost"] == 0
     assert rows["model 1 only"]["coverage"] == 1.0

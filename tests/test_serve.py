@@ -1,6 +1,7 @@
 """The routing server on loopback, with the OpenAI SDK as the client: answers and routing traces
 equal `generation.live.online`'s, streaming, auth, every error in OpenAI's shape, draining, metrics,
-a bounded load test, and tiny-model upstreams over HTTP (decision 80)."""
+a bounded load test, tiny-model upstreams over HTTP (decision 80), and clients that must not hurt
+the others (decision 90). An exception in the engine thread fails the test that caused it."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from generation.traces.answers import AnswerChecker
 from generation.traces.datasets import Problem
 from jaxroute import accounting, export, guarantee
 from jaxroute import networks as nets_lib
+
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 NAMES = ["tinylm-small", "tinylm-large"]
 CFG = serving.ServeConfig(max_tokens=160, max_tokens_per_step=64, max_steps=30)
@@ -586,3 +589,221 @@ def test_models_and_health_report_the_routers_guarantee(backends, router_dir, tm
         assert status == 200
         for got in (listed, json.loads(body)["guarantee"]):
             assert {k: got[k] for k in want} == want and got["kappa"] == router.kappa
+
+
+class GatedBackend:
+    """A backend whose calls wait until the test opens the gate (a request held in flight),
+    counting the calls made."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.params = inner, inner.name, inner.params
+        self.temperature = inner.temperature
+        self.gate, self.calls = threading.Event(), 0
+
+    def generate(self, requests, **kw):
+        self.calls += 1
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self.inner.generate(requests, **kw)
+
+
+def _body(question: str, **fields) -> bytes:
+    return json.dumps({"model": CFG.model_name, "messages": [{"role": "user",
+                                                             "content": question}],
+                       **fields}).encode()
+
+
+def test_slow_bodies_never_hold_an_admission_slot(backends):
+    """Regression: 16 sockets that sent `Content-Length: 99999` and one byte held all 16 slots
+    for the read timeout, and every valid request was a 429. A slot is now taken only once a
+    whole, valid body is in hand (decision 90)."""
+    service = _service(backends, max_concurrent=4, read_timeout_s=20)
+    try:
+        with asgi.BackgroundServer(serving.make_app(service)) as srv:
+            slow = _idle_connections(srv.port, 8, b"POST /v1/chat/completions HTTP/1.1\r\n"
+                                     b"Host: x\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: 99999\r\n\r\n{")
+            time.sleep(0.3)
+            statuses = [call("POST", srv.base_url + "/chat/completions",
+                             _body(QUESTIONS[i], max_tokens=8))[0] for i in range(3)]
+            assert statuses == [200, 200, 200]
+            assert service.engine.active() == [] and slow
+            for s in slow:
+                s.close()
+    finally:
+        service.close()
+
+
+def test_idle_connections_are_shed_so_a_new_client_always_gets_in(backends):
+    """Regression: a client holding more idle sockets than `max_connections` (reopening any
+    that were closed) made every /health call fail. Now the oldest idle connection is closed
+    to make room, so /health and a request get in while the flood holds on."""
+    service = _service(backends)
+    cap, flood = 16, 24
+    try:
+        with asgi.BackgroundServer(serving.make_app(service), header_timeout_s=60,
+                                   max_connections=cap) as srv:
+            held, stop, reopened = _idle_connections(srv.port, flood), threading.Event(), [0]
+
+            def keep_open():  # the attacker: any socket the server closes is opened again
+                while not stop.is_set():
+                    for i, s in enumerate(held):
+                        if _closed_by_server(s, 0.001):
+                            s.close()
+                            held[i] = socket.create_connection(("127.0.0.1", srv.port), 5)
+                            reopened[0] += 1
+            attacker = threading.Thread(target=keep_open, daemon=True)
+            attacker.start()
+            time.sleep(0.3)
+            health = [call("GET", srv.base_url.removesuffix("/v1") + "/health")[0]
+                      for _ in range(5)]
+            answer = call("POST", srv.base_url + "/chat/completions",
+                          _body(QUESTIONS[1], max_tokens=8))[0]
+            stop.set()
+            attacker.join(10)
+            for s in held:
+                s.close()
+        assert health == [200] * 5 and answer == 200
+        assert reopened[0] >= 6  # the flood really was shed (and came back)
+    finally:
+        service.close()
+
+
+def test_a_client_that_leaves_is_cancelled_and_frees_its_slot(backends):
+    """Regression: a request whose client disconnected ran to its end and held its slot. Now
+    the engine drops it before its next round: no further upstream call is made for it and the
+    slot is free for the next client (decision 90)."""
+    question = QUESTIONS[0]
+    engine = online.Engine(backends, rules.FixedRule("small only", 0),
+                           online.OnlineConfig(CFG.max_steps, 64, 160))
+    live = engine.admit(Problem(serving.problem_id(question), question, "", "served"))
+    while engine.active():
+        engine.round()
+    assert len(live.pieces) >= 2  # left alone it takes more than one round
+    gated = [GatedBackend(b) for b in backends]
+    service = _service(gated, max_concurrent=1)
+    app = serving.make_app(service)
+    try:
+        with asgi.BackgroundServer(app) as srv:
+            s = socket.create_connection((srv.host, srv.port), 5)
+            body = _body(question)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                      b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                      + b"\r\n\r\n" + body)
+            deadline = time.monotonic() + 10
+            while gated[0].calls == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            s.close()  # the client leaves while its first step is being written
+            time.sleep(0.3)
+            calls = gated[0].calls
+            for g in gated:
+                g.gate.set()
+            while app.state.admission.in_flight and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert app.state.admission.in_flight == 0
+            assert gated[0].calls == calls  # nothing more was generated for it
+            r = client(srv, key="x").chat.completions.create(
+                model=CFG.model_name, messages=[{"role": "user", "content": QUESTIONS[3]}])
+            assert r.choices[0].message.content
+    finally:
+        service.close()
+
+
+def test_max_tokens_is_a_budget_for_the_whole_answer_and_a_cut_says_length(served):
+    """Regression: after an escalation the large model's rest got the whole max_tokens (a
+    43-token answer for max_tokens=30) and a cut answer said "stop". Now the budget holds
+    across models and any truncation — the budget, a step limit, an upstream's "length" —
+    finishes "length"; an answer that fits is the same as without the limit."""
+    srv, _ = served
+    c = client(srv)
+    cut = 0
+    for q in QUESTIONS[:6]:
+        free = c.chat.completions.create(model=CFG.model_name, seed=5,
+                                          messages=[{"role": "user", "content": q}])
+        need = free.model_extra["jaxroute"]["answer_tokens"]
+        for budget in (5, 12, 30):
+            r = c.chat.completions.create(model=CFG.model_name, seed=5, max_tokens=budget,
+                                          messages=[{"role": "user", "content": q}])
+            got = r.model_extra["jaxroute"]["answer_tokens"]
+            assert got <= budget, (q, budget, got)
+            if need > budget:
+                cut += 1
+                assert r.choices[0].finish_reason == "length", (q, budget)
+            elif free.choices[0].finish_reason == "stop":
+                assert r.choices[0].message.content == free.choices[0].message.content
+    assert cut >= 6  # most of these answers are longer than 12 tokens
+
+
+def test_a_second_stop_answers_everyone_503_and_the_engine_thread_lives(backends):
+    """Regression: a second SIGTERM turned requests in flight into `500 CancelledError` and the
+    engine thread died with "Event loop is closed". `serving.abort` (what `launch.serve` calls
+    on the second signal) answers them 503 at once; the engine thread survives the loop's end."""
+    gated = [GatedBackend(b) for b in backends]
+    service = _service(gated)
+    app = serving.make_app(service)
+    try:
+        with asgi.BackgroundServer(app) as srv, cf.ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(call, "POST", srv.base_url + "/chat/completions",
+                                _body(QUESTIONS[0]))
+            streamed = pool.submit(call, "POST", srv.base_url + "/chat/completions",
+                                   _body(QUESTIONS[1], stream=True))
+            deadline = time.monotonic() + 10
+            while app.state.admission.in_flight < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            serving.abort(app)
+            status, _, text = plain.result(10)
+            assert status == 503 and "shutting down" in text
+            status, _, text = streamed.result(10)
+            assert status == 200 and '"code": 503' in text and "shutting down" in text
+            assert call("GET", srv.base_url.removesuffix("/v1") + "/health")[0] == 503
+        for g in gated:
+            g.gate.set()  # the round ends after the server's loop is gone
+        time.sleep(0.5)
+        assert service._thread.is_alive()
+    finally:
+        service.close()
+
+
+def test_router_json_edits_are_refused_at_load(backends, router_dir, tmp_path):
+    """Regression: swapped `model_names` served the large model as model 0 without a word, and
+    `"guarantee": "x"` started, then /health and /v1/models answered 500 forever. router.json
+    is now checked whole at load (decision 90)."""
+    import shutil
+
+    def edited(name, change):
+        folder = tmp_path / name
+        shutil.copytree(router_dir, folder)
+        meta = json.loads((folder / "router.json").read_text())
+        meta["models"] = [{"name": m.name, "params": m.params, "price_input": 0.0,
+                           "price_cached_input": 0.0, "price_output": 0.0}
+                          for m in models_of(backends)]
+        change(meta)
+        (folder / "router.json").write_text(json.dumps(meta))
+        return folder
+
+    good = edited("good", lambda m: None)
+    assert export.load_router(good).meta["model_names"] == NAMES
+    cases = {
+        "names": (lambda m: m.update(model_names=NAMES[::-1]), "disagrees with the model"),
+        "both": (lambda m: m.update(model_names=NAMES[::-1], models=m["models"][::-1]),
+                 "small → large"),
+        "guarantee": (lambda m: m.update(guarantee="x"), "'guarantee'"),
+        "alpha": (lambda m: m.update(guarantee=guarantee.guarantee(0.3)), "router's α"),
+        "delta": (lambda m: m.update(guarantee={"kind": "pac", "alpha": 0.1, "delta": None}),
+                  "'delta'"),
+    }
+    for name, (change, words) in cases.items():
+        folder = edited(name, change)
+        with pytest.raises(export.RouterSpecError, match=words):
+            export.load_router(folder)
+        with pytest.raises(export.RouterSpecError, match=words):
+            serving.build(str(folder))
+
+
+def test_an_integer_python_cannot_read_is_a_400(served):
+    """Regression: a 5000-digit integer in a body was a 500 and a traceback (decision 90)."""
+    srv, _ = served
+    body = ('{"model": "' + CFG.model_name + '", "seed": ' + "9" * 5000 + ', "messages": '
+            '[{"role": "user", "content": "1 + 1?"}]}').encode()
+    status, _, text = call("POST", srv.base_url + "/chat/completions", body,
+                           {"Authorization": "Bearer sk-test"})
+    assert status == 400 and "cannot read" in text and len(text) < 1000

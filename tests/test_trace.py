@@ -242,3 +242,91 @@ def test_repair_never_overwrites_a_backup_and_keeps_a_whole_last_record(tmp_path
     assert (tmp_path / "trees.jsonl.bak").read_bytes() == first  # the first backup is intact
     assert (tmp_path / "trees.jsonl.bak.1").read_bytes() == second
     assert durable.repair_tail(path) == 0  # nothing left to cut
+
+
+def _strict(text: str):
+    """Parse as any strict JSON parser would (no NaN or Infinity)."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda p: p.update(roots=[5]), ".roots[0]: expected an object, got int"),
+    (lambda p: p["roots"][0]["steps"][0]["branches"].update({"1": "x"}),
+     ".roots[0].steps[0].branches[1]: expected an object, got str"),
+    (lambda p: p.update(solo=[3, 4]), ".solo[0]: expected an object, got int"),
+])
+def test_a_record_part_that_is_not_an_object_is_one_clear_error(tmp_path, small_set, edit,
+                                                                where):
+    """Regression: a root that was not an object crashed loading and repair with
+    `AttributeError: 'int' object has no attribute 'get'` (repair repaired nothing)."""
+    manifest, problems = small_set
+    bad = json.loads(json.dumps(problems[0]))
+    bad["problem_id"] = "bad"
+    edit(bad)
+    traceset.write_trace_set(tmp_path, manifest, problems[:5])
+    with open(tmp_path / trace.TREES, "a") as f:
+        f.write(json.dumps(bad) + "\n")
+    with pytest.raises(trace.TraceFormatError, match=r"line 6 \(problem 'bad'\)" + where.replace(
+            "[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        traceset.load_trace_set(tmp_path)
+    report = traceset.repair(tmp_path, force=True)
+    assert report["kept"] == 5 and len(report["invalid"]) == 1
+    assert len(traceset.load_trace_set(tmp_path)[1]) == 5
+
+
+def test_repair_splits_lines_only_at_newlines(tmp_path, small_set):
+    """Regression: repair split lines at "\\r" too and dropped a record the loader accepts
+    (kept 159 of 160): "\\r" is JSON whitespace inside a record."""
+    manifest, problems = small_set
+    traceset.write_trace_set(tmp_path, manifest, problems[:8])
+    path = tmp_path / trace.TREES
+    lines = path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace('{"problem_id"', '{\r "problem_id"', 1)
+    path.write_text("".join(lines), newline="")
+    assert len(traceset.load_trace_set(tmp_path)[1]) == 8  # the loader accepts it
+    report = traceset.repair(tmp_path)
+    assert report["kept"] == 8 and report["invalid"] == []
+
+
+def test_errors_quote_a_bounded_prefix_of_a_huge_id_and_long_lines_are_refused(tmp_path,
+                                                                               small_set):
+    """Regression: error messages quoted a whole problem_id (a 1 GB id wrote 1 GB to stderr).
+    Messages quote at most `errors.QUOTE_CHARS` characters of it; a line longer than
+    `traceset.MAX_RECORD_BYTES` is refused without being read whole."""
+    manifest, problems = small_set
+    traceset.write_trace_set(tmp_path, manifest, problems[:3])
+    dup = json.loads(json.dumps(problems[0]))
+    big = "x" * 2_000_000
+    dup["problem_id"] = big
+    with open(tmp_path / trace.TREES, "a") as f:
+        f.write(json.dumps(dup) + "\n" + json.dumps(dup) + "\n")
+    with pytest.raises(trace.TraceFormatError) as e:
+        traceset.load_trace_set(tmp_path)
+    assert "duplicate problem_id" in str(e.value) and len(str(e.value)) < 400
+    assert "2000000 characters" in str(e.value)
+    bad = json.loads(json.dumps(problems[1]))
+    bad["problem_id"], bad["split"] = big, big
+    traceset.write_trace_set(tmp_path, manifest, problems[:3])
+    with open(tmp_path / trace.TREES, "a") as f:
+        f.write(json.dumps(bad) + "\n")
+    with pytest.raises(trace.TraceFormatError) as e:
+        traceset.load_trace_set(tmp_path)
+    assert "field 'split'" in str(e.value) and len(str(e.value)) < 600
+    with open(tmp_path / trace.TREES, "w") as f:
+        f.write(" " * (traceset.MAX_RECORD_BYTES + 10) + "\n")
+    with pytest.raises(trace.TraceFormatError, match="line 1 is longer than"):
+        traceset.load_trace_set(tmp_path)
+
+
+def test_strict_json_round_trips_non_finite_numbers():
+    """Files the project writes for others (router.json, report tables) are strict JSON: NaN
+    and ±Infinity become strings, and `durable.read_json` gives the floats back."""
+    obj = {"a": float("nan"), "b": [float("inf"), -np.inf, np.float32("nan"), 1.5, 2],
+           "c": {"d": None, "e": "text", "f": True}}
+    text = durable.strict_json(obj, indent=1)
+    loaded = _strict(text)
+    assert loaded["a"] == "NaN" and loaded["b"][:3] == ["Infinity", "-Infinity", "NaN"]
+    back = durable.read_json(text)
+    assert np.isnan(back["a"]) and back["b"][0] == np.inf and back["b"][1] == -np.inf
+    assert np.isnan(back["b"][2]) and back["b"][3:] == [1.5, 2] and back["c"] == obj["c"]
+    assert durable.read_json('{"x": NaN}')["x"] != durable.read_json('{"x": NaN}')["x"]

@@ -8,7 +8,19 @@ import jax
 import numpy as np
 import pytest
 
-from jaxroute import core, evaluate, exact, export, guarantee, learner, synthetic, tcpo, trace, trainer
+from jaxroute import (
+    core,
+    durable,
+    evaluate,
+    exact,
+    export,
+    guarantee,
+    learner,
+    synthetic,
+    tcpo,
+    trace,
+    trainer,
+)
 from jaxroute.core import threshold
 
 
@@ -149,6 +161,11 @@ def test_a_run_records_its_config_and_reexports_the_same_router(tmp_path, trees)
     assert trainer.config_from_dict(record) == cfg
     done = trainer.reexport(tmp_path, record, packed, manifest, "synthetic", tmp_path / "again")
     assert done["kappa"] == pytest.approx(res.kappas[0]) and done["gap"] <= 1e-5
+    # Regression: a re-export took no lock; beside a running `launch.train` on the same run
+    # folder both trained from one checkpoint and deleted each other's steps (decision 90).
+    with durable.exclusive(tmp_path), pytest.raises(durable.FolderInUse, match="in use"):
+        trainer.reexport(tmp_path, record, packed, manifest, "synthetic", tmp_path / "third")
+    assert not (tmp_path / "third").exists()
 
 
 def test_an_unknown_learner_config_is_refused():

@@ -57,7 +57,9 @@ class Live:
     problem: Problem
     model: int
     seed: int = 0  # base of every model's sample stream on this problem (decision 87)
-    max_tokens: int = 4096  # generated tokens of the solution (a served request may ask fewer)
+    max_tokens: int = 4096  # guard: generated tokens of a segment (the trees' rule)
+    budget: int | None = None  # a served request's max_tokens: the whole answer, across models
+    truncated: bool = False  # a piece of the answer was cut by a token limit (finish "length")
     steps: list[str] = dataclasses.field(default_factory=list)
     owners: list[int] = dataclasses.field(default_factory=list)  # model of each accepted step
     ids: list[int] = dataclasses.field(default_factory=list)  # accepted token ids
@@ -141,9 +143,11 @@ class Engine:
 
     def admit(self, problem: Problem, *, seed: int | None = None, max_tokens: int | None = None,
               on_step: Callable[[dict], None] | None = None) -> Live:
+        """Add a problem. `max_tokens`: a budget for the whole answer across models (a served
+        request's; decision 90) — None keeps the trees' per-segment guard only, so a live run
+        writes what its replay on the trees says."""
         s = Live(problem, self.rule.start_model, self.cfg.seed if seed is None else seed,
-                 min(max_tokens or self.cfg.max_tokens_per_solution,
-                     self.cfg.max_tokens_per_solution), on_step=on_step)
+                 self.cfg.max_tokens_per_solution, budget=max_tokens, on_step=on_step)
         self.live.append(s)
         return s
 
@@ -162,8 +166,10 @@ class Engine:
         cfg, out = self.cfg, {}
         limits = {}
         for s in group:
-            limits.setdefault(s.max_tokens if whole else min(cfg.max_tokens_per_step,
-                                                             s.max_tokens), []).append(s)
+            limit = s.max_tokens if whole else min(cfg.max_tokens_per_step, s.max_tokens)
+            if s.budget is not None:  # what the answer's budget leaves
+                limit = max(1, min(limit, s.budget - s.tokens))
+            limits.setdefault(limit, []).append(s)
         for limit, members in limits.items():
             reqs = [_request(s, m, attempt) for s in members]
             res = _isolated(self.backends[m], reqs, whole, limit)
@@ -212,6 +218,8 @@ class Engine:
                 s.pieces.append(_piece(r, s.model, backends[s.model].params, kept=True,
                                        whole=True))
                 s.final_text, s.done = prefix_text(s.steps) + r.text, True
+                s.tokens += r.completion_tokens
+                s.truncated |= r.finish_reason == "length"
                 _tell(s, (STEP_DELIMITER if s.steps else "") + r.text, s.model)
                 continue
             f, span = _features_of(s, r)
@@ -286,9 +294,10 @@ def _accept(s: Live, r: StepResult, model: int, cfg: OnlineConfig,
     s.owners.append(model)
     s.ids.extend(r.token_ids)
     s.tokens += r.completion_tokens
+    s.truncated |= r.finish_reason == "length"
     if r.is_final:
         s.done = True
     elif len(s.steps) >= cfg.max_steps:
         s.status, s.done = "max_steps", True
-    elif s.tokens >= s.max_tokens:
+    elif s.tokens >= min(s.max_tokens, s.budget or s.max_tokens):
         s.status, s.done = "max_tokens", True

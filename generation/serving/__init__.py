@@ -15,9 +15,9 @@ response types), `metrics` (Prometheus), `handlers` (one function per endpoint),
 (`tiny_server`) and a load generator (`loadgen`). May import: every other room of `generation`.
 """
 
-from generation.serving.app import RULES, build, drain, make_app
+from generation.serving.app import RULES, abort, build, drain, make_app
 from generation.serving.protocol import RoutedRequest, parse_request, routing_trace
 from generation.serving.service import RoutingService, ServeConfig, problem_id
 
-__all__ = ["RULES", "RoutedRequest", "RoutingService", "ServeConfig", "build", "drain",
+__all__ = ["RULES", "RoutedRequest", "abort", "RoutingService", "ServeConfig", "build", "drain",
            "make_app", "parse_request", "problem_id", "routing_trace"]

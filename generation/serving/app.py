@@ -54,6 +54,13 @@ def drain(app, timeout_s: float = 60.0) -> bool:
     return app.state.admission.drain(timeout_s)
 
 
+def abort(app) -> None:
+    """Stop now (a second SIGTERM): every request in flight is answered 503 at once — never a
+    500 from a cancelled handler — and new ones get 503 (decision 90)."""
+    app.state.admission.draining = True
+    app.state.service.abort()
+
+
 def build(router_dir: str, upstreams: Sequence[str] | None = None, rule: str = "router",
           config: ServeConfig | None = None, *, upstream_api_key: str | None = None,
           params: Sequence[float] | None = None, templates: Sequence[str] | None = None):
@@ -88,12 +95,17 @@ def build(router_dir: str, upstreams: Sequence[str] | None = None, rule: str = "
     for b in backends:
         if hasattr(b, "check"):
             b.check()
+    k = len(backends)
     router = export.load_router(router_dir, feature_names=FEATURE_NAMES,
                                 model_names=[b.name for b in backends])
+    for b, m in zip(backends, router.meta.get("models") or [{}] * k, strict=True):
+        want, got = float(m.get("params") or 0), float(b.params or 0)
+        if want and got and abs(got - want) > 0.01 * want:  # a model by name only is not enough
+            raise InputError(f"{router_dir}: the router was trained for {m['name']!r} with "
+                             f"{want:.4g} parameters; upstream {b.name!r} has {got:.4g}")
     if all(spec.startswith("tinylm:") for spec in upstreams):
         config = dataclasses.replace(config, max_tokens=config.max_tokens or 160,
                                      max_tokens_per_step=config.max_tokens_per_step or 64)
-    k = len(backends)
     the_rule = {"router": lambda: rules.RouterRule(router),
                 "large": lambda: rules.FixedRule("large only", k - 1),
                 "small": lambda: rules.FixedRule("small only", 0)}[rule]()

@@ -22,7 +22,10 @@ import time
 from typing import Any
 
 import uvicorn
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
+
+from jaxroute.errors import quote
 
 log = logging.getLogger("jaxroute.http")
 
@@ -49,8 +52,9 @@ def error_response(e: RequestError):
 
 async def read_json(request, max_bytes: int, timeout_s: float) -> dict:
     """The request body as a JSON object: 413 beyond `max_bytes` (by header or as it streams
-    in), 408 when it takes longer than `timeout_s` to arrive, 400 when it is not UTF-8, not JSON
-    or not an object."""
+    in), 408 when it takes longer than `timeout_s` to arrive, 400 when it is not UTF-8, not JSON,
+    not an object or holds a value Python cannot read. Servers read it *before* taking an
+    admission slot, so a slow body never holds one (decision 90)."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > max_bytes:
         raise RequestError(413, f"the body is larger than {max_bytes} bytes")
@@ -68,6 +72,8 @@ async def read_json(request, max_bytes: int, timeout_s: float) -> dict:
         raw = await asyncio.wait_for(receive(), timeout_s)
     except TimeoutError:
         raise RequestError(408, f"the body did not arrive within {timeout_s} s") from None
+    except ClientDisconnect:  # nobody reads the answer; no traceback for it either
+        raise RequestError(400, "the client went away before its body arrived") from None
     try:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -76,6 +82,9 @@ async def read_json(request, max_bytes: int, timeout_s: float) -> dict:
         raise RequestError(400, f"the body is not JSON: {e}") from None
     except RecursionError:  # "[" × 5000: the parser's recursion, not a server error
         raise RequestError(400, "the body's JSON is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (4300)
+        raise RequestError(400, f"the body's JSON holds a value this server cannot read "
+                           f"({quote(str(e), 80)})") from None
     if not isinstance(body, dict):
         raise RequestError(400, f"the body must be a JSON object, not {type(body).__name__}")
     if _depth(body) > MAX_JSON_DEPTH:  # later code (repr in messages, comparisons) recurses
@@ -131,6 +140,12 @@ def integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int
     if not lo <= v <= hi:
         raise RequestError(400, f"{name!r} must be in [{lo}, {hi}], got {v}", param=name)
     return v
+
+
+async def client_gone(request) -> None:
+    """Return when the client of `request` (its body already read) has disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Admission:
@@ -211,22 +226,32 @@ def exception_handlers() -> dict:
 
 
 def guarded_h11(header_timeout_s: float = 10.0, max_connections: int = 1024):
-    """uvicorn's h11 protocol with what uvicorn lacks for untrusted clients (decision 83): a
-    connection that has not sent a complete request head within `header_timeout_s` (after it
-    opened, or after its last response) is closed, and a connection beyond `max_connections`
-    open ones is closed as soon as it is accepted. Bodies have their own limit (`read_json`)."""
+    """uvicorn's h11 protocol with what uvicorn lacks for untrusted clients (decisions 83, 90):
+    a connection that has not sent a complete request head within `header_timeout_s` (after it
+    opened, or after its last response) is closed; and when a new connection would make more
+    than `max_connections` open, the oldest *idle* one (no request in progress) is closed to make
+    room — else the one whose request body has been arriving longest (a slow body) — so a new
+    client always gets in; only when every connection is busy with a request in hand is the new
+    one refused. Bodies have their own limits (`read_json`)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer = None
+        _since = 0.0  # when the connection became idle, or when its request began
+        _in_request = False
 
         def connection_made(self, transport):
             super().connection_made(transport)
+            self._since = self.loop.time()
             if len(self.connections) > max_connections:
-                log.warning("%d connections open: refusing another", len(self.connections) - 1)
-                transport.close()
-                return
+                victim = _victim(self.connections, self)
+                if victim is None:
+                    log.warning("%d connections open, all busy: refusing another",
+                                len(self.connections) - 1)
+                    transport.close()
+                    return
+                victim.transport.close()
             self._arm()
 
         def _arm(self):
@@ -247,15 +272,30 @@ def guarded_h11(header_timeout_s: float = 10.0, max_connections: int = 1024):
             super().handle_events()
             if self.conn.their_state is not h11.IDLE:
                 self._disarm()
+                if not self._in_request:
+                    self._in_request, self._since = True, self.loop.time()
 
         def on_response_complete(self):
             super().on_response_complete()
+            self._in_request, self._since = False, self.loop.time()
             if not self.transport.is_closing():
                 self._arm()
 
         def connection_lost(self, exc):
             self._disarm()
             super().connection_lost(exc)
+
+    def _victim(connections, newcomer):
+        """The connection to close for a newcomer: the oldest idle one, else the oldest whose
+        request body is still arriving; None when every other one has a request in hand."""
+        others = [c for c in connections if c is not newcomer
+                  and isinstance(c, GuardedH11Protocol) and not c.transport.is_closing()]
+        idle = [c for c in others if not c._in_request]
+        slow = [c for c in others if c._in_request and c.conn.their_state is h11.SEND_BODY]
+        for group in (idle, slow):
+            if group:
+                return min(group, key=lambda c: c._since)
+        return None
 
     return GuardedH11Protocol
 

@@ -59,12 +59,11 @@ async def _completions(request: Request, chat: bool):
                                  media_type="text/event-stream")
     cfg = parts.config
     try:
-        live = await asyncio.wait_for(asyncio.shield(fut), cfg.request_timeout_s)
-    except TimeoutError:
-        e = RequestError(504, f"no answer within {cfg.request_timeout_s} s", "timeout")
+        live = await _answer(request, parts, fut, cfg.request_timeout_s)
+    except RequestError as e:
         parts.metrics.failed(e, endpoint)
         return asgi.error_response(e)
-    if live.status.startswith("error"):
+    if live.status.startswith("error") or live.status == "shutdown":
         e = protocol.upstream_error(live)
         parts.metrics.failed(e, endpoint)
         return asgi.error_response(e)
@@ -75,16 +74,17 @@ async def _completions(request: Request, chat: bool):
 
 
 async def _admit(request: Request, parts: Parts, chat: bool):
-    """Take an admission slot, read and check the request, and hand it to the engine. The slot
-    is released on every path: by the engine when it is done with the request (also after a 504
-    or a client that left), here on anything else (decision 83)."""
+    """Read and check the request, then take an admission slot and hand it to the engine: a
+    slot is taken only once a whole, valid body is in hand, so slow or bad bodies never hold one
+    (decision 90). The slot is released on every path: by the engine when it is done with the
+    request (also after a 504, a client that left, or a cancel), here on anything else."""
+    cfg = parts.config
+    body = await asgi.read_json(request, cfg.max_body_bytes, cfg.read_timeout_s)
+    req = protocol.parse_request(body, chat, cfg, parts.service.fixed)
+    parts.service.check_prompt(req.question)
     parts.admission.enter()
     handed_over = False
     try:
-        cfg = parts.config
-        body = await asgi.read_json(request, cfg.max_body_bytes, cfg.read_timeout_s)
-        req = protocol.parse_request(body, chat, cfg, parts.service.fixed)
-        parts.service.check_prompt(req.question)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue | None = asyncio.Queue() if req.stream else None
         fut = parts.service.submit(req.question, req.seed, req.max_tokens, loop,
@@ -97,7 +97,36 @@ async def _admit(request: Request, parts: Parts, chat: bool):
             parts.admission.leave()
 
 
+async def _answer(request: Request, parts: Parts, fut, timeout_s: float):
+    """The engine's answer to a non-streaming request. A client that leaves first, or an answer
+    later than `timeout_s` (504), cancels the request in the engine, which then frees its slot:
+    nobody is left to read it (decision 90)."""
+    gone = asyncio.ensure_future(asgi.client_gone(request))
+    try:
+        done, _ = await asyncio.wait({fut, gone}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if fut in done:
+        return fut.result()
+    parts.service.cancel(fut)
+    if gone in done:
+        raise RequestError(499, "the client went away", "client_closed_request")
+    raise RequestError(504, f"no answer within {timeout_s} s", "timeout")
+
+
 async def _stream(parts: Parts, fut, queue, rid, created, chat, t0, endpoint):
+    """The streamed answer; a client that leaves (the response task is cancelled) or a 504
+    cancels the request in the engine."""
+    try:
+        async for event in _events(parts, fut, queue, rid, created, chat, t0, endpoint):
+            yield event
+    finally:
+        if not fut.done():
+            parts.service.cancel(fut)
+
+
+async def _events(parts: Parts, fut, queue, rid, created, chat, t0, endpoint):
     cfg = parts.config
     first = True
 
@@ -128,7 +157,7 @@ async def _stream(parts: Parts, fut, queue, rid, created, chat, t0, endpoint):
         while not queue.empty():
             yield step(queue.get_nowait()["text"])
         live = fut.result()
-        if live.status.startswith("error"):
+        if live.status.startswith("error") or live.status == "shutdown":
             yield error_event(protocol.upstream_error(live))
             return
         tr = protocol.routing_trace(live, parts.service.models)

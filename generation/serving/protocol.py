@@ -24,7 +24,7 @@ class RoutedRequest:
     """The fields a routed request uses."""
 
     question: str
-    max_tokens: int
+    max_tokens: int | None  # the answer's budget across models; None: the guards only
     seed: int
     stream: bool
     model: str
@@ -60,7 +60,8 @@ def parse_request(body: dict, chat: bool, config, fixed: dict[str, Any] | None =
             raise RequestError(400, "'prompt' must be a non-empty string", param="prompt")
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
         else "max_tokens"
-    max_tokens = asgi.integer(body, limit, config.max_tokens, 1, config.max_tokens)
+    # A budget for the whole answer across models (decision 90); none asked: the guards only.
+    max_tokens = asgi.integer(body, limit, None, 1, config.max_tokens)
     seed = asgi.integer(body, "seed", 0, -(2**31), 2**31 - 1)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -87,7 +88,7 @@ def routing_trace(live: online.Live, models: Sequence[trace.ModelInfo]) -> dict[
                       "escalation_probability": p.get("score"),
                       "whole_rest": bool(p.get("whole"))})
     return {"steps": steps, "escalated_at": escalated_at, "status": live.status,
-            "cost": {"flops": flops, "usd": usd},
+            "answer_tokens": live.tokens, "cost": {"flops": flops, "usd": usd},
             "models": [m.name for m in models]}
 
 
@@ -99,12 +100,17 @@ def usage(live: online.Live) -> dict[str, int]:
 
 
 def finish_reason(live: online.Live) -> str:
-    return "length" if live.status in ("max_steps", "max_tokens") else "stop"
+    """"length" when a limit cut the answer — the request's max_tokens, a step or solution
+    limit, an upstream's own "length" finish (its context) — else "stop"."""
+    cut = live.truncated or live.status in ("max_steps", "max_tokens")
+    return "length" if cut else "stop"
 
 
 def upstream_error(live: online.Live) -> RequestError:
     """A problem the engine ended with a failed request: 504 when an upstream timed out,
-    else 502."""
+    else 502; 503 when the server stopped it (a second SIGTERM, `RoutingService.abort`)."""
+    if live.status == "shutdown":
+        return RequestError(503, "the server is shutting down", "server_shutting_down")
     timeout = "Timeout" in live.status or "timed out" in live.status
     return RequestError(504 if timeout else 502,
                         f"an upstream model failed: {live.status.removeprefix('error: ')}",

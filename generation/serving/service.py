@@ -82,8 +82,10 @@ class RoutingService:
             max_tokens_per_solution=config.max_tokens))
         self._lock = threading.Condition()
         self._pending: list[tuple] = []
+        self._cancelled: set[int] = set()  # id(future) of requests nobody waits for any more
         self._stop = False
         self.stats = {"rounds": 0, "decide_seconds": 0.0, "round_seconds": 0.0}
+        self._futures: dict[int, tuple] = {}  # id(live) → (loop, future), requests in flight
         self._thread = threading.Thread(target=self._loop, name="routing-engine", daemon=True)
         self._thread.start()
 
@@ -107,7 +109,8 @@ class RoutingService:
                 raise RequestError(400, f"the prompt cannot be served by {b.name}: {e}",
                                    param="messages") from None
 
-    def submit(self, question: str, seed: int, max_tokens: int, loop: asyncio.AbstractEventLoop,
+    def submit(self, question: str, seed: int, max_tokens: int | None,
+               loop: asyncio.AbstractEventLoop,
                on_step=None) -> asyncio.Future:
         """Queue a problem; the future resolves (on `loop`) with its `online.Live` when done.
         `on_step(event)` is called on `loop` for every accepted step."""
@@ -117,11 +120,30 @@ class RoutingService:
             self._lock.notify_all()
         return fut
 
+    def cancel(self, fut: asyncio.Future) -> None:
+        """Nobody waits for this request any more (its client left, or it timed out): the engine
+        drops it before its next round and resolves it as "cancelled", which frees its admission
+        slot (decision 90)."""
+        with self._lock:
+            self._cancelled.add(id(fut))
+            self._lock.notify_all()
+
+    def abort(self) -> None:
+        """Answer every request in flight at once as "shutdown" (a 503; the second SIGTERM of
+        `launch.serve`) and drop them from the engine before its next round."""
+        with self._lock:
+            waiting = list(self._futures.values()) + [(p[3], p[4]) for p in self._pending]
+            for loop, fut in waiting:
+                self._cancelled.add(id(fut))
+                _post(loop, fut, _Stopped("shutdown"))
+            self._lock.notify_all()
+
     def _loop(self) -> None:
-        waiting: dict[int, tuple] = {}  # id(live) → (loop, future)
+        waiting = self._futures  # id(live) → (loop, future)
         while True:
             with self._lock:
-                while not self._pending and not self.engine.active() and not self._stop:
+                while not self._pending and not self.engine.active() and not self._stop \
+                        and not self._cancelled:
                     self._lock.wait()
                 if self._stop:
                     break
@@ -129,14 +151,24 @@ class RoutingService:
                 time.sleep(self.config.batch_window_s)  # newcomers of this round, together
             with self._lock:
                 pending, self._pending = self._pending, []
+                cancelled, self._cancelled = self._cancelled, set()
             for question, seed, max_tokens, loop, fut, on_step in pending:
+                if id(fut) in cancelled:
+                    _post(loop, fut, _Stopped("cancelled"))
+                    continue
                 cb = None
                 if on_step is not None:
                     def cb(event, loop=loop, on_step=on_step):
-                        loop.call_soon_threadsafe(on_step, event)
+                        _call(loop, on_step, event)
                 live = self.engine.admit(Problem(problem_id(question), question, "", "served"),
                                          seed=seed, max_tokens=max_tokens, on_step=cb)
                 waiting[id(live)] = (loop, fut)
+            for live in self.engine.active():
+                if id(waiting[id(live)][1]) in cancelled:
+                    live.status, live.done = "cancelled", True
+            if not self.engine.active():
+                self._finish(self.engine.collect())
+                continue
             t0 = time.perf_counter()
             try:
                 finished = self.engine.round()
@@ -148,9 +180,33 @@ class RoutingService:
             self.stats["rounds"] += 1
             self.stats["round_seconds"] += time.perf_counter() - t0
             self.stats["decide_seconds"] = self.engine.decide_seconds
-            for live in finished:
-                loop, fut = waiting.pop(id(live))
-                loop.call_soon_threadsafe(_resolve, fut, live)
+            self._finish(finished)
+
+    def _finish(self, finished) -> None:
+        for live in finished:
+            loop, fut = self._futures.pop(id(live))
+            _post(loop, fut, live)
+
+
+@dataclasses.dataclass
+class _Stopped:
+    """What a request the engine never finished resolves to (its `status` says why)."""
+
+    status: str
+
+
+def _post(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value) -> None:
+    """Resolve `fut` with `value` on its loop."""
+    _call(loop, _resolve, fut, value)
+
+
+def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """`fn(*args)` on `loop` — unless that loop has closed: the server is gone and nobody reads
+    the answer (the engine thread must not die of it)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # "Event loop is closed"
+        pass
 
 
 def _resolve(fut: asyncio.Future, value) -> None:

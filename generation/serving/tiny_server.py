@@ -191,13 +191,14 @@ def make_app(backends: dict[str, TinyLMBackend], logprobs_mode: str = "logprobs"
             return respond(req, chat, model, logprobs_mode == "raw_logits")
 
     async def completions(request, chat: bool):
+        # The slot is taken once a whole, valid body is in hand (decision 90).
         try:
+            body = await asgi.read_json(request, config.max_body_bytes, config.read_timeout_s)
+            req = parse_request(body, chat, backends)
             admission.enter()
         except RequestError as e:
             return asgi.error_response(e)
         try:
-            body = await asgi.read_json(request, config.max_body_bytes, config.read_timeout_s)
-            req = parse_request(body, chat, backends)
             return JSONResponse(await run_in_threadpool(generate, req, chat, body["model"]))
         except RequestError as e:
             return asgi.error_response(e)

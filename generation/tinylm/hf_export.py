@@ -16,11 +16,15 @@ Export is deterministic (same weights → same bytes) and takes well under a sec
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from generation.tinylm.model import ALPHABET, SPECIALS, LMConfig, Tokenizer
+from jaxroute.errors import InputError
 
 # The chat layout of the tiny models: <bos> question <asst> solution. The system prompt is not
 # rendered (the tiny models were never trained on one); an assistant turn that is followed by
@@ -189,12 +193,41 @@ def export_prm(out: str | Path, weights: str | Path | None = None) -> Path:
                         {"jaxroute_model": "prm", "jaxroute_sha256": meta["sha256"]})
 
 
-def export_all(out: str | Path, weights: str | Path | None = None) -> dict[str, Path]:
-    """small, large and prm under `out/`."""
-    out = Path(out)
-    return {"small": export_lm("small", out / "small", weights),
-            "large": export_lm("large", out / "large", weights),
-            "prm": export_prm(out / "prm", weights)}
+def export_all(out: str | Path, weights: str | Path | None = None, *,
+               overwrite: bool = False) -> dict[str, Path]:
+    """small, large and prm under `out/`, written into a fresh folder beside it that then
+    replaces `out` (decision 90): `out` is never a mix of old and new files (a stale
+    `model.safetensors.index.json` next to new weights would send a loader to old shards). A
+    file at `out`, or a non-empty folder unless `overwrite`, is refused (`InputError`)."""
+    out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a folder: give a folder to write the models into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out} is not empty ({', '.join(sorted(p.name for p in out.iterdir())[:5])}"
+                         "…): give an empty or new folder, or overwrite it (--overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        for name in ("small", "large"):
+            export_lm(name, tmp / name, weights)
+        export_prm(tmp / "prm", weights)
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {name: out / name for name in ("small", "large", "prm")}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 __all__ = ["CHAT_TEMPLATE", "ALPHABET", "build_tokenizer", "export_all", "export_lm",

@@ -176,6 +176,18 @@ class Engine:
             out.update({id(s): r for s, r in zip(members, res, strict=True)})
         return [out[id(s)] for s in group]
 
+    def _retry_empty(self, active: list[Live], drafts: dict[int, StepResult]) -> None:
+        """An empty draft ("\\n\\n" first) is asked again with a new seed, at most twice, and
+        paid for (decision 75); still empty, the solution ends there."""
+        for attempt in range(1, EMPTY_RETRIES + 1):
+            empty = [s for s in active if _is_empty(drafts[id(s)])]
+            for m in sorted({s.model for s in empty}):
+                group = [s for s in empty if s.model == m]
+                for s, r in zip(group, self._generate(group, m, False, attempt), strict=True):
+                    s.pieces.append(_piece(drafts[id(s)], m, self.backends[m].params,
+                                           kept=False, empty=True))
+                    drafts[id(s)] = r
+
     def round(self) -> list[Live]:
         """One round over every live problem; returns (and removes) those that finished."""
         cfg, rule, backends, last = self.cfg, self.rule, self.backends, self.last
@@ -191,16 +203,7 @@ class Engine:
             for s, r in zip(group, self._generate(group, m, m == last and rule.sticky),
                             strict=True):
                 drafts[id(s)] = r
-        # An empty draft ("\\n\\n" first) is asked again with a new seed, at most twice, and
-        # paid for (decision 75); still empty, the solution ends there.
-        for attempt in range(1, EMPTY_RETRIES + 1):
-            empty = [s for s in active if _is_empty(drafts[id(s)])]
-            for m in sorted({s.model for s in empty}):
-                group = [s for s in empty if s.model == m]
-                for s, r in zip(group, self._generate(group, m, False, attempt), strict=True):
-                    s.pieces.append(_piece(drafts[id(s)], m, backends[m].params, kept=False,
-                                           empty=True))
-                    drafts[id(s)] = r
+        self._retry_empty(active, drafts)
         # 2. The rule looks at every draft of a model that may still hand over.
         views, drafted = [], []
         for s in active:

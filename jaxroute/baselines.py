@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxroute import env
+from jaxroute import env, stats
 from jaxroute.errors import InputError
 from jaxroute.guarantee import Family, quantile_grid, train_nodes
 from jaxroute.trace import PackedTrees
@@ -106,11 +106,34 @@ def fit_steer(trees: PackedTrees, confidence: int, step_index: int,
 
 
 def fit_steer_on_train(trees: PackedTrees, feature_names) -> Steer:
-    """STEER fitted on the train split of `trees`, its features found by name
-    (`confidence`, `step_index`)."""
+    """STEER fitted on the train split of `trees` on its best single score
+    (`best_score_feature`) and the `step_index` feature, found by name."""
     names = list(feature_names)
-    return fit_steer(trees.subset(trees.split_indices("train")), names.index("confidence"),
-                     names.index("step_index"))
+    return fit_steer(trees.subset(trees.split_indices("train")),
+                     best_score_feature(trees, names), names.index("step_index"))
+
+
+# Single scores of a step, each higher = more confident (decision 91): S_os/S_API and the
+# statistics of the small model's own token distribution.
+SCORE_FEATURES = ("confidence", "min_logprob", "low3_logprob", "neg_entropy", "min_margin")
+
+
+def best_score_feature(trees: PackedTrees, feature_names) -> int | None:
+    """The index of the single score (`SCORE_FEATURES`, as far as the trees have them) that best
+    ranks the train split's model-0 nodes whose continuation leaves the answer uncovered (the
+    large model right, the segment wrong) — AUROC of the negated score — so the single-score
+    baselines use the best signal there is (decision 91). None when the trees have none."""
+    names = list(feature_names)
+    cands = [names.index(n) for n in SCORE_FEATURES if n in names]
+    if len(cands) <= 1:
+        return cands[0] if cands else None
+    train = trees.subset(trees.split_indices("train"))
+    valid = env.node_mask(train) & (train.seg_model[..., None] == 0)
+    risky = (train.solo_correct[:, -1][:, None] & ~train.seg_correct)[..., None]
+    y = np.broadcast_to(risky, valid.shape)[valid]
+    aucs = [stats.auroc(-train.features[..., i][valid], y) for i in cands]
+    aucs = [a if np.isfinite(a) else -1.0 for a in aucs]
+    return cands[int(np.argmax(aucs))]
 
 
 def steer_posterior(steer: Steer, features: np.ndarray) -> np.ndarray:
@@ -216,12 +239,13 @@ def random_family(trees: PackedTrees, seed: int, grid_size: int = 101) -> Family
 
 def baseline_families(trees: PackedTrees, feature_names: Sequence[str], seed: int = 0
                       ) -> list[Family]:
-    """Random escalation, the confidence threshold and STEER (fitted on the train split), their
-    features found by name."""
+    """Random escalation, the confidence threshold and STEER (fitted on the train split), on the
+    best single score of the trees (`best_score_feature`), found by name."""
     names = list(feature_names)
     fams = [random_family(trees, seed)]
-    if "confidence" in names:
-        fams.append(threshold_family(trees, names.index("confidence")))
+    score = best_score_feature(trees, names)
+    if score is not None:
+        fams.append(threshold_family(trees, score))
         if "step_index" in names:
             fams.append(steer_family(trees, fit_steer_on_train(trees, names)))
     return fams

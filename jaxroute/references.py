@@ -137,7 +137,10 @@ def fit_threshold_table(trees: PackedTrees, feature_names, alpha: float, *, leve
     """Coordinate descent over the table on the train split: per cell, every level is tried (one
     vmapped exact walk) and the cheapest that keeps train miscoverage ≤ α is kept; passes repeat
     until nothing changes. Starts from the cheapest feasible uniform table."""
-    conf = _names_index(feature_names, "confidence")
+    conf = baselines.best_score_feature(trees, feature_names)
+    if conf is None:
+        raise InputError(f"no single score among {list(feature_names)} (one of "
+                         f"{baselines.SCORE_FEATURES})")
     step = _names_index(feature_names, "step_index")
     diff = _names_index(feature_names, "difficulty")
     train = trees.subset(trees.split_indices("train"))

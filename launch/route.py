@@ -80,8 +80,8 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
         out.append(comparison.LiveMethod("model 0 only", rules.FixedRule("model 0 only", 0),
                                          external="–"))
     if "router" in wanted and _ROUTER.value:
-        router = export.load_router(_ROUTER.value, feature_names=features.FEATURE_NAMES,
-                                    model_names=[b.name for b in backends])
+        router = export.load_router(_ROUTER.value, model_names=[b.name for b in backends])
+        features.check_known(router.meta["feature_names"], _ROUTER.value)
         name = f"{router.label} (online)"
         out.append(comparison.LiveMethod(name, rules.RouterRule(router, name=name),
                                          threshold=router.kappa))
@@ -92,7 +92,8 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
     elif "steer" in wanted:
         m, recs = traceset.load_trace_set(steer_src)
         steer = baselines.fit_steer_on_train(trace.pack(m, recs, "flops"), m.feature_names)
-        out.append(family("STEER", lambda tau: rules.SteerRule(steer, tau, k), "no"))
+        out.append(family("STEER", lambda tau: rules.SteerRule(
+            steer, tau, k, feature_names=tuple(m.feature_names)), "no"))
     for rule, role, spec in (("rsd", "prm", _PRM.value if _PRM.value is not None else pre.prm),
                              ("specreason", "judge",
                               _JUDGE.value if _JUDGE.value is not None else pre.judge)):

@@ -58,7 +58,72 @@ def test_confidence_scores_and_no_math_fallback():
     assert features.s_api(p, np.zeros(4, bool)).value == 0.1
     with pytest.raises(ValueError, match="empty step"):
         features.s_os(np.array([]), np.array([], bool))
-    assert features.step_features(25.0, 3, 40, True, None) == [25.0, 3.0, 40.0, 1.0, 0.0]
+
+
+
+def _result(tokens, conf, kind, logprobs=None, tops=None, ents=None, final=True, n=None):
+    from generation.backends.base import StepResult
+
+    return StepResult("", [], tokens, conf, kind, 0, 0, n or len(tokens), "stop", final,
+                      logprobs=logprobs, top_logprobs=tops, entropies=ents)
+
+
+def test_step_vector_names_the_features_in_any_order():
+    """The legacy five are what `step_features` gave (S_os, index, length, final, difficulty);
+    any order of names is served; an unknown name is refused."""
+    r = _result(["1", "2"], [10.0, 40.0], "max_logit", n=40)
+    vec, _ = features.step_vector(features.LEGACY_FEATURE_NAMES, r, 3, None,
+                                  features.MathSpanState())
+    assert vec == [25.0, 3.0, 40.0, 1.0, 0.0]
+    rev, _ = features.step_vector(features.LEGACY_FEATURE_NAMES[::-1], r, 3, 2.0,
+                                  features.MathSpanState())
+    assert rev == [2.0, 1.0, 40.0, 3.0, 25.0]
+    zeros, _ = features.step_vector(features.DISTRIBUTION_FEATURES, r, 3, None,
+                                    features.MathSpanState())
+    assert zeros == [0.0] * 4  # no per-token log-probs (an older backend): zeros, not a crash
+    with pytest.raises(ValueError, match="unknown step features"):
+        features.step_vector(("confidence", "nope"), r, 0, None, features.MathSpanState())
+
+
+def test_distribution_stats_against_a_plain_computation():
+    """Exact entropies as given; log-probs as given; the margin and lowest-k from the values;
+    raw logits normalised over the candidates (and the sampled token when it is not one); the
+    top-k entropy estimate Σ −p log p − r log r."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(1, 9))
+        logits = rng.normal(size=(n, 12)) * 3
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        pick = rng.integers(0, 12, n)
+        sampled = logp[np.arange(n), pick]
+        tops = -np.sort(-logp, -1)[:, :5]
+        ent = -(np.exp(logp) * logp).sum(-1)
+        r = _result(["3"] * n, list(tops[:, 0]), "max_logit", list(sampled),
+                    [list(x) for x in tops], list(ent))
+        got = features.distribution_stats(r)
+        assert got["min_logprob"] == pytest.approx(sampled.min())
+        assert got["low3_logprob"] == pytest.approx(np.sort(sampled)[:3].mean())
+        assert got["neg_entropy"] == pytest.approx(-ent.mean())
+        assert got["min_margin"] == pytest.approx((tops[:, 0] - tops[:, 1]).min())
+        # The same step from an API (top-5 log-probabilities, no entropies): the estimate.
+        api = features.distribution_stats(_result(["3"] * n, list(np.exp(tops[:, 0])),
+                                                  "top1_prob", list(sampled),
+                                                  [list(x) for x in tops]))
+        p5 = np.exp(tops)
+        rest = 1 - p5.sum(-1)
+        est = -(p5 * tops).sum(-1) - rest * np.log(rest)
+        assert api["neg_entropy"] == pytest.approx(-est.mean())
+        assert api["min_logprob"] == pytest.approx(sampled.min())
+        # Raw logits (vLLM's raw_logits mode): normalised over what was returned.
+        raw_top = -np.sort(-logits, -1)[:, :5]
+        raw_s = logits[np.arange(n), pick]
+        raw = features.distribution_stats(_result(["3"] * n, list(raw_top[:, 0]), "max_logit",
+                                                  list(raw_s), [list(x) for x in raw_top]))
+        inside = np.isin(np.round(raw_s, 9), np.round(raw_top, 9).ravel()) & (
+            raw_s >= raw_top[:, -1] - 1e-9)
+        z = np.log(np.exp(raw_top).sum(-1) + np.where(inside, 0.0, np.exp(raw_s)))
+        assert raw["min_logprob"] == pytest.approx((raw_s - z).min())
+        assert raw["min_margin"] == pytest.approx((raw_top[:, 0] - raw_top[:, 1]).min())
 
 
 def test_costs():

@@ -9,7 +9,7 @@ from fakes import ScriptedBackend
 
 from generation.backends import costs
 from generation.live import comparison, online, rules, scorers
-from generation.traces import answers
+from generation.traces import answers, features
 from generation.traces.datasets import Problem
 from jaxroute import baselines, evaluate, export, records, trace, traceset
 
@@ -124,7 +124,7 @@ def test_router_rule_is_sticky_and_the_large_model_writes_the_rest(checker):
             assert not r["pieces"][-2]["kept"] and r["pieces"][-2]["decision"] == 1
     assert bs[1].whole_calls >= 1
     feats = [p["features"] for r in recs for p in r["pieces"] if "features" in p]
-    assert all(len(f) == 5 for f in feats)  # FEATURE_NAMES order, confidence first
+    assert all(len(f) == len(features.FEATURE_NAMES) for f in feats)  # confidence first
 
 
 def test_outcome_metrics_and_files(checker, tmp_path):

@@ -57,13 +57,13 @@ class _Recorder:
         return [rules.Decision(v.model) for v in views]
 
 
-@pytest.fixture(scope="module")
-def router_dir(tmp_path_factory, backends):
-    """A router (random weights, normaliser fitted to real drafts) whose κ is the 85th
-    percentile of those drafts' escalation probabilities, so served problems both stay and
-    escalate (a solution has several decisions)."""
+def make_router(path, backends, names=features.FEATURE_NAMES):
+    """A router over `names` (random weights, normaliser fitted to real drafts) whose κ is the
+    85th percentile of those drafts' escalation probabilities, so served problems both stay
+    and escalate (a solution has several decisions)."""
     rec = _Recorder()
-    engine = online.Engine(backends, rec, online.OnlineConfig(30, 64, 160))
+    engine = online.Engine(backends, rec, online.OnlineConfig(30, 64, 160,
+                                                              feature_names=tuple(names)))
     for i, q in enumerate(QUESTIONS[:8]):
         engine.admit(Problem(f"p{i}", q, "", "served"))
     while engine.active():
@@ -73,13 +73,17 @@ def router_dir(tmp_path_factory, backends):
     params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(3))
     params = jax.tree.map(lambda x: 6.0 * x, params)  # decisive probabilities
     norm = nets_lib.Normalizer(f.mean(0), np.maximum(f.std(0), 1e-3))
-    path = tmp_path_factory.mktemp("router") / "router"
-    export.export_router(path, nets, params, norm, 0.5, feature_names=features.FEATURE_NAMES,
+    export.export_router(path, nets, params, norm, 0.5, feature_names=names,
                          model_names=NAMES, alpha=0.1, hidden=(8,))
     esc = export.load_router(path).decide(f, np.zeros(len(f), np.int32)).escalation_prob
     return export.export_router(path, nets, params, norm, float(np.quantile(esc, 0.85)),
-                                feature_names=features.FEATURE_NAMES, model_names=NAMES,
-                                alpha=0.1, hidden=(8,))
+                                feature_names=names, model_names=NAMES, alpha=0.1,
+                                hidden=(8,))
+
+
+@pytest.fixture(scope="module")
+def router_dir(tmp_path_factory, backends):
+    return make_router(tmp_path_factory.mktemp("router") / "router", backends)
 
 
 def models_of(backends):
@@ -115,7 +119,7 @@ def call(method, url, body: bytes | None = None, headers=None):
 
 def online_records(backends, router_dir, questions, seed):
     """What `generation.live.online` routes for these questions (as `launch.route` would)."""
-    router = export.load_router(router_dir, features.FEATURE_NAMES, NAMES)
+    router = export.load_router(router_dir, model_names=NAMES)
     problems = [Problem(serving.problem_id(q), q, "", "served") for q in questions]
     checker = AnswerChecker(workers=1)
     try:
@@ -378,10 +382,13 @@ def _metric(srv, name: str) -> float:
                if line.startswith(name))
 
 
-def test_tiny_upstreams_over_http_route_as_in_process(backends, router_dir):
+def test_tiny_upstreams_over_http_route_as_in_process(backends, tmp_path):
     """The same router in front of the tiny-model server (raw logits, as vLLM's flag gives)
-    routes as it does in front of the backends themselves."""
-    router = export.load_router(router_dir, features.FEATURE_NAMES, NAMES)
+    routes as it does in front of the backends themselves — a router on the features both
+    transports compute alike (over HTTP the token-distribution statistics are top-5
+    estimates, in process they are exact; decision 91)."""
+    legacy = make_router(tmp_path / "router", backends, features.LEGACY_FEATURE_NAMES)
+    router = export.load_router(legacy, features.LEGACY_FEATURE_NAMES, NAMES)
     qs = QUESTIONS[6:10]
     with TinyLMServer({b.name: b for b in backends}, logprobs_mode="raw_logits") as up:
         remote = [OpenAIBackend(b.name, base_url=up.base_url, mode="completions",
@@ -396,7 +403,7 @@ def test_tiny_upstreams_over_http_route_as_in_process(backends, router_dir):
                        for q in qs]
         finally:
             service.close()
-    want = online_records(backends, router_dir, qs, seed=5)
+    want = online_records(backends, legacy, qs, seed=5)
     for r, rec in zip(got, want, strict=True):
         assert_same_route(r.model_extra["jaxroute"], rec, models_of(backends))
 
@@ -406,7 +413,7 @@ def test_a_router_for_other_models_refuses_to_start(tmp_path, router_dir):
     params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(0))
     norm = nets_lib.Normalizer(np.zeros(5, np.float32), np.ones(5, np.float32))
     other = export.export_router(tmp_path / "r", nets, params, norm, 0.5,
-                                 feature_names=features.FEATURE_NAMES,
+                                 feature_names=features.LEGACY_FEATURE_NAMES,
                                  model_names=["qwen-1.5b", "qwen-7b"], alpha=0.1, hidden=(8,))
     with pytest.raises(ValueError, match="give the upstreams"):
         serving.build(other)
@@ -415,7 +422,7 @@ def test_a_router_for_other_models_refuses_to_start(tmp_path, router_dir):
     bad_feats = export.export_router(tmp_path / "f", nets, params, norm, 0.5,
                                      feature_names=["a", "b", "c", "d", "e"],
                                      model_names=NAMES, alpha=0.1, hidden=(8,))
-    with pytest.raises(export.RouterSpecError, match="feature"):
+    with pytest.raises(ValueError, match="reads features .'a'"):
         serving.build(bad_feats)
     app, service = serving.build(router_dir)  # the built-in tiny models, tiny limits
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fakes import ScriptedBackend
 
-from generation.traces import answers, tracegen
+from generation.traces import answers, features, tracegen
 from generation.traces.datasets import Problem
 from jaxroute import trace, traceset
 
@@ -67,8 +67,9 @@ def test_generated_trees_follow_the_format_and_semantics(checker):
                                 "cost": r["roots"][0]["steps"][0]["branches"]["1"]["cost"]}
         assert r["solo"][0]["correct"] == r["roots"][0]["correct"]
     assert 0 < wrong_roots < 12
-    assert packed.features.shape == (6, 2, 3, 5)
-    np.testing.assert_array_equal(packed.features[:, 0, :, 1], [[0, 1, 2]] * 6)  # step index
+    assert packed.features.shape == (6, 2, 3, len(features.FEATURE_NAMES))
+    step = features.FEATURE_NAMES.index("step_index")
+    np.testing.assert_array_equal(packed.features[:, 0, :, step], [[0, 1, 2]] * 6)
 
 
 def test_run_resumes_after_a_crash_and_shards_merge(tmp_path, checker):
@@ -128,10 +129,11 @@ def test_three_models(checker):
     probs = problems(4)
     recs = gen.generate(probs, {p.problem_id: "train" for p in probs})
     manifest = gen.manifest({})
+    step = list(manifest.feature_names).index("step_index")
     for r in recs:
         trace.validate_problem(r, manifest, "k3")
         mid = r["roots"][0]["steps"][1]["branches"]["1"]
-        assert mid["model"] == 1 and mid["steps"][0]["features"][1] == 1  # starts at step 1
+        assert mid["model"] == 1 and mid["steps"][0]["features"][step] == 1  # starts at step 1
         assert len(r["solo"]) == 3
     packed = trace.pack(manifest, recs)
     assert packed.num_models == 3 and (packed.branch_seg[:, 0, :3, 1] > 0).all()

@@ -23,7 +23,7 @@ def test_engine_arguments_and_raw_logit_confidence():
     assert r.confidence[r.tokens.index("1")] == 30.0 and r.confidence[0] == 20.0
     assert r.token_ids[-2:] == [10, 10]  # the stop's newline tokens stay in the ids
     sp = be.llm.calls[-1][1][0]
-    assert sp.temperature == 0.7 and sp.stop == ["\n\n"] and sp.logprobs == 1 and sp.seed == 11
+    assert sp.temperature == 0.7 and sp.stop == ["\n\n"] and sp.logprobs == 5 and sp.seed == 11
 
 
 def test_token_continuation_prefix_cache_and_final_step():

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 STEP_DELIMITER = "\n\n"
+TOP_LOGPROBS = 5  # candidates per token every backend asks for (what OpenAI's API returns)
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -41,6 +42,13 @@ class StepResult:
     finish_reason: str  # "stop" (delimiter or EOS) | "length"
     is_final: bool  # EOS, a \boxed{} answer, or the length limit
     error: str | None = None  # a per-request failure (kept, not raised)
+    # The token distribution, per token (decision 91), as far as the backend returns it: the
+    # sampled token's value, the TOP_LOGPROBS largest values (descending) — log-probabilities,
+    # or raw logits when `confidence_kind` is "max_logit" and no entropies are given — and the
+    # exact entropy where the backend saw the full logits (the tiny engine).
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[float]] | None = None
+    entropies: list[float] | None = None
 
 
 class Backend(Protocol):

@@ -214,11 +214,14 @@ class OpenAIBackend:
                     raise ValueError("null message content")
                 content = (choice.get("logprobs") or {}).get("content") or []
                 tokens = [c["token"] for c in content]
-                conf = []
+                conf, sampled, top = [], [], []
                 for c in content:
-                    tops = [t["logprob"] for t in (c.get("top_logprobs") or [])]
-                    best = max(tops) if tops else c["logprob"]
+                    tops = sorted((t["logprob"] for t in (c.get("top_logprobs") or [])),
+                                  reverse=True)
+                    best = tops[0] if tops else c["logprob"]
                     conf.append(best if self.confidence == "max_logit" else math.exp(best))
+                    sampled.append(float(c["logprob"]))
+                    top.append(tops or [float(c["logprob"])])
             else:
                 text = choice["text"]
                 if text is None:
@@ -227,11 +230,13 @@ class OpenAIBackend:
                 tokens = list(lp.get("tokens") or [])
                 tops = lp.get("top_logprobs") or [{} for _ in tokens]
                 chosen = lp.get("token_logprobs") or [None] * len(tokens)
-                conf = []
-                for top, ch in zip(tops, chosen, strict=True):
-                    vals = list((top or {}).values())
-                    best = max(vals) if vals else (ch if ch is not None else -math.inf)
+                conf, sampled, top = [], [], []
+                for cand, ch in zip(tops, chosen, strict=True):
+                    vals = sorted((cand or {}).values(), reverse=True)
+                    best = vals[0] if vals else (ch if ch is not None else -math.inf)
                     conf.append(best if self.confidence == "max_logit" else math.exp(best))
+                    sampled.append(float(ch if ch is not None else best))
+                    top.append(vals or [float(best)])
                 # vLLM reports which stop ended a completion; None after "stop" means EOS.
                 eos = finish == "stop" and "stop_reason" in choice and choice["stop_reason"] is None
             if text.strip() and not tokens:
@@ -247,7 +252,8 @@ class OpenAIBackend:
             text=text.strip("\n"), token_ids=[], tokens=tokens, confidence=conf,
             confidence_kind=self.confidence, prompt_tokens=prompt, cached_tokens=cached,
             completion_tokens=completion, finish_reason=finish,
-            is_final=whole or eos or "\\boxed" in text or finish == "length")
+            is_final=whole or eos or "\\boxed" in text or finish == "length",
+            logprobs=sampled, top_logprobs=top)
 
     @staticmethod
     def _valid_chat(resp: dict) -> None:

@@ -28,6 +28,7 @@ from generation.backends import costs
 from generation.backends.base import (
     STEP_DELIMITER,
     SYSTEM_PROMPT,
+    TOP_LOGPROBS,
     StepRequest,
     StepResult,
     is_final_step,
@@ -72,7 +73,7 @@ def on_cpu(vllm_module) -> bool:
 def sampling_kwargs(temperature: float, max_tokens: int, whole: bool, seed: int) -> dict:
     """`vllm.SamplingParams` keyword arguments of one step (or, `whole`, the rest)."""
     return dict(temperature=temperature, max_tokens=max_tokens,
-                stop=None if whole else [STEP_DELIMITER], logprobs=1, seed=seed)
+                stop=None if whole else [STEP_DELIMITER], logprobs=TOP_LOGPROBS, seed=seed)
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -189,10 +190,13 @@ class VLLMBackend:
                               len(out.prompt_token_ids), int(out.num_cached_tokens or 0),
                               len(token_ids), o.finish_reason or "stop", True,
                               error=f"{len(logprobs)} logprob entries for {len(token_ids)} tokens")
-        tokens, conf = [], []
+        tokens, conf, sampled, top = [], [], [], []
         for tid, entry in zip(token_ids, logprobs, strict=True):
-            conf.append(max(lp.logprob for lp in entry.values()))  # raw logits: max_v z_v
+            values = sorted((lp.logprob for lp in entry.values()), reverse=True)
+            conf.append(values[0])  # raw logits: max_v z_v
+            top.append(values[:TOP_LOGPROBS])
             chosen = entry.get(tid)
+            sampled.append(chosen.logprob if chosen is not None else values[-1])
             text = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None \
                 else self.tokenizer.decode([tid])
             tokens.append(text)
@@ -203,4 +207,5 @@ class VLLMBackend:
             confidence_kind="max_logit", prompt_tokens=len(out.prompt_token_ids),
             cached_tokens=int(out.num_cached_tokens or 0), completion_tokens=len(token_ids),
             finish_reason=o.finish_reason or "stop",
-            is_final=whole or is_final_step(text, o.finish_reason or "stop", eos))
+            is_final=whole or is_final_step(text, o.finish_reason or "stop", eos),
+            logprobs=sampled, top_logprobs=top)

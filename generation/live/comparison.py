@@ -121,6 +121,7 @@ class GridRule:
         if any((r.sticky, r.start_model) != (first.sticky, first.start_model) for r in rules):
             raise InputError("the points of one family must share stickiness and start model")
         self.name, self.sticky, self.start_model = first.name, first.sticky, first.start_model
+        self.feature_names = getattr(first, "feature_names", None)
 
     def decide(self, views):
         out: list = [None] * len(views)

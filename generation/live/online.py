@@ -41,6 +41,9 @@ class OnlineConfig:
     max_tokens_per_step: int = 1024
     max_tokens_per_solution: int = 4096
     seed: int = 0
+    # The drafts' features, in this order: the trace set's, so rules fitted on it (STEER, a
+    # router) read theirs; a rule with `feature_names` of its own (the router) uses those.
+    feature_names: tuple[str, ...] = features.FEATURE_NAMES
 
 
 EMPTY_RETRIES = tracegen.EMPTY_RETRIES
@@ -94,17 +97,14 @@ def _request(s: Live, model: int, attempt: int = 0) -> StepRequest:
                        tracegen.stream_seed(s.problem.problem_id, model, s.seed, attempt=attempt))
 
 
-def _features_of(s: Live, r: StepResult) -> tuple[np.ndarray, features.MathSpanState]:
-    """A draft's feature vector, computed as trace generation computes it, and the span state
-    after the draft (the problem's own state is left as it is)."""
-    span = copy.deepcopy(s.span)
-    if r.tokens:
-        conf, span = features.step_confidence(r.tokens, r.confidence, r.confidence_kind, span)
-    else:
-        conf = features.Confidence(0.0, 0, True)
-    f = features.step_features(conf.value, len(s.steps), r.completion_tokens, r.is_final,
-                               s.problem.difficulty)
-    return np.asarray(f, np.float64), span
+def _features_of(s: Live, r: StepResult, names: Sequence[str]
+                 ) -> tuple[np.ndarray, features.MathSpanState]:
+    """A draft's feature vector (`names`: the router's, or the trace set's), computed as trace
+    generation computes it, and the span state after the draft (the problem's own state is left
+    as it is)."""
+    vector, span = features.step_vector(names, r, len(s.steps), s.problem.difficulty,
+                                        copy.deepcopy(s.span))
+    return np.asarray(vector, np.float64), span
 
 
 def _isolated(backend: Backend, reqs: list[StepRequest], whole: bool, limit: int
@@ -137,6 +137,7 @@ class Engine:
 
     def __init__(self, backends: Sequence[Backend], rule: Rule, cfg: OnlineConfig):
         self.backends, self.rule, self.cfg = list(backends), rule, cfg
+        self.feature_names = tuple(getattr(rule, "feature_names", None) or cfg.feature_names)
         self.last = len(self.backends) - 1
         self.live: list[Live] = []
         self.decide_seconds = 0.0  # time in the rule's decisions (the router's share)
@@ -225,7 +226,7 @@ class Engine:
                 s.truncated |= r.finish_reason == "length"
                 _tell(s, (STEP_DELIMITER if s.steps else "") + r.text, s.model)
                 continue
-            f, span = _features_of(s, r)
+            f, span = _features_of(s, r, self.feature_names)
             views.append(View(s.problem, tuple(s.steps), r, s.model, f))
             drafted.append((s, span))
         t0 = time.perf_counter()
@@ -291,7 +292,9 @@ def _tell(s: Live, text: str, model: int) -> None:
 def _accept(s: Live, r: StepResult, model: int, cfg: OnlineConfig,
             span: features.MathSpanState | None = None) -> None:
     """Append an accepted step; `span`: its span state if the draft's features were computed."""
-    s.span = span if span is not None else _features_of(s, r)[1]
+    if span is None:  # a larger model's step: only the math-span state moves on
+        span = features.math_mask(r.tokens, copy.deepcopy(s.span))[1] if r.tokens else s.span
+    s.span = span
     _tell(s, (STEP_DELIMITER if s.steps else "") + r.text, model)
     s.steps.append(r.text)
     s.owners.append(model)

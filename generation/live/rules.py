@@ -27,7 +27,7 @@ class View:
     steps: tuple[str, ...]  # accepted steps before the draft
     draft: StepResult
     model: int
-    features: np.ndarray  # [D] in features.FEATURE_NAMES order
+    features: np.ndarray  # [D] in the engine's `feature_names` order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,11 @@ class RouterRule:
     sticky: bool = True
     start_model: int = 0
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The features the router was trained on, in its order (router.json)."""
+        return tuple(self.router.meta["feature_names"])
+
     def decide(self, views):
         if not views:
             return []
@@ -90,6 +95,7 @@ class SteerRule:
     name: str = "STEER"
     sticky: bool = True
     start_model: int = 0
+    feature_names: tuple[str, ...] | None = None  # of the trace set it was fitted on
 
     def decide(self, views):
         if not views:

@@ -17,7 +17,7 @@ from generation.registry import make_backend
 from generation.serving import asgi, handlers
 from generation.serving.metrics import ServerMetrics
 from generation.serving.service import RoutingService, ServeConfig
-from generation.traces.features import FEATURE_NAMES
+from generation.traces import features
 from jaxroute import export
 from jaxroute.errors import InputError
 
@@ -96,8 +96,8 @@ def build(router_dir: str, upstreams: Sequence[str] | None = None, rule: str = "
         if hasattr(b, "check"):
             b.check()
     k = len(backends)
-    router = export.load_router(router_dir, feature_names=FEATURE_NAMES,
-                                model_names=[b.name for b in backends])
+    router = export.load_router(router_dir, model_names=[b.name for b in backends])
+    features.check_known(router.meta["feature_names"], router_dir)
     for b, m in zip(backends, router.meta.get("models") or [{}] * k, strict=True):
         want, got = float(m.get("params") or 0), float(b.params or 0)
         if want and got and abs(got - want) > 0.01 * want:  # a model by name only is not enough

@@ -170,7 +170,8 @@ class TinyLMBackend:
                 jnp.zeros((b, max_new), jnp.float32),  # max raw logit (S_os)
                 jnp.zeros((b, max_new, 2), jnp.float32),  # sampled token: (log-prob, raw logit)
                 jnp.zeros((b, max_new, TOPK), jnp.int32),  # top-k token ids
-                jnp.zeros((b, max_new, TOPK, 2), jnp.float32))  # top-k: (log-prob, raw logit)
+                jnp.zeros((b, max_new, TOPK, 2), jnp.float32),  # top-k: (log-prob, raw logit)
+                jnp.zeros((b, max_new), jnp.float32))  # entropy of the next-token distribution
 
         # A live row writes position pos + i at iteration i, so every key the call can use is
         # folded up front, in one vectorised op outside the loop (in the loop body the fold
@@ -185,7 +186,7 @@ class TinyLMBackend:
 
         def body(c):
             i, s, n, outs = c
-            out_tok, out_z, out_lp, out_top, out_toplp = outs
+            out_tok, out_z, out_lp, out_top, out_toplp, out_ent = outs
             # The token's randomness is (row seed, absolute position): the same prefix gets the
             # same token whether the call writes one step or the rest (decision 87).
             sub = jax.lax.dynamic_index_in_dim(pos_keys, i, axis=1, keepdims=False)
@@ -204,6 +205,7 @@ class TinyLMBackend:
             out_lp = out_lp.at[:, i].set(jnp.take_along_axis(both, t[:, None, None], 1)[:, 0])
             out_top = out_top.at[:, i].set(top_i)
             out_toplp = out_toplp.at[:, i].set(jnp.take_along_axis(both, top_i[..., None], 1))
+            out_ent = out_ent.at[:, i].set(-jnp.sum(jnp.exp(logp) * logp, -1))
             n = n + live
             stop = (t == eos) | ((t == nl) & (s.prev == nl) & (not whole))
             stop = stop | (s.pos + 1 >= self.cfg.max_len - 1) | (s.budget <= 1)
@@ -214,7 +216,7 @@ class TinyLMBackend:
                             tuple(caches),  # a done row rewrites its own frozen pos: harmless
                             jnp.where(live, s.pos + 1, s.pos), jnp.where(live, t, s.prev),
                             s.budget - live, s.keys, s.done | (live & stop))
-            return i + 1, s, n, (out_tok, out_z, out_lp, out_top, out_toplp)
+            return i + 1, s, n, (out_tok, out_z, out_lp, out_top, out_toplp, out_ent)
 
         _, s, n, outs = jax.lax.while_loop(cond, body, (0, s, jnp.zeros(b, jnp.int32), outs))
         return outs, n, s
@@ -376,7 +378,7 @@ class TinyLMBackend:
         for i in range(len(requests)):
             parts = gen[i]
             cat = [np.concatenate([p[m] for p in parts]) if parts else np.zeros(0)
-                   for m in range(5)]
+                   for m in range(6)]
             ids = [int(t) for t in cat[0]]
             self.last_logprobs.append((cat[2], cat[3], cat[4]))
             eos = bool(ids) and ids[-1] == self.tok.eos
@@ -390,7 +392,10 @@ class TinyLMBackend:
                 confidence=[float(z) for z in cat[1]], confidence_kind="max_logit",
                 prompt_tokens=len(prompts[i]), cached_tokens=len(prompts[i]) if hits[i] else 0,
                 completion_tokens=len(ids), finish_reason=finish,
-                is_final=whole or is_final_step(step_text, finish, eos)))
+                is_final=whole or is_final_step(step_text, finish, eos),
+                logprobs=[float(x) for x in cat[2][:, 0]] if ids else [],
+                top_logprobs=[[float(x) for x in row] for row in cat[4][..., 0]] if ids else [],
+                entropies=[float(x) for x in cat[5]] if ids else []))
         return out
 
 

@@ -27,7 +27,13 @@ import numpy as np
 
 from jaxroute.errors import InputError
 
-FEATURE_NAMES = ("confidence", "step_index", "step_length", "is_final", "difficulty")
+# What a router sees of a step (decision 91): S_os/S_API, the small model's own token
+# distribution (`distribution_stats`), and where the step stands. Trace sets and routers name
+# their features; `step_vector` computes any of these by name (older sets and routers carry the
+# first five only, `LEGACY_FEATURE_NAMES`).
+FEATURE_NAMES = ("confidence", "min_logprob", "low3_logprob", "neg_entropy", "min_margin",
+                 "step_index", "step_length", "is_final", "difficulty")
+LEGACY_FEATURE_NAMES = ("confidence", "step_index", "step_length", "is_final", "difficulty")
 _OPS = set("+-*/=^_<>()[]{}|!%×÷±≤≥≠")
 _PUNCT = set(".,:;?")  # maths only inside a math span
 _CMD = re.compile(r"^\\[A-Za-z]+")
@@ -129,8 +135,80 @@ def step_confidence(tokens: list[str], confidence, kind: str, state: MathSpanSta
     return score(np.asarray(confidence), mask), state
 
 
-def step_features(confidence: float, step_index: int, step_length: int, is_final: bool,
-                  difficulty: float | None) -> list[float]:
-    """The router's feature vector, in `FEATURE_NAMES` order (difficulty 0 when unknown)."""
-    return [float(confidence), float(step_index), float(step_length), float(is_final),
-            float(difficulty) if difficulty is not None else 0.0]
+# ------------------------------------------------------------------------------------------------
+# What the small model's own token distribution says about a step (decision 91)
+
+# Statistics of the sampled tokens' distribution over a step; higher = more confident for all.
+DISTRIBUTION_FEATURES = ("min_logprob", "low3_logprob", "neg_entropy", "min_margin")
+LOWEST_K = 3  # low3_logprob: the mean log-prob of the step's 3 least likely sampled tokens
+NO_MARGIN = 30.0  # a token whose runner-up is unknown (one candidate returned): a sure token
+
+
+def distribution_stats(r) -> dict[str, float]:
+    """`min_logprob`, `low3_logprob`, `neg_entropy`, `min_margin` of a step, from what its
+    backend returned per token (`StepResult.logprobs`, `.top_logprobs`, `.entropies`):
+
+    - min_logprob: the lowest log-probability of a sampled token in the step;
+    - low3_logprob: the mean of its `LOWEST_K` lowest (DeepConf's lowest-group confidence);
+    - neg_entropy: minus the mean next-token entropy — exact where the backend saw the full
+      logits (the tiny engine), else the top-k estimate Σ_top −p log p − r log r with r the
+      mass outside the top k (APIs return 5);
+    - min_margin: the smallest top-1 − top-2 log-probability gap (RelayGen's margin).
+    Without per-token log-probabilities (an old backend) every statistic is 0."""
+    if not r.logprobs or not r.top_logprobs:
+        return dict.fromkeys(DISTRIBUTION_FEATURES, 0.0)
+    sampled = np.asarray(r.logprobs, np.float64)  # [L]
+    k = max(len(t) for t in r.top_logprobs)
+    top = np.full((len(sampled), k), -np.inf)  # [L, k] descending
+    for i, t in enumerate(r.top_logprobs):
+        top[i, :len(t)] = sorted(t, reverse=True)
+    top[:, 0] = np.maximum(top[:, 0], sampled)  # no candidate returned: the sampled one
+    if r.confidence_kind == "max_logit" and r.entropies is None:
+        # Raw logits (vLLM's raw_logits mode): normalised over the returned candidates and the
+        # sampled token, an estimate that can only be too confident (the rest of the
+        # vocabulary is left out).
+        lse = np.logaddexp.reduce(top, axis=-1)
+        outside = sampled < np.min(np.where(np.isfinite(top), top, np.inf), -1) - 1e-6
+        lse = np.where(outside, np.logaddexp(lse, sampled), lse)
+        top, sampled = top - lse[:, None], sampled - lse
+    low = np.sort(sampled)[:LOWEST_K]
+    if r.entropies is not None:
+        ent = np.asarray(r.entropies, np.float64)
+    else:
+        p = np.exp(top)
+        rest = np.clip(1.0 - p.sum(-1), 1e-12, 1.0)
+        ent = -(np.where(p > 0, p * top, 0.0)).sum(-1) - rest * np.log(rest)
+    margin = np.where(np.isfinite(top[:, 1]), top[:, 0] - top[:, 1], NO_MARGIN) if k > 1 \
+        else np.full(len(top), NO_MARGIN)
+    return {"min_logprob": float(sampled.min()), "low3_logprob": float(low.mean()),
+            "neg_entropy": float(-ent.mean()), "min_margin": float(np.minimum(margin, NO_MARGIN)
+                                                                   .min())}
+
+
+def step_vector(names, r, step_index: int, difficulty: float | None, state: MathSpanState
+                ) -> tuple[list[float], MathSpanState]:
+    """The router's features of a generated step `r` (a `StepResult`), in the order of `names`
+    (a trace set's or a router's `feature_names`; `FEATURE_NAMES` by default), and the math-span
+    state after it (`state` is advanced in place). The one place trace generation, live routing
+    and the server compute features, so a router sees the same numbers in all three."""
+    if r.tokens:
+        conf, state = step_confidence(r.tokens, r.confidence, r.confidence_kind, state)
+        value = conf.value
+    else:
+        value = 0.0
+    have = {"confidence": float(value), "step_index": float(step_index),
+            "step_length": float(r.completion_tokens), "is_final": float(r.is_final),
+            "difficulty": float(difficulty) if difficulty is not None else 0.0,
+            **distribution_stats(r)}
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise InputError(f"unknown step features {unknown}; known: {sorted(have)}")
+    return [have[n] for n in names], state
+
+
+def check_known(names, where: str) -> None:
+    """Refuse (`InputError`) a router whose features this generation layer cannot compute."""
+    unknown = [n for n in names if n not in FEATURE_NAMES]
+    if unknown:
+        raise InputError(f"{where}: the router reads features {unknown} that this version does "
+                         f"not compute (it computes {list(FEATURE_NAMES)})")

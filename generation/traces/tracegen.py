@@ -289,8 +289,10 @@ class TraceGenerator:
             state.feed(s)
         steps = []
         for t, r in enumerate(seg.results):
-            conf, state = features.step_confidence(r.tokens, r.confidence, r.confidence_kind,
-                                                   state)
+            conf, _ = features.step_confidence(r.tokens, r.confidence, r.confidence_kind,
+                                               features.MathSpanState(**vars(state)))
+            vector, state = features.step_vector(features.FEATURE_NAMES, r, seg.start + t,
+                                                 seg.problem.difficulty, state)
             branches = {}
             for kp in range(seg.model + 1, k_models):
                 if kp == k_models - 1:
@@ -302,9 +304,7 @@ class TraceGenerator:
                     branches[str(kp)] = self._segment_record(tree.children[si][(t, kp)].idx,
                                                              tree, checks)
             steps.append({
-                "features": features.step_features(conf.value, seg.start + t,
-                                                   r.completion_tokens, r.is_final,
-                                                   seg.problem.difficulty),
+                "features": vector,
                 "cost": _sum([_cost(x, backend.params)
                               for x in [*seg.wasted.get(t, []), r]]),
                 "verifier_ok": checks.labels.get((si, t)),

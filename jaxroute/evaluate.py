@@ -22,7 +22,7 @@ from jaxroute import references as references_lib
 from jaxroute.errors import InputError
 from jaxroute.guarantee import Family, FamilyWalks, conformal_choice, guarantee, walk_family
 from jaxroute.learner import router_family
-from jaxroute.stats import bootstrap_ci, cost_at_accuracy
+from jaxroute.stats import bootstrap_ci, matched_costs
 from jaxroute.trace import PackedTrees
 
 
@@ -62,12 +62,18 @@ def summarize(o: Outcome, seed: int = 0) -> dict[str, Any]:
     }
 
 
+# Both know the realised samples (which continuation will fail), so no router can approach
+# them; the perfect-risk reference (`references.perfect_risk_family`) is the reachable limit.
+ORACLES = ("hindsight oracle (max accuracy, knows the samples)",
+           "hindsight oracle (coverage 1-α, knows the samples)")
+
+
 def oracle_summary(trees: PackedTrees, problems: np.ndarray, roots: np.ndarray,
                    alpha: float) -> dict[str, dict[str, Any]]:
     """The two oracles on the given instances.
 
-    - "oracle (max accuracy)": the cheapest correct path where one exists, else the cheapest path.
-    - "oracle (coverage 1−α)": the cheapest per-instance choice meeting coverage ≥ 1 − α: start from
+    - `ORACLES[0]`: the cheapest correct path where one exists, else the cheapest path.
+    - `ORACLES[1]`: the cheapest per-instance choice meeting coverage ≥ 1 − α: start from
       every instance's cheapest path and fix the uncovered ones (large right, cheapest wrong) with
       the smallest extra cost until the target holds (unit values ⇒ greedy by cost is optimal).
     """
@@ -91,7 +97,7 @@ def oracle_summary(trees: PackedTrees, problems: np.ndarray, roots: np.ndarray,
         cost[order] = best_c[order]
     target = Outcome(correct=correct, cost=cost, escalation=np.full(len(j), -1),
                      large_right=large_right, problems=problems)
-    out = {"oracle (max accuracy)": summarize(max_acc), "oracle (coverage 1-α)": summarize(target)}
+    out = {ORACLES[0]: summarize(max_acc), ORACLES[1]: summarize(target)}
     for v in out.values():
         v["escalation_rate"] = float("nan")  # the oracle is not a stepwise policy
         v["mean_escalation_step"] = float("nan")
@@ -127,7 +133,7 @@ def _num(g) -> float:
 
 def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
                  feature_names: Sequence[str], seed: int = 0, references: bool = True,
-                 delta: float | None = None) -> dict[str, Any]:
+                 delta: float | None = None, more: Sequence[Family] = ()) -> dict[str, Any]:
     """Every method on the test split at the same guarantee: each knob calibrated on the
     calibration split by `conformal_choice` (coverage ≥ 1 − α; with δ, with probability
     ≥ 1 − δ), then reported on test.
@@ -137,6 +143,7 @@ def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
         router to evaluate (Γ with κ as its knob), e.g. one per training seed.
       feature_names: the trees' feature names (baselines find theirs by name).
       references: also fit and report the reference policies.
+      more: further reference families (e.g. the perfect-risk reference from rollouts).
 
     Returns {"rows": [...], "curves": {method: test curve}, "matched": accuracy-matched costs,
     "guarantee": `guarantee(...)`}. Rows carry `kind` ∈ {single model, router, baseline,
@@ -154,6 +161,7 @@ def evaluate_all(trees: PackedTrees, routers: dict[str, Callable], alpha: float,
                      **summarize(solo_outcome(trees, pt, m), seed)})
     fams = [(router_family(trees, fn, name), "router") for name, fn in routers.items()]
     fams += [(f, "baseline") for f in baselines.baseline_families(trees, feature_names, seed)]
+    fams += [(f, "reference") for f in more]
     if references:
         fams += [(f, "reference") for f in
                  references_lib.reference_families(trees, feature_names, alpha, seed)]
@@ -181,18 +189,6 @@ def mean_row(rows: Sequence[dict], name: str) -> dict[str, Any]:
     out["coverage_sd"] = float(np.std([r["coverage"] for r in rows]))
     out["threshold"] = float("nan")
     return out
-
-
-def matched_costs(rows: list[dict], curves: dict[str, list[dict]],
-                  reference: str = "router (ours)") -> dict[str, Any]:
-    """The secondary, accuracy-matched view: each curve's cost at the reference row's accuracy."""
-    # Lower hull of each curve; nan when out of reach.
-    ref = next((r for r in rows if r["method"] == reference), None)
-    if ref is None:
-        return {}
-    return {"reference": reference, "accuracy": ref["accuracy"], "cost": ref["cost"],
-            "costs": {name: cost_at_accuracy(c, ref["accuracy"]) for name, c in curves.items()
-                      if name != reference}}
 
 
 def replay_rule(trees: PackedTrees, decide: Callable[[np.ndarray, np.ndarray], np.ndarray],

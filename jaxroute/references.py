@@ -222,3 +222,15 @@ def reference_families(trees: PackedTrees, feature_names: Sequence[str], alpha: 
     """The reference policies of `jaxroute.references` (decision 69), fitted on train."""
     table = table_family(trees, feature_names, alpha)
     return [risk_family(trees, seed)] + ([table] if table is not None else [])
+
+
+def perfect_risk_family(trees: PackedTrees, gain: np.ndarray, grid_size: int = 201) -> Family:
+    """The perfect-risk reference (decision 92): escalate, to the largest model, at the first
+    node whose estimated coverage gain of escalating now, `gain` `[P, S, T]` (from fresh
+    rollouts at each node; nan where none were made), is ≥ τ. A router whose features told it
+    these probabilities exactly could route like this — a limit it could reach, unlike the
+    hindsight oracle, which knows the realised samples."""
+    known = env.node_mask(trees) & np.isfinite(gain)
+    score = np.where(known, gain, -np.inf)
+    return Family("perfect-risk reference", lambda tau: baselines.escalate_where(
+        trees, known & (score >= tau)), quantile_grid(gain[known], grid_size, descending=False))

@@ -1,7 +1,10 @@
 """Statistics every report uses: bootstrap CIs by problem, AUROC, per-problem means (the
-calibration's exchangeable unit, decision 24) and a cost curve's lower hull. Pure numpy."""
+calibration's exchangeable unit, decision 24), a cost curve's lower hull and the accuracy-matched
+costs read off it. Pure numpy."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -66,3 +69,15 @@ def per_problem(values: np.ndarray, problems: np.ndarray) -> np.ndarray:
                                                                                   values.shape[1:])
     np.add.at(out, inv, values)
     return out / np.bincount(inv).reshape((-1,) + (1,) * (values.ndim - 1))
+
+
+def matched_costs(rows: list[dict], curves: dict[str, list[dict]],
+                  reference: str = "router (ours)") -> dict[str, Any]:
+    """The secondary, accuracy-matched view: each curve's cost at the reference row's accuracy."""
+    # Lower hull of each curve; nan when out of reach.
+    ref = next((r for r in rows if r["method"] == reference), None)
+    if ref is None:
+        return {}
+    return {"reference": reference, "accuracy": ref["accuracy"], "cost": ref["cost"],
+            "costs": {name: cost_at_accuracy(c, ref["accuracy"]) for name, c in curves.items()
+                      if name != reference}}

@@ -44,7 +44,7 @@ ROUTER = "router (exact CPO, ours)"
 PAPER = "TCPO (paper settings)"
 BASELINES = ("random escalation", "confidence threshold", "STEER")
 REFERENCES = ("risk-to-go classifier (reference)", "threshold table (reference)")
-ORACLE = "oracle (coverage 1-α)"
+ORACLE = evaluate.ORACLES[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
                 fam = learner.router_family(trees, res.log_prob_fn(i), PAPER)
                 record(alpha, PAPER, "paper", evaluate.evaluate_family(trees, dev, fam, cal, test,
                                                                        alpha), s, secs)
-        oracle = evaluate.oracle_summary(trees, pt, rt, alpha)["oracle (coverage 1-α)"]
+        oracle = evaluate.oracle_summary(trees, pt, rt, alpha)[ORACLE]
         record(alpha, ORACLE, "oracle", {"row": oracle})
         log(f"  {world} / data {data_seed} / α {alpha}: done ({time.perf_counter() - t0:.0f} s)")
     return out

@@ -37,17 +37,23 @@ def pool_outcomes(trees: PackedTrees, family: guarantee.Family, problems: np.nda
     return stats.per_problem(miss, pi), stats.per_problem(cost.T.astype(float), pi)
 
 
+def split_orders(p: int, calibration: int, resplits: int, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration rows `[R, calibration]`, test rows `[R, p − calibration]`) of R random
+    permutations of a pool of p problems (seeded: every method sees the same draws)."""
+    if not 0 < calibration < p:
+        raise ValueError(f"calibration size {calibration} must be in (0, {p})")
+    rng = np.random.default_rng(seed)
+    order = np.stack([rng.permutation(p) for _ in range(resplits)])  # [R, P]
+    return order[:, :calibration], order[:, calibration:]
+
+
 def resplit(errors: np.ndarray, cost: np.ndarray, alpha: float, delta: float | None,
             calibration: int, resplits: int, seed: int = 0) -> dict[str, np.ndarray]:
     """R = `resplits` random calibration sets of `calibration` problems from the pool (the rest
     is the test set each time); per re-split: the knob index chosen, whether calibration was
     feasible, and the test miscoverage and mean cost at that knob. `[R]` arrays."""
-    p = errors.shape[0]
-    if not 0 < calibration < p:
-        raise ValueError(f"calibration size {calibration} must be in (0, {p})")
-    rng = np.random.default_rng(seed)
-    order = np.stack([rng.permutation(p) for _ in range(resplits)])  # [R, P]
-    cal, test = order[:, :calibration], order[:, calibration:]
+    cal, test = split_orders(errors.shape[0], calibration, resplits, seed)
     idx, feasible = guarantee.conformal_choice(errors[cal], alpha, delta)
     return {"index": idx, "feasible": feasible,
             "miscoverage": errors[test, idx[:, None]].mean(1),
@@ -72,3 +78,40 @@ def summarize(r: dict[str, np.ndarray], alpha: float, delta: float | None,
             "feasible": float(np.mean(r["feasible"])), "holds": holds, "resplits": n,
             "test_size": test_size,
             "test_noise": 2 * math.sqrt(alpha * (1 - alpha) / max(test_size, 1))}
+
+
+def data_draws(trees: PackedTrees, families: dict[str, list[guarantee.Family]],
+               alphas, resplits: int = 5, seed: int = 0, delta: float | None = None
+               ) -> dict[str, Any]:
+    """The spread over data draws: the trees' calibration ∪ test problems re-split R times into
+    calibration and test sets of the original sizes (the same draws for every method), each
+    method calibrated on each draw's calibration set at each α and measured on its test set.
+    `families`: method → its families (several: one per training seed, reported as their mean
+    per draw, with the training-seed spread beside it).
+
+    Returns {"resplits", "calibration", "test", "alphas": {α: {method: {"ratio": [R] cost /
+    large-only cost on the draw's test set, "coverage": [R], "seed_sd": mean over draws of the
+    sd across the method's families}}}}."""
+    pool = np.concatenate([trees.split_indices("cal"), trees.split_indices("test")])
+    n_cal = len(trees.split_indices("cal"))
+    cal, test = split_orders(len(pool), n_cal, resplits, seed)
+    # per problem, sorted as `pool_outcomes` returns them
+    large = np.sort(pool)
+    large_cost = trees.solo_cost[large, -1].astype(float)  # solo costs: one per problem
+    base = large_cost[test].mean(1)  # [R]
+    outcomes = {m: [pool_outcomes(trees, f, pool) for f in fams] for m, fams in families.items()}
+    out: dict[str, Any] = {"resplits": resplits, "calibration": n_cal,
+                           "test": len(pool) - n_cal, "alphas": {}}
+    for alpha in alphas:
+        rows = {}
+        for m, outs in outcomes.items():
+            ratio, cover = [], []
+            for errors, cost in outs:
+                idx, _ = guarantee.conformal_choice(errors[cal], alpha, delta)
+                ratio.append(cost[test, idx[:, None]].mean(1) / base)
+                cover.append(1.0 - errors[test, idx[:, None]].mean(1))
+            ratio, cover = np.stack(ratio), np.stack(cover)  # [S, R]
+            rows[m] = {"ratio": ratio.mean(0).tolist(), "coverage": cover.mean(0).tolist(),
+                       "seed_sd": float(ratio.std(0).mean())}
+        out["alphas"][float(alpha)] = rows
+    return out

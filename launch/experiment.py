@@ -108,8 +108,13 @@ def run(work: Path, seed: int, alpha: float, delta: float | None = None) -> None
     memory["train"] = common.peak_rss_mb()
     common.release_memory()
     print(f"      κ per seed {[f'{k:.4g}' for k in fit.kappas]}; {clock.mark('train'):.0f} s")
-    print("[3/5] every method at the same guarantee on the test split")
-    result = main_job.offline_result(trees, manifest, fit, paper, alpha, seed, delta)
+    print("[3/5] every method at the same guarantee on the test split; the perfect-risk "
+          f"reference from {main_job.RISK_ROLLOUTS} fresh rollouts per node and model (computed "
+          "once per trace set, then cached)")
+    gain = main_job.risk_gain(backends, trees, recs, problems, seed,
+                              cache=work / "traces" / "perfect_risk.npz")
+    clock.mark("reference")
+    result = main_job.offline_result(trees, manifest, fit, paper, alpha, seed, delta, gain)
     clock.mark("evaluate")
     memory["evaluate"] = common.peak_rss_mb()
     common.release_memory()
@@ -130,6 +135,7 @@ def run(work: Path, seed: int, alpha: float, delta: float | None = None) -> None
     title = (f"Embedded default (tiny LMs{engine}, arithmetic task) — test split, α = {alpha} "
              f"({kind})")
     config = {"problems": sizes, "alpha": alpha, "delta": delta,
+              "source": main_job.embedded_source(),
               "guarantee": result["guarantee"], "engine": _ENGINE.value,
               "router": dataclasses.asdict(cfg),
               "train_seeds": list(seeds), "kappas": fit.kappas, "seed": seed,

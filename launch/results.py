@@ -21,6 +21,7 @@ from typing import Any
 
 from absl import flags
 
+from generation.main_job import embedded_source
 from jaxroute.durable import atomic_write_text, read_json, strict_json
 from jaxroute.errors import InputError
 from launch import common, presets
@@ -56,14 +57,20 @@ def machine() -> dict[str, Any]:
             "jax": jax.__version__, "device": jax.devices()[0].platform}
 
 
+# Benchmarks whose numbers do not depend on the embedded default (synthetic trees only).
+SYNTHETIC = ("core", "offline")
+
+
 def save(name: str, title: str, columns: list[str], rows: list[list[Any]], *,
          notes: str = "", extra: dict | None = None, runs: str | Path = "runs") -> Path:
     """Write a benchmark's table to `RUNS/benchmarks/<name>.json` (atomically), with the command
-    line, the date and the machine, for `python -m launch.results` to render."""
+    line, the date, the machine and the embedded default it was measured on
+    (`main_job.embedded_source`), for `python -m launch.results` to render."""
     path = Path(runs) / "benchmarks" / f"{name}.json"
     record = {"name": name, "title": title, "columns": columns, "rows": rows, "notes": notes,
               "command": "python -m " + " ".join([_module_of_main()] + sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": machine(),
+              "source": None if name in SYNTHETIC else embedded_source(),
               **(extra or {})}
     atomic_write_text(path, strict_json(record, indent=2, default=float) + "\n")
     return path
@@ -87,10 +94,26 @@ def table(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+STALE = "**Stale**"
+
+
+def source_line(recorded: str | None, command: str) -> str:
+    """Which embedded default a section was measured on, and — when that is not the committed
+    one (other weights or features, or a run from before sources were recorded) — a stale mark
+    with the command that regenerates it (decision 92)."""
+    now = embedded_source()
+    if recorded == now:
+        return f"Measured on the embedded default `{now}` (weights and features).\n\n"
+    return (f"{STALE}: measured on `{recorded or 'an unrecorded embedded default'}`, not the "
+            f"committed `{now}` — rerun `{command}`.\n\n")
+
+
 def render_benchmark(rec: dict) -> str:
     m = rec.get("machine", {})
     head = (f"### {rec['title']}\n\n`{rec['command']}` — {rec['date']}, {m.get('cpus')} CPU "
             f"cores, jax {m.get('jax')} on {m.get('device')}\n\n")
+    if rec["name"] not in SYNTHETIC:
+        head += source_line(rec.get("source"), BENCHMARKS.get(rec["name"], rec["command"]))
     if rec["name"] in ("routing", "routing_quick", "routing_ablation"):
         # Runs from before decision 88 had only the marginal guarantee; later runs record it.
         head += (f"Guarantee of every calibrated cell: {rec.get('guarantee', 'marginal')} "
@@ -125,7 +148,7 @@ def main_job(runs: Path, folder: str = "experiment", command: str = MAIN_COMMAND
                    + " (target ≤ 2048 MiB)")
     md = re.sub(r"^### ", "#### ", md, flags=re.M)
     return (f"`{command}` — {when}, {os.cpu_count()} CPU cores; wall time: {timing}.\n\n"
-            + md)
+            + source_line(cfg.get("source"), command) + md)
 
 
 def _method_key(name: str) -> str:

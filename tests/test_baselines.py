@@ -82,12 +82,12 @@ def test_oracle_on_hand_built_trees():
     np.testing.assert_allclose(oc.cheapest[:, 0], [3.0, 2.0])
     assert list(oc.cheapest_is_correct[:, 0]) == [False, True]
     res = evaluate.oracle_summary(packed, np.array([0, 1]), np.array([0, 0]), alpha=0.0)
-    assert res["oracle (max accuracy)"]["accuracy"] == 100.0
-    assert res["oracle (max accuracy)"]["cost"] == 4.0
+    assert res["hindsight oracle (max accuracy, knows the samples)"]["accuracy"] == 100.0
+    assert res["hindsight oracle (max accuracy, knows the samples)"]["cost"] == 4.0
     # With α = 0.5 one miss is allowed: leave problem a on its cheapest (wrong) path.
     res = evaluate.oracle_summary(packed, np.array([0, 1]), np.array([0, 0]), alpha=0.5)
-    assert res["oracle (coverage 1-α)"]["cost"] == 2.5
-    assert res["oracle (coverage 1-α)"]["coverage"] == 0.5
+    assert res["hindsight oracle (coverage 1-α, knows the samples)"]["cost"] == 2.5
+    assert res["hindsight oracle (coverage 1-α, knows the samples)"]["coverage"] == 0.5
 
 
 def test_threshold_and_steer_actions_escalate_on_low_confidence():
@@ -116,7 +116,7 @@ def test_matched_costs_read_every_curve_at_the_reference_accuracy():
     curves = {"router (ours)": [{"accuracy": 70.0, "cost": 3.0}],
               "a": [{"accuracy": 60.0, "cost": 1.0}, {"accuracy": 80.0, "cost": 5.0}],
               "b": [{"accuracy": 50.0, "cost": 1.0}]}
-    m = evaluate.matched_costs(rows, curves)
+    m = stats.matched_costs(rows, curves)
     assert m["accuracy"] == 70.0 and set(m["costs"]) == {"a", "b"}
     assert m["costs"]["a"] == 3.0 and np.isnan(m["costs"]["b"])
-    assert evaluate.matched_costs([], curves) == {}
+    assert stats.matched_costs([], curves) == {}

@@ -40,7 +40,9 @@ def test_generate_cli_writes_a_resumable_trace_set(tmp_path):
         assert manifest.provenance["verifier"].startswith("openai:judge@http://127.0.0.1:")
         assert len(problems) == 6 and [m.name for m in manifest.models] == ["small", "large"]
         steps = problems[0]["roots"][0]["steps"]
-        assert len(steps) == 3 and steps[-1]["features"][3] == 1.0  # is_final on the last
+        final = list(manifest.feature_names).index("is_final")
+        assert len(steps) == 3 and steps[-1]["features"][final] == 1.0  # on the last only
+        assert [s["features"][final] for s in steps[:-1]] == [0.0, 0.0]
         assert all(s["verifier_ok"] is True for s in steps)
         assert problems[0]["roots"][0]["correct"] is True  # "\boxed{1}" for 0+1
         n = len(srv.requests)

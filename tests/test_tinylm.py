@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from generation.backends.base import StepRequest
-from generation.tinylm import task, train
+from generation.tinylm import scorers, task, train
 from generation.tinylm.backend import TinyLMBackend
 from generation.tinylm.model import LMConfig, TinyLM, Tokenizer
 from jaxroute import stats
@@ -310,3 +310,20 @@ def test_stand_in_scorers_score_in_bounded_chunks_without_changing_a_score(rando
         np.testing.assert_allclose(scores, [a[0][0] for a in alone], rtol=1e-5)
         assert spent == [a[1][0] for a in alone]
         monkeypatch.undo()
+
+
+def test_a_hard_negative_is_the_step_with_a_wrong_result():
+    """`scorers.corrupt`: the last equation's result off by 1–9 (never negative), the rest of the
+    step as it was — what the PRM learns wrong steps from (decision 92)."""
+    rng = np.random.default_rng(0)
+    seen = set()
+    for tp in task.generate(200, seed=5):
+        for step in tp.solution_steps:
+            bad = scorers.corrupt(step, rng)
+            assert task.check_step(step) is True and task.check_step(bad) is False
+            a, b = step.split("= ")[-1].split(" ")[0], bad.split("= ")[-1].split(" ")[0]
+            assert int(b) >= 0 and 1 <= abs(int(a) - int(b)) <= 9
+            assert bad.rsplit("= ", 1)[0] == step.rsplit("= ", 1)[0]
+            seen.add(int(b) - int(a))
+    assert scorers.corrupt("no equation here", rng) is None
+    assert len(seen) > 10

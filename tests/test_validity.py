@@ -83,3 +83,34 @@ def test_pool_outcomes_equal_a_plain_walk_of_the_family():
             per.setdefault(int(p), []).append(float(c))
         want = [np.mean(per[p]) for p in sorted(per)]
         np.testing.assert_allclose(cost[:, g_i], want, rtol=1e-6)
+
+
+def test_data_draws_equal_a_plain_loop_over_resplits():
+    """Each draw: a permutation of the cal ∪ test pool into the original sizes; each method's
+    knob by `conformal_choice` on the draw's calibration rows; its test cost over large-only's
+    test cost and test coverage — written out draw by draw; several families of one method are
+    averaged per draw."""
+    manifest, problems = synthetic.generate(synthetic.SyntheticConfig(num_problems=160))
+    trees = trace.pack(manifest, problems)
+    fams = {"threshold": [baselines.threshold_family(trees, 0, grid_size=7)],
+            "two": [baselines.random_family(trees, s, grid_size=5) for s in (1, 2)]}
+    out = validity.data_draws(trees, fams, [0.1, 0.2], resplits=4, seed=3)
+    pool = np.sort(np.concatenate([trees.split_indices("cal"), trees.split_indices("test")]))
+    n_cal = len(trees.split_indices("cal"))
+    rng = np.random.default_rng(3)
+    orders = [rng.permutation(len(pool)) for _ in range(4)]
+    for alpha in (0.1, 0.2):
+        for name, families in fams.items():
+            got = out["alphas"][alpha][name]
+            for r, order in enumerate(orders):
+                cal, test = order[:n_cal], order[n_cal:]
+                ratios, covers = [], []
+                for fam in families:
+                    errors, cost = validity.pool_outcomes(trees, fam, pool)
+                    j, _ = guarantee.conformal_choice(errors[cal], alpha)
+                    ratios.append(cost[test, j].mean() / trees.solo_cost[pool[test], -1].mean())
+                    covers.append(1 - errors[test, j].mean())
+                assert got["ratio"][r] == pytest.approx(np.mean(ratios))
+                assert got["coverage"][r] == pytest.approx(np.mean(covers))
+    assert out["alphas"][0.1]["threshold"]["seed_sd"] == 0.0
+    assert out["alphas"][0.1]["two"]["seed_sd"] > 0.0

@@ -19,6 +19,7 @@ Both report their compute (2N FLOPs per token read) as the scorer column.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,9 +178,26 @@ class TinyJudge:
 # -- training the stand-in PRM ---------------------------------------------------------------------
 
 
-def prm_data(small, n_problems: int, seed: int, max_steps: int = 8
+def corrupt(step: str, rng: np.random.Generator) -> str | None:
+    """The step with the result of its last equation off by 1–9 (a wrong step that looks like
+    the model's own), or None when it has no equation."""
+    eqs = list(re.finditer(r"=\s*(\d+)", step))
+    if not eqs:
+        return None
+    m = eqs[-1]
+    value = int(m.group(1))
+    wrong = value + int(rng.choice([-1, 1])) * int(rng.integers(1, 10))
+    wrong = wrong if wrong >= 0 else value + int(rng.integers(1, 10))
+    return step[:m.start(1)] + str(wrong) + step[m.end(1):]
+
+
+def prm_data(small, n_problems: int, seed: int, max_steps: int = 8, hard_negatives: bool = False
              ) -> list[tuple[list[int], float]]:
-    """(input ids, label) for every checkable step of the small model's sampled solutions."""
+    """(input ids, label) for every checkable step of the small model's sampled solutions
+    (labels: the rule verifier). `hard_negatives`: also each right step with its result off
+    by 1–9 (label 0): the small model's own slips, which the sampled steps alone hold too few
+    of to learn from (decision 92)."""
+    rng = np.random.default_rng([seed, 7])
     probs = task.generate(n_problems, seed, "prm")
     tok = Tokenizer()
     steps: list[list[str]] = [[] for _ in probs]
@@ -198,6 +216,9 @@ def prm_data(small, n_problems: int, seed: int, max_steps: int = 8
             ok = task.check_step(r.text)
             if ok is not None:
                 out.append((_encode(tok, probs[i].problem.question, steps[i]), float(ok)))
+            bad = corrupt(r.text, rng) if ok and hard_negatives else None
+            if bad is not None:
+                out.append((_encode(tok, probs[i].problem.question, steps[i][:-1] + [bad]), 0.0))
             if not r.is_final:
                 nxt.append(i)
         live = nxt
@@ -228,9 +249,13 @@ def train_prm(small_cfg: LMConfig, small_params, data, steps: int = 600, batch: 
         return optax.apply_updates(params, updates), opt_state, loss
 
     rng = np.random.default_rng(seed)
+    labels = np.array([y for _, y in data])
+    # Classes drawn equally often: right steps far outnumber wrong ones.
+    p = np.where(labels > 0.5, 0.5 / max(1, (labels > 0.5).sum()),
+                 0.5 / max(1, (labels <= 0.5).sum()))
     start = time.perf_counter()
     for i in range(steps):
-        idx = rng.integers(0, len(data), batch)
+        idx = rng.choice(len(data), batch, p=p / p.sum())
         seqs = [data[j][0] for j in idx]
         toks, lens = _pad(seqs, small_cfg.max_len)
         y = np.zeros(len(lens), np.float32)
@@ -242,3 +267,19 @@ def train_prm(small_cfg: LMConfig, small_params, data, steps: int = 600, batch: 
         if log and (i % 100 == 0 or i == steps - 1):
             log(f"prm step {i:4d} loss {float(loss):.4f} ({time.perf_counter() - start:.0f} s)")
     return params, time.perf_counter() - start
+
+
+def prm_auroc(prm: TinyPRM, small, n_problems: int = 300, seed: int = 12345
+              ) -> tuple[float, int]:
+    """(AUROC of the PRM's score for "this step is right", steps scored) on held-out steps of
+    the small model's own sampled solutions (fresh problems, no hard negatives)."""
+    from jaxroute import stats
+
+    data = prm_data(small, n_problems, seed)
+    scores = []
+    for i in range(0, len(data), SCORE_ROWS):
+        chunk = [ids for ids, _ in data[i:i + SCORE_ROWS]]
+        arr, lens = _pad(chunk, prm.cfg.max_len)
+        logits = prm._value(prm.weights, jnp.asarray(arr), jnp.asarray(lens))
+        scores += [float(x) for x in np.asarray(jax.nn.softmax(logits, -1)[:, 1])[:len(chunk)]]
+    return stats.auroc(np.asarray(scores), np.array([y for _, y in data]) > 0.5), len(data)

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -116,7 +117,22 @@ def _nonfinite(x):
 
 
 __all__ = ["NONFINITE", "FolderInUse", "append_records", "atomic_write_text", "exclusive",
-           "read_json", "repair_tail", "strict_json", "whole_json"]
+           "read_json", "repair_tail", "replace_folder", "strict_json", "whole_json"]
+
+
+def replace_folder(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished folder `tmp` in place of `path` as one unit: a reader finds the old
+    folder or the new one, never a mix (an existing `path` is moved aside first and removed
+    after). `tmp` must be beside `path` (one filesystem); its mode follows the umask."""
+    tmp, path = Path(tmp), Path(path)
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

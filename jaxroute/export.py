@@ -16,8 +16,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from jaxroute import networks as nets_lib
 from jaxroute.core import threshold
-from jaxroute.durable import atomic_write_text, read_json, strict_json
+from jaxroute.durable import atomic_write_text, read_json, replace_folder, strict_json
 from jaxroute.errors import InputError, quote
 
 ROUTER_SCHEMA = 1
@@ -191,21 +189,8 @@ def export_router(path: str | Path, networks: nets_lib.RouterNetworks, policy_pa
         **(extra or {}),
     }
     atomic_write_text(tmp / "router.json", strict_json(meta, indent=2, default=str) + "\n")
-    os.chmod(tmp, 0o777 & ~_umask())
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, path)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _number(x) -> float | None:

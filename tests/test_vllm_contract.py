@@ -68,7 +68,7 @@ def test_reward_model_engine_arguments_follow_vllms_prefix_cache_support(tmp_pat
 
 def test_sampling_params_and_prompts_are_vllms_own_objects():
     sp = vllm.SamplingParams(**sampling_kwargs(0.7, 64, False, 11))
-    assert sp.stop == ["\n\n"] and sp.logprobs == 1 and sp.seed == 11 and sp.max_tokens == 64
+    assert sp.stop == ["\n\n"] and sp.logprobs == 5 and sp.seed == 11 and sp.max_tokens == 64
     whole = vllm.SamplingParams(**sampling_kwargs(0.7, 64, True, 11))
     assert not whole.stop
     judge = vllm.SamplingParams(**scorers.VLLMJudge(backend=None).sampling_kwargs())

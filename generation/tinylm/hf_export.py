@@ -16,7 +16,6 @@ Export is deterministic (same weights → same bytes) and takes well under a sec
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from generation.tinylm.model import ALPHABET, SPECIALS, LMConfig, Tokenizer
+from jaxroute.durable import replace_folder
 from jaxroute.errors import InputError
 
 # The chat layout of the tiny models: <bos> question <asst> solution. The system prompt is not
@@ -211,23 +211,10 @@ def export_all(out: str | Path, weights: str | Path | None = None, *,
         for name in ("small", "large"):
             export_lm(name, tmp / name, weights)
         export_prm(tmp / "prm", weights)
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {name: out / name for name in ("small", "large", "prm")}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 __all__ = ["CHAT_TEMPLATE", "ALPHABET", "build_tokenizer", "export_all", "export_lm",

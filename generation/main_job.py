@@ -116,7 +116,8 @@ def models(engine: str, work: Path, seed: int = 0):
 def live_methods(router, backends, prm, judge) -> list[comparison.LiveMethod]:
     """The main job's live rows: the large model alone (with coupled samples it is the trees'
     R_M sample, so its coverage is 1 by construction — a check, decision 87), the exported
-    router, and RSD (`prm`) / SpecReason (`judge`) on the paper's 0.1 grid."""
+    router, and RSD (`prm`) / SpecReason (`judge`) on the paper's 0.1 grid refined near 1
+    (`baselines.SCORE_GRID`)."""
     k = len(backends)
     large = f"model {k - 1} only (online)"
     seed = (router.meta.get("train_config") or {}).get("seed")
@@ -128,7 +129,7 @@ def live_methods(router, backends, prm, judge) -> list[comparison.LiveMethod]:
                          ("SpecReason", comparison.SharedScorer(judge))):
         out.append(comparison.LiveMethod(
             f"{name} (online, {scorer.name})", external="yes",
-            grid=tuple(reversed(baselines.GRID)),
+            grid=tuple(reversed(baselines.SCORE_GRID)),
             family=lambda t, s=scorer, n=name: rules.ScoreRule(s, t, k, name=n)))
     return out
 

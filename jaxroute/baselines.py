@@ -26,6 +26,10 @@ from jaxroute.guarantee import Family, quantile_grid, train_nodes
 from jaxroute.trace import PackedTrees
 
 GRID = tuple(round(0.1 * i, 1) for i in range(11))  # the paper's 0.1-step threshold grid
+# RSD's and SpecReason's grid: the paper's, refined near 1, where a score rule calibrated for a
+# small α lives (with the 0.1 grid alone the next point after "rewrite every step" can be far
+# too cheap to be certified; decision 92).
+SCORE_GRID = tuple(sorted(set(GRID) | {0.95, 0.975, 0.99}))
 
 
 def escalate_where(trees: PackedTrees, flag: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@
    replay on the trees says ("offline replay vs live: N/N problems identical") — next to the
    per-step baselines that cannot be replayed: RSD (the stand-in tiny PRM) and SpecReason (the
    stand-in tiny judge), their thresholds calibrated on the paired R_M by the same rule over the
-   0.1 grid, all grid points in one engine (`generation.live.comparison.compare_live`);
+   0.1 grid refined near 1 (`baselines.SCORE_GRID`), all grid points in one engine
+   (`generation.live.comparison.compare_live`);
 5. writes report/ (table.md, table.json, accuracy_cost.png, config.json with wall, CPU and JAX
    compile seconds and peak resident memory per stage, timing.json).
 Every stage is resumable: re-running continues where it stopped — trace generation at the

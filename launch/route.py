@@ -73,7 +73,7 @@ def methods(backends, pre, cache: Path) -> list[comparison.LiveMethod]:
 
     def family(name, make, external):
         grid = [_THRESHOLD.value] if _THRESHOLD.value is not None else tuple(
-            reversed(baselines.GRID))
+            reversed(baselines.SCORE_GRID))
         return comparison.LiveMethod(name, family=make, grid=grid, external=external)
 
     if "small" in wanted:

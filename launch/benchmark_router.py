@@ -46,7 +46,8 @@ def timed(fn, repeats: int) -> float:
 def main(argv):
     del argv
     if _ROUTER.value:
-        router = export.load_router(_ROUTER.value, feature_names=features.FEATURE_NAMES)
+        router = export.load_router(_ROUTER.value)
+        features.check_known(router.meta["feature_names"], _ROUTER.value)
     else:
         nets = nets_lib.make_networks(2, len(features.FEATURE_NAMES), (64, 64))
         params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(0))
@@ -60,7 +61,7 @@ def main(argv):
     rng = np.random.default_rng(0)
     rows, t_one = [], None
     for n in (1, 4, 16, 64, 256, 1024):
-        f = rng.normal(size=(n, 5)).astype(np.float32)
+        f = rng.normal(size=(n, len(router.meta["feature_names"]))).astype(np.float32)
         m = np.zeros(n, np.int32)
         host = timed(lambda f=f, m=m: router.decide(f, m, path="host"), _REPEATS.value)
         jit = timed(lambda f=f, m=m: router.decide(f, m, path="device"), _REPEATS.value)

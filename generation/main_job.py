@@ -314,9 +314,10 @@ def risk_gain(backends, trees, records: list[dict], problems: list[Problem], see
     right, p_esc that of `n` rollouts of the large model from the node's prefix, and q₀ the
     large model's from scratch (the chance R_M = 1). `records`: the trace records `trees` was
     packed from (same order). Kept in `cache` (an .npz keyed by the embedded default, the
-    problems, the seed and n), so a trace set pays for its rollouts once; the main job's
-    default set's are committed (`REFERENCE_CACHE`)."""
-    key = hashlib.sha256(json.dumps([embedded_source(), [r["problem_id"] for r in records],
+    engine, the problems, the seed and n), so a trace set pays for its rollouts once; the main
+    job's default set's (JAX engine) are committed (`REFERENCE_CACHE`)."""
+    engines = [f"{type(b).__name__}:{b.name}" for b in backends]  # rollouts are the engine's
+    key = hashlib.sha256(json.dumps([embedded_source(), engines, [r["problem_id"] for r in records],
                                      seed, n, GEN_CONFIG]).encode()).hexdigest()[:16]
     for path in (REFERENCE_CACHE, cache):
         if path is not None and path.exists():

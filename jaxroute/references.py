@@ -224,6 +224,9 @@ def reference_families(trees: PackedTrees, feature_names: Sequence[str], alpha: 
     return [risk_family(trees, seed)] + ([table] if table is not None else [])
 
 
+PERFECT_RISK = "perfect-risk reference"
+
+
 def perfect_risk_family(trees: PackedTrees, gain: np.ndarray, grid_size: int = 201) -> Family:
     """The perfect-risk reference (decision 92): escalate, to the largest model, at the first
     node whose estimated coverage gain of escalating now, `gain` `[P, S, T]` (from fresh
@@ -232,5 +235,5 @@ def perfect_risk_family(trees: PackedTrees, gain: np.ndarray, grid_size: int = 2
     hindsight oracle, which knows the realised samples."""
     known = env.node_mask(trees) & np.isfinite(gain)
     score = np.where(known, gain, -np.inf)
-    return Family("perfect-risk reference", lambda tau: baselines.escalate_where(
+    return Family(PERFECT_RISK, lambda tau: baselines.escalate_where(
         trees, known & (score >= tau)), quantile_grid(gain[known], grid_size, descending=False))

@@ -44,6 +44,7 @@ ROUTER = "router (exact CPO, ours)"
 PAPER = "TCPO (paper settings)"
 BASELINES = ("random escalation", "confidence threshold", "STEER")
 REFERENCES = ("risk-to-go classifier (reference)", "threshold table (reference)")
+PERFECT = references.PERFECT_RISK  # a limit, not a policy from features: not a "best ref."
 ORACLE = evaluate.ORACLES[1]
 
 
@@ -107,9 +108,12 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
               alphas: Sequence[float], train_seeds: Sequence[int],
               exact_config: exact.ExactConfig | None = None, paper: bool = True,
               variants: dict[str, dict] | None = None, baselines_too: bool = True,
+              gain: np.ndarray | None = None,
               log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     """Every method on one world's trees, at every α; one record per (α, method, seed).
-    `variants`: extra router rows trained with these `ExactConfig` overrides (an ablation)."""
+    `variants`: extra router rows trained with these `ExactConfig` overrides (an ablation).
+    `gain` `[P, S, T]`: the nodes' estimated coverage gains from fresh rollouts
+    (`generation.main_job.risk_gain`), for the perfect-risk reference (worlds with models)."""
     names = list(manifest.feature_names)
     dev = env.to_device(trees)
     cal = env.instances(trees, trees.split_indices("cal"))
@@ -134,10 +138,14 @@ def run_world(world: str, data_seed: int, manifest: trace.Manifest, trees: trace
               for f in baselines.baseline_families(trees, names, data_seed)]
     shared.append(guarantee.walk_family(trees, dev, references.risk_family(trees, data_seed), cal,
                                        test))  # the α-free reference: fitted and walked once
+    if gain is not None:
+        shared.append(guarantee.walk_family(trees, dev, references.perfect_risk_family(trees, gain),
+                                            cal, test))
     log(f"  {world} / data {data_seed}: baselines walked ({time.perf_counter() - t0:.0f} s)")
     for alpha in alphas:
         for fw in shared:
-            kind = "reference" if fw.family.name in REFERENCES else "baseline"
+            kind = ("reference" if fw.family.name in REFERENCES else
+                    "limit" if fw.family.name == PERFECT else "baseline")
             record(alpha, fw.family.name, kind, evaluate.report_family(fw, alpha))
         t1 = time.perf_counter()
         table = references.table_family(trees, names, alpha)
@@ -229,13 +237,15 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 floor[key]["ref"] = min(floor[key].get("ref", np.inf), r["cost"])
             if m == ORACLE:
                 floor.setdefault(key, {})["oracle"] = r["cost"]
+            if m == PERFECT:
+                floor.setdefault(key, {})["perfect"] = r["cost"]
     rows = []
     for (w, a, m), rs in by_key.items():
         cost = np.array([r["cost_large"] for r in rs])
         ref = np.array([r["cost"] / floor[(w, a, r["data_seed"])].get("ref", np.nan)
                         for r in rs])
-        orc = np.array([r["cost"] / floor[(w, a, r["data_seed"])].get("oracle", np.nan)
-                        for r in rs])
+        orc, per = (np.array([r["cost"] / floor[(w, a, r["data_seed"])].get(k, np.nan)
+                              for r in rs]) for k in ("oracle", "perfect"))
         within = np.mean([r["coverage_ci"][1] >= 1 - a for r in rs])
         seeds_sd = _within_data_seed_sd(rs)
         rows.append({"world": w, "alpha": a, "method": m, "kind": rs[0]["kind"], "runs": len(rs),
@@ -244,8 +254,10 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                      "ci_reaches_target": float(within),
                      "cost_large": float(cost.mean()), "cost_large_sd": float(cost.std()),
                      "cost_reference": float(np.nanmean(ref)), "cost_oracle": float(np.nanmean(orc)),
+                     "cost_perfect": float(np.nanmean(per)) if np.isfinite(per).any() else None,
                      "train_seed_sd": seeds_sd})
-    order = {m: i for i, m in enumerate((ROUTER, PAPER, *BASELINES, *REFERENCES, ORACLE))}
+    order = {m: i for i, m in enumerate((ROUTER, PAPER, *BASELINES, *REFERENCES, PERFECT,
+                                         ORACLE))}
     return sorted(rows, key=lambda r: (r["world"], r["alpha"], order.get(r["method"], 99)))
 
 

@@ -18,6 +18,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 from absl import flags
 
 from generation import main_job
@@ -61,9 +62,13 @@ _POOL = flags.DEFINE_list("pool", ["400", "1800", "1800"], "--validity: (train, 
                           "problems per world; cal and test together are the re-split pool.")
 
 
-def embedded_trees(out: Path, data_seed: int, sizes: tuple[int, int, int] = (400, 150, 250)
-                   ) -> tuple[trace.Manifest, trace.PackedTrees]:
-    """The embedded tiny-LM trees of one data seed (generated once, then read back)."""
+def embedded_trees(out: Path, data_seed: int, sizes: tuple[int, int, int] = (400, 150, 250),
+                   reference: bool = False
+                   ) -> tuple[trace.Manifest, trace.PackedTrees, np.ndarray | None]:
+    """The embedded tiny-LM trees of one data seed (generated once, then read back), and with
+    `reference` the nodes' coverage gains from fresh rollouts for the perfect-risk reference
+    (`main_job.risk_gain`: data seed 0 at the default sizes is the main job's committed set;
+    any other set computes them once, a few minutes, and caches them beside its traces)."""
     folder = out / f"embedded_traces_seed{data_seed}"
     problems, splits = main_job.problems_and_splits(
         dict(zip(main_job.SPLIT_NAMES, sizes, strict=True)), data_seed)
@@ -71,7 +76,10 @@ def embedded_trees(out: Path, data_seed: int, sizes: tuple[int, int, int] = (400
     with answers.AnswerChecker(workers=2) as checker:
         main_job.make_trace_set(backends, problems, splits, folder, data_seed, checker)
     manifest, recs = traceset.load_trace_set(folder)
-    return manifest, trace.pack(manifest, recs, "mflops")
+    trees = trace.pack(manifest, recs, "mflops")
+    gain = main_job.risk_gain(backends, trees, recs, problems, data_seed,
+                              cache=folder / "perfect_risk.npz") if reference else None
+    return manifest, trees, gain
 
 
 def validity_main() -> None:
@@ -89,7 +97,7 @@ def validity_main() -> None:
         if w.name not in names or w.name in done:
             continue
         manifest, trees = (suite.synthetic_world(w, 0, sizes) if w.synthetic
-                           else embedded_trees(out, 0, sizes))
+                           else embedded_trees(out, 0, sizes)[:2])
         append_records(rec_file, suite.validity_world(
             w.name, manifest, trees, alphas, _DELTA.value, _CAL.value, _RESPLITS.value))
     records = [json.loads(x) for x in rec_file.read_text().splitlines()]
@@ -129,16 +137,17 @@ def main(argv):
             r = json.loads(line)
             done.add((r["world"], r["data_seed"]))
     # The embedded trees first: trace generation is the only stage that runs language models.
-    embedded_sets = {d: embedded_trees(out, d) for d in data_seeds
+    embedded_sets = {d: embedded_trees(out, d, reference=not ablation) for d in data_seeds
                      if any(not w.synthetic and (w.name, d) not in done for w in worlds)}
     for w in worlds:
         for d in data_seeds:
             if (w.name, d) in done:
                 continue
-            manifest, trees = suite.synthetic_world(w, d) if w.synthetic else embedded_sets[d]
+            manifest, trees, gain = ((*suite.synthetic_world(w, d), None) if w.synthetic
+                                     else embedded_sets[d])
             recs = suite.run_world(w.name, d, manifest, trees, alphas, train_seeds,
                                    exact.ExactConfig(), paper=_PAPER.value and not ablation,
-                                   variants=suite.ABLATIONS if ablation else None)
+                                   variants=suite.ABLATIONS if ablation else None, gain=gain)
             append_records(rec_file, recs)  # a world's records land together: resumable
     records = [json.loads(x) for x in rec_file.read_text().splitlines()]
     records = [r for r in records if r["world"] in names]

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxroute import evaluate
+from jaxroute import evaluate, references
 from jaxroute.durable import atomic_write_text, strict_json
 from jaxroute.guarantee import describe_guarantee
 
@@ -101,7 +101,7 @@ def limits_line(result: dict[str, Any]) -> str:
     rows = {r["method"]: r for r in result["rows"]}
     router = next((r for r in result["rows"] if r.get("kind") == "router"
                    and "mean ± sd" in r["method"]), None)
-    ref, oracle = rows.get("perfect-risk reference"), rows.get(evaluate.ORACLES[1])
+    ref, oracle = rows.get(references.PERFECT_RISK), rows.get(evaluate.ORACLES[1])
     if router is None or ref is None:
         return ""
     return (f"\nAgainst the limits: {router['method']} costs {router['cost'] / ref['cost']:.2f}× "
@@ -239,11 +239,16 @@ def plot(path: Path, result: dict[str, Any], cost_unit: str, title: str) -> None
 SHORT = {"router (exact CPO, ours)": "router (ours)", "TCPO (paper settings)": "TCPO paper",
          "random escalation": "random", "confidence threshold": "threshold", "STEER": "STEER",
          "risk-to-go classifier (reference)": "risk ref.",
-         "threshold table (reference)": "table ref.", evaluate.ORACLES[1]: "oracle"}
+         "threshold table (reference)": "table ref.", references.PERFECT_RISK: "perfect-risk ref.",
+         evaluate.ORACLES[1]: "oracle"}
 
 
 def _pm(m: float, sd: float) -> str:
     return "–" if m != m else f"{m:.3f} ± {sd:.3f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "–" if x is None or x != x else f"{x:.2f}"
 
 
 def routing_columns(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -251,7 +256,8 @@ def routing_columns(rows: list[dict]) -> tuple[list[str], list[list]]:
     guarantee (mean ± sd over seeds), the router's coverage and its ratios."""
     methods = [m for m in SHORT if any(r["method"] == m for r in rows)]
     cols = ["world", "α"] + [SHORT[m] for m in methods] + [
-        "router coverage (CI ∋ 1−α)", "router / best ref.", "router / oracle", "router seed sd"]
+        "router coverage (CI ∋ 1−α)", "router / best ref.", "router / perfect-risk ref.",
+        "router / oracle", "router seed sd"]
     out = []
     for w, a in sorted({(r["world"], r["alpha"]) for r in rows}):
         sel = {r["method"]: r for r in rows if r["world"] == w and r["alpha"] == a}
@@ -260,10 +266,10 @@ def routing_columns(rows: list[dict]) -> tuple[list[str], list[list]]:
                          for m in methods]
         if me:
             line += [f"{me['coverage']:.3f} ({100 * me['ci_reaches_target']:.0f} %)",
-                     f"{me['cost_reference']:.2f}", f"{me['cost_oracle']:.2f}",
-                     f"{100 * me['train_seed_sd']:.1f} %"]
+                     f"{me['cost_reference']:.2f}", _ratio(me.get("cost_perfect")),
+                     f"{me['cost_oracle']:.2f}", f"{100 * me['train_seed_sd']:.1f} %"]
         else:
-            line += ["–"] * 4
+            line += ["–"] * 5
         out.append(line)
     return cols, out
 

@@ -20,12 +20,16 @@ def test_aggregate_and_targets_arithmetic():
              _rec("w", 0.1, suite.REFERENCES[0], "reference", 4.1, 0.9, [0.86, 0.93]),
              _rec("w", 0.1, suite.REFERENCES[1], "reference", 3.9, 0.9, [0.86, 0.93]),
              _rec("w", 0.1, suite.ORACLE, "oracle", 2.0, 0.9, [0.86, 0.93])]
+    assert suite.aggregate(recs)[0]["cost_perfect"] is None  # a world without rollouts
+    # The perfect-risk reference is a limit: its own ratio, never the "best reference".
+    recs.append(_rec("w", 0.1, suite.PERFECT, "limit", 3.2, 0.9, [0.86, 0.93]))
     rows = {r["method"]: r for r in suite.aggregate(recs)}
     me = rows[suite.ROUTER]
     assert me["cost_large"] == pytest.approx(0.4) and me["runs"] == 3
     assert me["cost_large_sd"] == pytest.approx(np.std([0.4, 0.42, 0.38]))
     assert me["cost_reference"] == pytest.approx(4.0 / 3.9)
     assert me["cost_oracle"] == pytest.approx(2.0)
+    assert me["cost_perfect"] == pytest.approx(4.0 / 3.2)
     assert me["train_seed_sd"] == pytest.approx(np.std([4.0, 4.2, 3.8]) / 4.0)
     assert me["ci_reaches_target"] == 1.0
     (v,) = suite.targets(list(rows.values()))
@@ -42,12 +46,16 @@ def test_run_world_reports_every_method_at_every_alpha():
     m, probs = synthetic.generate(synthetic.family_config(0.75, 0.9, seed=2, num_problems=300,
                                                           max_steps=6))
     trees = trace.pack(m, probs)
+    gain = np.random.default_rng(0).uniform(-0.2, 0.5, trees.step_cost.shape)
     recs = suite.run_world("tiny", 0, m, trees, (0.1, 0.2), (0, 1),
-                           exact.ExactConfig(iterations=5), paper=False, log=lambda _: None)
+                           exact.ExactConfig(iterations=5), paper=False, gain=gain,
+                           log=lambda _: None)
     methods = {(r["alpha"], r["method"]) for r in recs}
     for a in (0.1, 0.2):
-        for name in (suite.ROUTER, *suite.BASELINES, *suite.REFERENCES, suite.ORACLE):
+        for name in (suite.ROUTER, *suite.BASELINES, *suite.REFERENCES, suite.PERFECT,
+                     suite.ORACLE):
             assert (a, name) in methods, (a, name)
+    assert {r["kind"] for r in recs if r["method"] == suite.PERFECT} == {"limit"}
     routers = [r for r in recs if r["method"] == suite.ROUTER]
     assert sorted((r["alpha"], r["train_seed"]) for r in routers) == [
         (0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]

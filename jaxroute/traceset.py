@@ -174,3 +174,47 @@ def repair(folder: str | os.PathLike, force: bool = False) -> dict[str, Any]:
 def _reason(message: str) -> str:
     """A validation message without what varies per record (numbers, quoted ids)."""
     return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", message))[:120]
+
+
+def record_differences(a, b, path="") -> tuple[list[str], float]:
+    """(paths where two records differ, the largest gap between their floats, relative to
+    max(|a|, |b|, 1)). Texts, token ids, labels, counts and costs must be identical; a float
+    computed from the model's float32 activations may differ in its last bits, because a batch
+    of another composition has another shape (so has one process with another --chunk)."""
+    if isinstance(a, float) and isinstance(b, float):
+        gap = abs(a - b) / max(abs(a), abs(b), 1.0)  # margins are differences of log-probs
+        return ([path] if gap > 1e-5 else []), gap
+    if type(a) is not type(b):
+        return [path], 0.0
+    if isinstance(a, dict):
+        pairs = [(a.get(k), b.get(k), f"{path}.{k}") for k in sorted(set(a) | set(b))]
+    elif isinstance(a, list):
+        if len(a) != len(b):
+            return [path], 0.0
+        pairs = [(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True))]
+    else:
+        return ([path] if a != b else []), 0.0
+    bad, worst = [], 0.0
+    for x, y, p in pairs:
+        d, g = record_differences(x, y, p)
+        bad += d
+        worst = max(worst, g)
+    return bad, worst
+
+
+def compare_records(records: list[dict], ref: list[dict]) -> tuple[int, int, float]:
+    """(records equal to `ref`'s up to float32 rounding, records bit-identical, the largest
+    float gap): how equal two trace sets of the same problems are, e.g. a fanned-out run and a
+    single process (decision 93). Other problems or another order, or a record that differs
+    beyond rounding, is an `InputError` naming the problem and the first fields."""
+    if [r["problem_id"] for r in records] != [r["problem_id"] for r in ref]:
+        raise InputError(f"the sets hold other problems or another order ({len(records)} vs "
+                         f"{len(ref)} records)")
+    identical, worst = 0, 0.0
+    for a, b in zip(records, ref, strict=True):
+        bad, gap = record_differences(a, b)
+        if bad:
+            raise InputError(f"problem {quote(a['problem_id'])} differs at {', '.join(bad[:5])}")
+        identical += json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+        worst = max(worst, gap)
+    return len(records), identical, worst

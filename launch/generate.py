@@ -9,24 +9,26 @@
         --models=openai-completions:Qwen2.5-Math-1.5B-Instruct@http://localhost:8000/v1,openai:gpt-4.1-mini \\
         --verifier=openai:gpt-4o-mini --out=traces/math500-api
 
+    # Fanned out over a Ray cluster (`ray start --head` here, `ray start --address=…` on each
+    # GPU node), one shard per task, merged into --out:
+    python -m launch.generate --preset=qwen_math --data_path=../shared/data/gsm8k \
+        --ray=auto --num_shards=16 --gpus_per_shard=1 --out=traces/gsm8k
+
 Resumable (re-run the same command); `--num_shards/--shard_index` split the problems across
-machines, `--merge=a,b,...` joins shard folders into --out.
+machines by hand, `--merge=a,b,...` joins shard folders into --out; `--ray` runs every shard as
+a Ray task (`generation.fanout`, decision 93).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 from absl import flags
 
-from generation import main_job
-from generation.backends import costs
+from generation import fanout, main_job
 from generation.backends.base import redact_spec
-from generation.registry import make_backend
-from generation.traces import answers, datasets, tracegen
-from generation.traces.verifier import StepVerifier
-from jaxroute import trace
+from generation.traces import datasets, tracegen
 from launch import common, presets
 
 _DATASET = flags.DEFINE_enum("dataset", "gsm8k", ["gsm8k", "math500", "omnimath", "tiny"],
@@ -63,6 +65,14 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling and split seed.")
 _SHARDS = flags.DEFINE_integer("num_shards", 1, "Split problems across this many shards.")
 _SHARD = flags.DEFINE_integer("shard_index", 0, "This shard.")
 _MERGE = flags.DEFINE_list("merge", [], "Shard folders to merge into --out (then exit).")
+_RAY = flags.DEFINE_string("ray", None, "Run the --num_shards shards as Ray tasks: 'local' (a "
+                           "private cluster on this machine), 'auto' (the running cluster) or "
+                           "a cluster address (pip install 'jaxroute[ray]').")
+_SHARD_GPUS = flags.DEFINE_float("gpus_per_shard", None, "--ray: GPUs per shard task (default: "
+                                 "--tensor_parallel_size with vllm: models, else 0).")
+_SHARD_CPUS = flags.DEFINE_float("cpus_per_shard", 1.0, "--ray: CPUs per shard task.")
+_RETRIES = flags.DEFINE_integer("max_retries", 3, "--ray: times a shard whose worker died is "
+                                "started again (it resumes its folder).")
 _TP = flags.DEFINE_integer("tensor_parallel_size", 1, "vLLM tensor parallelism.")
 _GPU_MEM = flags.DEFINE_list("gpu_memory_utilization", ["0.25", "0.6"],
                              "vLLM memory share per model.")
@@ -81,6 +91,9 @@ common.check_flags(roots=(common.positive, "≥ 1"), max_steps=(common.positive,
                    block_size=(lambda v: v >= 1 and v % 16 == 0, "a multiple of 16"),
                    max_model_len=(common.positive, "≥ 1"),
                    num_shards=(common.positive, "≥ 1"), limit=(common.positive, "≥ 1"),
+                   gpus_per_shard=(lambda v: v >= 0, "≥ 0"),
+                   cpus_per_shard=(lambda v: v >= 0, "≥ 0"),
+                   max_retries=(lambda v: v >= 0, "≥ 0"),
                    tensor_parallel_size=(common.positive, "≥ 1"),
                    max_error_rate=(lambda v: 0 < v <= 1, "in (0, 1]"),
                    gpu_memory_utilization=(lambda v: all(0 < float(x) <= 1 for x in v),
@@ -109,6 +122,9 @@ def main(argv):
         tracegen.merge([Path(p) for p in _MERGE.value], out)
         print(f"merged {len(_MERGE.value)} shards into {out}")
         return
+    if _RAY.value and flags.FLAGS["shard_index"].present:
+        raise flags.ValidationError("--ray runs every one of the --num_shards shards; drop "
+                                    "--shard_index")
     cfg = settings()
     if len(cfg.models) < 2:
         raise flags.ValidationError("--models needs at least two backends, small → large")
@@ -119,33 +135,33 @@ def main(argv):
     else:
         problems = datasets.load(cfg.dataset, _DATA.value, _LIMIT.value)
         splits = datasets.split(problems, seed=_SEED.value)
-    cache = Path(_CACHE.value) if _CACHE.value else out / "api_cache.sqlite"
-
-    def backend(spec, i):
-        return make_backend(spec, params=cfg.param(i), cache=cache, seed=_SEED.value,
-                            tensor_parallel_size=_TP.value, gpu_memory_utilization=cfg.memory(i),
-                            max_model_len=cfg.max_model_len, api_key=_API_KEY.value,
-                            max_error_rate=_ERROR_RATE.value, dtype=cfg.dtype,
-                            block_size=cfg.block_size)
-
-    backends = [backend(s, i) for i, s in enumerate(cfg.models)]
-    verifier = (main_job.rule_verifier if cfg.verifier == "rule" else
-                StepVerifier(backend(cfg.verifier, len(backends))) if cfg.verifier else None)
-    prices = [getattr(b, "price", costs.Price(0, 0, 0)) for b in backends]
-    gen_cfg = tracegen.GenConfig(roots=_ROOTS.value, max_steps=_MAX_STEPS.value,
-                                 max_tokens_per_step=cfg.max_tokens_per_step,
-                                 max_tokens_per_solution=_MAX_TOKENS.value, chunk=_CHUNK.value,
-                                 seed=_SEED.value)
-    with answers.AnswerChecker() as checker:
-        gen = tracegen.TraceGenerator(backends, checker, verifier, gen_cfg, prices)
-        provenance = {"dataset": cfg.dataset, "data_path": _DATA.value,
-                      "models": [redact_spec(m) for m in cfg.models],
-                      "verifier": redact_spec(cfg.verifier) or None,
-                      "config": json.loads(json.dumps(gen_cfg.__dict__))}
-        manifest = gen.manifest(provenance)
-        summary = tracegen.run(gen, problems, splits, out, provenance, _SHARDS.value,
-                               _SHARD.value, lambda recs: trace.spend(manifest, recs),
-                               accept_partial=_PARTIAL.value)
+    spec = fanout.GeneratorSpec(
+        models=tuple(cfg.models), verifier=cfg.verifier,
+        gen=tracegen.GenConfig(roots=_ROOTS.value, max_steps=_MAX_STEPS.value,
+                               max_tokens_per_step=cfg.max_tokens_per_step,
+                               max_tokens_per_solution=_MAX_TOKENS.value, chunk=_CHUNK.value,
+                               seed=_SEED.value),
+        params=tuple(cfg.param(i) for i in range(len(cfg.models) + 1)),
+        memory=tuple(cfg.memory(i) for i in range(len(cfg.models) + 1)),
+        options=(("seed", _SEED.value), ("tensor_parallel_size", _TP.value),
+                 ("max_model_len", cfg.max_model_len), ("max_error_rate", _ERROR_RATE.value),
+                 ("dtype", cfg.dtype), ("block_size", cfg.block_size)),
+        api_key=_API_KEY.value)
+    provenance = {"dataset": cfg.dataset, "data_path": _DATA.value,
+                  "models": [redact_spec(m) for m in cfg.models],
+                  "verifier": redact_spec(cfg.verifier) or None,
+                  "config": dataclasses.asdict(spec.gen)}
+    if _RAY.value:
+        gpus = _SHARD_GPUS.value
+        if gpus is None:
+            gpus = _TP.value if any(m.startswith("vllm:") for m in cfg.models) else 0
+        summary = fanout.generate_on_ray(
+            spec, problems, splits, out, provenance, _SHARDS.value, _RAY.value,
+            {"num_cpus": _SHARD_CPUS.value, "num_gpus": gpus}, _RETRIES.value, _PARTIAL.value)
+    else:
+        summary = fanout.generate(spec, problems, splits, out, provenance, _SHARDS.value,
+                                  _SHARD.value, _PARTIAL.value,
+                                  Path(_CACHE.value) if _CACHE.value else out / "api_cache.sqlite")
     print(summary.line())
     for b in summary.backends:
         print(f"  {b['model']}: {b['requests']} requests, {b['cache_hits']} from cache, "

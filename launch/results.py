@@ -28,6 +28,10 @@ from launch import common, presets
 
 README_BEGIN = "<!-- BEGIN generated results (python -m launch.results) -->"
 README_END = "<!-- END generated results -->"
+# The README's second generated block: what paper-scale trace sets cost (decision 93).
+SCALE_BEGIN = "<!-- BEGIN generated scaling estimate (python -m launch.results) -->"
+SCALE_END = "<!-- END generated scaling estimate -->"
+SCALE_COMMAND = "python -m launch.benchmark_fanout"
 MAIN_COMMAND = "python -m launch.experiment"
 
 # Benchmarks in the order docs/results.md shows them, with the command that writes each.
@@ -46,6 +50,8 @@ BENCHMARKS = {
                    "openai-completions-raw:tinylm-large@URL2/v1 --upstream_templates="
                    "runs/experiment_vllm/models/small,runs/experiment_vllm/models/large "
                    "--params=N_SMALL,N_LARGE --clients=1,8,32 (two vLLM OpenAI servers, README)"),
+    "fanout": "python -m launch.benchmark_fanout",
+    "fanout_estimate": "python -m launch.benchmark_fanout",
 }
 
 
@@ -266,6 +272,9 @@ def targets(runs: Path) -> str:
     ratio = (_load(runs, "tinylm") or {}).get("stepwise_ratio")
     rows.append(["stepwise vs one-shot generation, tiny LMs", BENCHMARKS["tinylm"],
                  "not run" if ratio is None else f"{ratio:.2f}×", "≤ 1.2×", verdict(ratio, 1.2)])
+    fan = (_load(runs, "fanout") or {}).get("ray_over_single")
+    rows.append(["trace generation, 2 Ray shards vs one process (wall)", BENCHMARKS["fanout"],
+                 "not run" if fan is None else f"{fan:.2f}×", "≤ 1.2×", verdict(fan, 1.2)])
     return ("### Performance targets\n\n"
             + table(["quantity", "command", "measured", "target", ""], rows))
 
@@ -313,13 +322,21 @@ def render(runs: Path) -> tuple[str, str]:
     return "\n".join(out).rstrip() + "\n", readme
 
 
-def replace_block(text: str, block: str) -> str:
-    """`text` with the generated block between the README markers replaced by `block`."""
-    if README_BEGIN not in text or README_END not in text:
-        raise InputError(f"README has no generated block ({README_BEGIN} … {README_END})")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    return head + README_BEGIN + "\n" + block.rstrip() + "\n" + README_END + tail
+def replace_block(text: str, block: str, begin: str = README_BEGIN, end: str = README_END) -> str:
+    """`text` with the generated block between the markers `begin` … `end` replaced."""
+    if begin not in text or end not in text:
+        raise InputError(f"README has no generated block ({begin} … {end})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n" + block.rstrip() + "\n" + end + tail
+
+
+def scale_block(runs: Path) -> str:
+    """The README's scaling estimate: the `fanout_estimate` table, or how to make it."""
+    path = runs / "benchmarks" / "fanout_estimate.json"
+    if not path.exists():
+        return f"Not run yet: `{SCALE_COMMAND}`.\n"
+    return render_benchmark(read_json(path.read_text()))
 
 
 _RUNS = flags.DEFINE_string("runs", "runs", "Folder of run outputs.")
@@ -332,7 +349,9 @@ def main(argv):
     doc, block = render(Path(_RUNS.value))
     atomic_write_text(_DOC.value, doc)
     readme = Path(_README.value)
-    atomic_write_text(readme, replace_block(readme.read_text(), block))
+    text = replace_block(readme.read_text(), block)
+    text = replace_block(text, scale_block(Path(_RUNS.value)), SCALE_BEGIN, SCALE_END)
+    atomic_write_text(readme, text)
     print(f"wrote {_DOC.value} and the results block of {readme}")
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from openai_server import FakeOpenAI
 
 from jaxroute import trace, traceset
@@ -86,3 +87,26 @@ def test_failed_requests_are_not_results_and_are_retried_on_resume(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         _, done = traceset.load_trace_set(tmp_path / "traces")
         assert len(done) == 6 and all(not trace.problem_errors(p) for p in done)
+
+
+@pytest.mark.slow
+def test_generate_cli_on_ray_with_api_backends_equals_one_process(tmp_path):
+    """`--ray=local --num_shards=2` with OpenAI-style backends: each Ray worker builds its own
+    clients (the key from the environment) and cache; the merged set is the one-process set."""
+    pytest.importorskip("ray")
+    data = _data(tmp_path, n=8)
+    with FakeOpenAI(api_key="test") as srv:
+        base = [sys.executable, "-m", "launch.generate", "--dataset=gsm8k",
+                f"--data_path={data}", "--chunk=2", "--params=1.5e9,7e9",
+                f"--models=openai:small@{srv.base_url},openai:large@{srv.base_url}"]
+        env = dict(os.environ, OPENAI_API_KEY="test")
+        for extra in ([f"--out={tmp_path / 'one'}"],
+                      [f"--out={tmp_path / 'ray'}", "--ray=local", "--num_shards=2"]):
+            res = subprocess.run(base + extra, cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=600)
+            assert res.returncode == 0, res.stderr[-3000:]
+        assert set(srv.auth_headers) == {"Bearer test"}
+    one, ray_set = (traceset.load_trace_set(tmp_path / d)[1] for d in ("one", "ray"))
+    same, identical, _ = traceset.compare_records(ray_set, one)
+    assert same == identical == 8
+    assert len(list((tmp_path / "ray" / "shards").glob("*/api_cache.sqlite"))) == 2

@@ -228,6 +228,7 @@ ROOMS = {
     "live": {"backends", "traces", "tinylm", "registry"},
     "serving": {"backends", "traces", "tinylm", "registry", "live"},
     "main_job": {"backends", "traces", "tinylm", "registry", "live"},
+    "fanout": {"backends", "traces", "registry", "main_job"},
 }
 
 

@@ -271,6 +271,25 @@ def test_generate_train_evaluate_on_real_engines(trained):
     assert (work / "report" / "table.md").exists()
 
 
+def test_generate_fans_out_over_ray_with_two_vllm_engine_actors(trained, models_dir, tmp_path):
+    """`launch.generate --ray=local --num_shards=2`: two Ray workers, each owning its own vLLM
+    engines, give the single-process trace set of the same flags, record by record."""
+    pytest.importorskip("ray")
+
+    from jaxroute import traceset
+
+    _run("launch.generate", f"--models=vllm:{models_dir}/small,vllm:{models_dir}/large",
+         "--dataset=tiny", "--limit=60", "--verifier=rule", "--roots=2",
+         "--max_tokens_per_step=64", "--max_steps=8", "--max_tokens=160", "--dtype=float32",
+         "--block_size=32", "--max_model_len=192", "--gpu_memory_utilization=0.1",
+         "--ray=local", "--num_shards=2", f"--out={tmp_path}", timeout=1500)
+    same, identical, worst = traceset.compare_records(traceset.load_trace_set(tmp_path)[1],
+                                             traceset.load_trace_set(trained[0])[1])
+    print(f"vLLM on Ray: {same}/60 records equal to the single-process run ({identical} "
+          f"bit-identical, largest float gap {worst:.1e})")
+    assert same == 60
+
+
 def test_route_rsd_and_specreason_on_real_engines(models_dir, tmp_path):
     """RSD through the real pooling reward model, SpecReason through the real vLLM judge."""
     (tmp_path / "runs").mkdir()

@@ -29,14 +29,21 @@ def test_results_are_rendered_from_run_outputs(tmp_path):
     (runs / "benchmarks" / "router.json").write_text(json.dumps({
         "name": "router", "title": "Router bench", "columns": ["n"], "rows": [[1]], "notes": "",
         "command": "x", "date": "2026-11-28", "machine": {}, "one_problem_us": 31.25}))
+    (runs / "benchmarks" / "fanout_estimate.json").write_text(json.dumps({
+        "name": "fanout_estimate", "title": "Paper-scale sets", "columns": ["dataset", "h"],
+        "rows": [["gsm8k", 3.5]], "notes": "", "command": "python -m launch.benchmark_fanout",
+        "date": "2026-12-07", "machine": {}}))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- BEGIN generated results (python -m launch.results) -->\nOLD 1.0"
-                      "\n<!-- END generated results -->\nrest\n")
+                      "\n<!-- END generated results -->\nmid\n<!-- BEGIN generated scaling "
+                      "estimate (python -m launch.results) -->\nOLD 2.0\n<!-- END generated "
+                      "scaling estimate -->\nrest\n")
     doc = tmp_path / "results.md"
     res = _run([f"--runs={runs}", f"--doc={doc}", f"--readme={readme}"])
     assert res.returncode == 0, res.stderr[-2000:]
     text = readme.read_text()
     assert "| router | 61.3 |" in text and "OLD 1.0" not in text
+    assert "| gsm8k | 3.5 |" in text.split("mid\n")[1] and "OLD 2.0" not in text
     assert text.startswith("intro\n") and text.endswith("rest\n")
     assert "traces 12 s, total 99 s" in text
     body = doc.read_text()
@@ -46,7 +53,7 @@ def test_results_are_rendered_from_run_outputs(tmp_path):
     assert "| 2100 MiB | ≤ 2048 MiB | missed |" in body  # the worst stage counts
     assert "| 99 s | ≤ 300 s | met |" in body
     assert "| 31.2 µs | ≤ 50 µs | met |" in body
-    assert "| not run | ≤ 1.2× | – |" in body
+    assert body.count("| not run | ≤ 1.2× | – |") == 2  # stepwise generation, Ray fan-out
     # Re-running on the same outputs changes nothing (the block is replaced, not appended).
     before = readme.read_text()
     assert _run([f"--runs={runs}", f"--doc={doc}", f"--readme={readme}"]).returncode == 0

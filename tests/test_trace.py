@@ -1,11 +1,13 @@
 """Trace-tree format: round trip, validation errors that name file/record/field, torn lines, packing."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 
 from jaxroute import accounting, durable, synthetic, trace, traceset
+from jaxroute.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +332,21 @@ def test_strict_json_round_trips_non_finite_numbers():
     assert np.isnan(back["a"]) and back["b"][0] == np.inf and back["b"][1] == -np.inf
     assert np.isnan(back["b"][2]) and back["b"][3:] == [1.5, 2] and back["c"] == obj["c"]
     assert durable.read_json('{"x": NaN}')["x"] != durable.read_json('{"x": NaN}')["x"]
+
+
+def test_compare_records_allows_float_rounding_and_nothing_else():
+    a = {"problem_id": "p", "roots": [{"text": "1 + 2 = 3", "ids": [4, 5], "ok": True,
+                                       "features": [0.5, -2.25, 7.0]}]}
+    rounded = copy.deepcopy(a)
+    rounded["roots"][0]["features"] = [0.5 + 3e-7, -2.25 - 1e-6, 7.0]
+    assert traceset.compare_records([a], [a]) == (1, 1, 0.0)
+    same, identical, gap = traceset.compare_records([rounded], [a])
+    assert (same, identical) == (1, 0) and gap == pytest.approx(1e-6 / 2.25, rel=1e-3)
+    for path, value in ((("text",), "1 + 2 = 4"), (("ids",), [4, 6]), (("ok",), False),
+                        (("features",), [0.5, -2.25, 7.001])):
+        bad = copy.deepcopy(a)
+        bad["roots"][0][path[0]] = value
+        with pytest.raises(InputError, match=f"roots\\[0\\]\\.{path[0]}"):
+            traceset.compare_records([bad], [a])
+    with pytest.raises(InputError, match="other problems or another order"):
+        traceset.compare_records([a, rounded], [rounded, dict(a, problem_id="q")])

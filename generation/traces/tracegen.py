@@ -20,6 +20,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -376,18 +377,22 @@ def _reason(status: str) -> str:
 def run(gen: TraceGenerator, problems: Sequence[Problem], splits: dict[str, str], out: Path,
         provenance: dict, num_shards: int = 1, shard_index: int = 0,
         spend: Callable[[list[dict]], dict[str, float]] | None = None,
-        accept_partial: bool = False) -> RunSummary:
+        accept_partial: bool = False, progress: Callable[[int], Any] | None = None
+        ) -> RunSummary:
     """Generate into `out` (a trace-set folder), skipping problems already written there.
 
     A problem with a failed request anywhere in its tree (decision 72) is never a result: it is
     not written — a re-run retries it — unless `accept_partial`, which writes it marked
     unusable (`trace.problem_errors`; packing excludes it). The summary (counts, reasons, the
-    backends' request statistics) is returned and recorded in the manifest's provenance."""
+    backends' request statistics) is returned and recorded in the manifest's provenance.
+    `progress(n)`: called with the shard's problems done so far (those found written first,
+    then after every chunk) instead of drawing a progress bar — a driver fanning shards out
+    (`generation.fanout`) draws one bar for the whole set."""
     if not 0 <= shard_index < num_shards:
         raise InputError(f"shard_index {shard_index} not in [0, {num_shards})")
     with durable.exclusive(out):  # one writer per folder (decision 78)
         return _run(gen, problems, splits, Path(out), provenance, num_shards, shard_index, spend,
-                    accept_partial)
+                    accept_partial, progress)
 
 
 # Provenance fields a resume may change without changing what the trace set is.
@@ -408,7 +413,7 @@ def _same_run(old: dict, new: dict) -> list[str]:
 
 
 def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, spend,
-         accept_partial) -> RunSummary:
+         accept_partial, progress=None) -> RunSummary:
     manifest = gen.manifest(provenance)
     mpath = out / trace.MANIFEST
     if mpath.exists():
@@ -433,7 +438,10 @@ def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, 
             and p.problem_id not in done]
     summary = RunSummary(out)
     bar = tqdm(total=len(todo), desc=f"generate (shard {shard_index}/{num_shards})",
-               unit="problem")
+               unit="problem", disable=progress is not None)
+    finished = len(done)  # this shard's problems done, for `progress`
+    if progress is not None:
+        progress(finished)
     if dropped:
         bar.write(f"dropped a torn last line ({dropped} bytes) left by an interrupted run")
     totals: dict[str, float] = {}
@@ -460,6 +468,9 @@ def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, 
                 bar.set_postfix({**{k: f"{v:.4g}" for k, v in totals.items()},
                                  "failed": len(summary.failed)})
             bar.update(len(chunk))
+            finished += len(chunk)
+            if progress is not None:
+                progress(finished)
     finally:
         bar.close()
         summary.backends = [b.summary() for b in gen.backends if hasattr(b, "summary")]

@@ -181,9 +181,10 @@ def generate_on_ray(spec: GeneratorSpec, problems: Sequence[Problem], splits: di
     if started:
         ray.init(address=None if address == "local" else address, include_dashboard=False)
     try:
+        resources = _placeable(ray, spec, dict(shard_resources or {}))
         with durable.exclusive(out):  # one driver per output folder
             results = _fan_out(ray, spec, problems, splits, out, provenance, num_shards,
-                               shard_resources or {}, max_retries, accept_partial, poll_s)
+                               resources, max_retries, accept_partial, poll_s)
     finally:
         if started:
             ray.shutdown()
@@ -195,6 +196,24 @@ def generate_on_ray(spec: GeneratorSpec, problems: Sequence[Problem], splits: di
             summary.reasons[k] = summary.reasons.get(k, 0) + v
         summary.backends += r["requests"]
     return summary
+
+
+def _placeable(ray, spec: GeneratorSpec, resources: dict) -> dict:
+    """The shard task's resources, checked against the cluster: `num_gpus` None means the large
+    model's tensor-parallel size for vLLM models where the cluster has GPUs, else none (vLLM's
+    CPU build); a request no node can meet would wait forever, so it is an error instead."""
+    have = ray.cluster_resources()
+    if resources.get("num_gpus") is None:
+        vllm = any(m.startswith("vllm:") for m in spec.models)
+        tp = dict(spec.options).get("tensor_parallel_size", 1)
+        resources["num_gpus"] = tp if vllm and have.get("GPU", 0) > 0 else 0
+    for key, name in (("num_gpus", "GPU"), ("num_cpus", "CPU")):
+        want = resources.get(key) or 0
+        if want > max(n.get("Resources", {}).get(name, 0) for n in ray.nodes() if n["Alive"]):
+            raise InputError(f"a shard asks for {want:g} {name}s but no node of the Ray cluster "
+                             f"has that many ({have.get(name, 0):g} in all): lower "
+                             f"--{key.removeprefix('num_')}_per_shard")
+    return resources
 
 
 def _fan_out(ray, spec, problems, splits, out, provenance, num_shards, resources, max_retries,

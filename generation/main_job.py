@@ -289,6 +289,14 @@ RISK_ROLLOUTS = 16  # fresh rollouts per node and model
 REFERENCE_CACHE = train.WEIGHTS / "perfect_risk.npz"
 
 
+def rollout_source() -> str:
+    """What the rollouts depend on: the generating models' weights (small and large sha256s),
+    not the PRM's or the feature set (a PRM retrain keeps the committed rollouts)."""
+    shas = [json.loads((train.WEIGHTS / f"{m}.json").read_text())["sha256"]
+            for m in ("small", "large")]
+    return "rollouts:" + hashlib.sha256("".join(shas).encode()).hexdigest()[:12]
+
+
 def _rollout_seed(pid: str, step: int, model: int, j: int) -> int:
     """A stream of its own for rollout j (never one of the trees' streams)."""
     digest = hashlib.sha256(f"risk/{pid}/{step}/{model}/{j}".encode()).digest()
@@ -313,11 +321,11 @@ def risk_gain(backends, trees, records: list[dict], problems: list[Problem], see
     share of `n` fresh rollouts of the small model from the node (keeping its step) that end
     right, p_esc that of `n` rollouts of the large model from the node's prefix, and q₀ the
     large model's from scratch (the chance R_M = 1). `records`: the trace records `trees` was
-    packed from (same order). Kept in `cache` (an .npz keyed by the embedded default, the
-    engine, the problems, the seed and n), so a trace set pays for its rollouts once; the main
-    job's default set's (JAX engine) are committed (`REFERENCE_CACHE`)."""
+    packed from (same order). Kept in `cache` (an .npz keyed by the generating models' weights,
+    `rollout_source`, the engine, the problems, the seed and n), so a trace set pays for its
+    rollouts once; the main job's default set's (JAX engine) are committed (`REFERENCE_CACHE`)."""
     engines = [f"{type(b).__name__}:{b.name}" for b in backends]  # rollouts are the engine's
-    key = hashlib.sha256(json.dumps([embedded_source(), engines, [r["problem_id"] for r in records],
+    key = hashlib.sha256(json.dumps([rollout_source(), engines, [r["problem_id"] for r in records],
                                      seed, n, GEN_CONFIG]).encode()).hexdigest()[:16]
     for path in (REFERENCE_CACHE, cache):
         if path is not None and path.exists():

@@ -69,7 +69,8 @@ _RAY = flags.DEFINE_string("ray", None, "Run the --num_shards shards as Ray task
                            "private cluster on this machine), 'auto' (the running cluster) or "
                            "a cluster address (pip install 'jaxroute[ray]').")
 _SHARD_GPUS = flags.DEFINE_float("gpus_per_shard", None, "--ray: GPUs per shard task (default: "
-                                 "--tensor_parallel_size with vllm: models, else 0).")
+                                 "--tensor_parallel_size with vllm: models on a cluster with "
+                                 "GPUs, else 0).")
 _SHARD_CPUS = flags.DEFINE_float("cpus_per_shard", 1.0, "--ray: CPUs per shard task.")
 _RETRIES = flags.DEFINE_integer("max_retries", 3, "--ray: times a shard whose worker died is "
                                 "started again (it resumes its folder).")
@@ -152,12 +153,10 @@ def main(argv):
                   "verifier": redact_spec(cfg.verifier) or None,
                   "config": dataclasses.asdict(spec.gen)}
     if _RAY.value:
-        gpus = _SHARD_GPUS.value
-        if gpus is None:
-            gpus = _TP.value if any(m.startswith("vllm:") for m in cfg.models) else 0
         summary = fanout.generate_on_ray(
             spec, problems, splits, out, provenance, _SHARDS.value, _RAY.value,
-            {"num_cpus": _SHARD_CPUS.value, "num_gpus": gpus}, _RETRIES.value, _PARTIAL.value)
+            {"num_cpus": _SHARD_CPUS.value, "num_gpus": _SHARD_GPUS.value}, _RETRIES.value,
+            _PARTIAL.value)
     else:
         summary = fanout.generate(spec, problems, splits, out, provenance, _SHARDS.value,
                                   _SHARD.value, _PARTIAL.value,

@@ -14,6 +14,7 @@ import pytest
 from generation import fanout, main_job
 from generation.traces import tracegen
 from jaxroute import trace, traceset
+from jaxroute.errors import InputError
 
 ray = pytest.importorskip("ray")
 
@@ -29,7 +30,7 @@ def _problems(n: int):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -77,6 +78,17 @@ def test_two_shards_on_ray_equal_the_single_process_run(cluster, single, tmp_pat
     again = fanout.generate_on_ray(SPEC, problems, splits, tmp_path, PROVENANCE, 2)
     assert again.written == 0 and not again.failed
     _assert_equal_sets(tmp_path, single, 2)
+
+
+def test_a_shard_no_node_can_place_is_an_error_not_a_wait(cluster, tmp_path):
+    problems, splits = _problems(4)
+    for resources, what in (({"num_gpus": 1}, "1 GPUs"), ({"num_cpus": 3}, "3 CPUs")):
+        with pytest.raises(InputError, match=f"asks for {what} but no node"):
+            fanout.generate_on_ray(SPEC, problems, splits, tmp_path, PROVENANCE, 2,
+                                   shard_resources=resources)
+    # vLLM models on a cluster without GPUs: no GPU asked (vLLM's CPU build).
+    spec = fanout.GeneratorSpec(("vllm:a", "vllm:b"), options=(("tensor_parallel_size", 2),))
+    assert fanout._placeable(ray, spec, {"num_gpus": None})["num_gpus"] == 0
 
 
 @pytest.mark.slow

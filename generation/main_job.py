@@ -199,8 +199,9 @@ def live_result(result: dict, work: Path, manifest, records: list[dict], trees, 
             alpha=alpha, delta=delta, seed=seed, between=between,
             large_right={r["problem_id"]: bool(r["solo"][-1]["correct"]) for r in records},
             store=work / "online" / "runs",
+            # The scorers' weights too: a retrained PRM must not reuse RSD's stored runs.
             fingerprint={"trees": trees.fingerprint(), "router": router.meta.get("kappa"),
-                         "engine": [b.name for b in backends]})
+                         "engine": [b.name for b in backends], "weights": embedded_source()})
     for name, rs in live.records.items():
         records_lib.write_paths(work / "online" / re.sub(r"[^a-z0-9]+", "_", name.lower()),
                                 manifest, rs)

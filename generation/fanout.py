@@ -223,15 +223,23 @@ def _fan_out(ray, spec, problems, splits, out, provenance, num_shards, resources
     shared = [ray.put(x) for x in (spec, list(problems), splits)]
     refs = [task.remote(*shared, str(out), provenance, num_shards, i, accept_partial, progress)
             for i in range(num_shards)]
-    pending = list(refs)
+    pending, results = list(refs), {}
     with tqdm(total=len(problems), desc=f"generate ({num_shards} shards on Ray)",
               unit="problem") as bar:
         while pending:
-            _, pending = ray.wait(pending, timeout=poll_s)
+            done, pending = ray.wait(pending, timeout=poll_s)
+            for ref in done:
+                try:
+                    results[ref] = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    # A shard's own error (bad key, unknown model, bad input) is every shard's:
+                    # stop them all at once and raise it as the one process would.
+                    for other in pending:
+                        ray.cancel(other, force=True)
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
             bar.n = ray.get(progress.total.remote())
             bar.refresh()
-        bar.n = ray.get(progress.total.remote())
-    return ray.get(refs)
+    return [results[r] for r in refs]
 
 
 

@@ -176,14 +176,21 @@ def _reason(message: str) -> str:
     return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", message))[:120]
 
 
+# How far two floats of "the same" record may be apart, relative to max(|a|, |b|, 1): features
+# come from float32 log-softmaxes of logits of size ~10, whose last bits depend on the batch's
+# shape; a margin (a difference of two log-probs) carries both errors (measured up to 1.2e-5).
+FLOAT_TOLERANCE = 1e-4
+
+
 def record_differences(a, b, path="") -> tuple[list[str], float]:
     """(paths where two records differ, the largest gap between their floats, relative to
     max(|a|, |b|, 1)). Texts, token ids, labels, counts and costs must be identical; a float
-    computed from the model's float32 activations may differ in its last bits, because a batch
-    of another composition has another shape (so has one process with another --chunk)."""
+    computed from the model's float32 activations may differ in its last bits
+    (`FLOAT_TOLERANCE`), because a batch of another composition has another shape (so has one
+    process with another --chunk)."""
     if isinstance(a, float) and isinstance(b, float):
-        gap = abs(a - b) / max(abs(a), abs(b), 1.0)  # margins are differences of log-probs
-        return ([path] if gap > 1e-5 else []), gap
+        gap = abs(a - b) / max(abs(a), abs(b), 1.0)
+        return ([path] if gap > FLOAT_TOLERANCE else []), gap
     if type(a) is not type(b):
         return [path], 0.0
     if isinstance(a, dict):

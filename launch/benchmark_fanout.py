@@ -68,7 +68,7 @@ def main(argv):
          [[len(ref), round(single, 1), round(ray, 1), round(ray / single, 3),
            f"{same}/{len(ref)}", identical, f"{gap:.1e}"]],
          notes="The main job's trace set (tiny engine, 2-core CPU); equal = texts, token ids, "
-               "labels and costs identical, floats within 1e-5 (float32 batches of other "
+               "labels and costs identical, floats within 1e-4 (float32 batches of other "
                "shapes; one process with another --chunk differs as much).",
          extra={"ray_over_single": ray / single})
     tokens = fanout.tree_tokens(ref)

@@ -119,3 +119,25 @@ def test_a_killed_worker_is_retried_and_loses_and_duplicates_nothing(cluster, si
     print(f"shard 0's worker killed with {killed[0]} records written; Ray retried it")
     assert summary.written == 16 - killed[0]  # the retry wrote only what was missing
     _assert_equal_sets(tmp_path, single, 2)
+
+
+def _cost(tokens):
+    return {"cost": {"output_tokens": tokens}}
+
+
+def test_tree_tokens_and_the_paper_scale_estimate_by_hand():
+    # One problem, one root of 3 steps (10, 20, 30 tokens); the large model's continuations
+    # from steps 0, 1, 2 write 60, 40, 20 tokens; solo solutions 60 (small) and 60 (large).
+    rec = {"solo": [_cost(60), _cost(60)],
+           "roots": [{"steps": [{**_cost(n), "branches": {"1": _cost(b)}}
+                                for n, b in ((10, 60), (20, 40), (30, 20))]}]}
+    t = fanout.tree_tokens([rec])
+    assert (t["small"], t["large"], t["steps"]) == (60, 120, 3)
+    assert t["formula_large"] == 60 * (3 + 1) / 2 == t["large"]  # equal steps: formula exact
+    e = fanout.paper_scale_estimate(100, 4, "gsm8k", params=(1e9, 5e9), measured_ratio=1.5)
+    l_small, l_large = 0.973e12 / 2e9, 4.42e12 / 1e10
+    assert e["small_tokens"] == pytest.approx(100 * l_small)
+    assert e["large_tokens"] == pytest.approx(100 * l_large * 2.5 * 1.5)
+    for gpu, rate in fanout.DECODE_TOKENS_PER_S.items():
+        assert e[f"gpu_hours {gpu}"] == pytest.approx(
+            (e["small_tokens"] + e["large_tokens"]) / rate / 3600)

@@ -106,6 +106,12 @@ def test_generate_cli_on_ray_with_api_backends_equals_one_process(tmp_path):
                                  text=True, timeout=600)
             assert res.returncode == 0, res.stderr[-3000:]
         assert set(srv.auth_headers) == {"Bearer test"}
+        # A wrong key on Ray stops every shard at once, as one clear line.
+        (tmp_path / "bad").mkdir()
+        res = _generate(tmp_path / "bad", srv, "wrong", ["--ray=local", "--num_shards=2"])
+        last = res.stderr.strip().splitlines()[-1]
+        assert res.returncode == 2 and last.startswith("error:") and "OPENAI_API_KEY" in last, \
+            res.stderr[-2000:]
     one, ray_set = (traceset.load_trace_set(tmp_path / d)[1] for d in ("one", "ray"))
     same, identical, _ = traceset.compare_records(ray_set, one)
     assert same == identical == 8

@@ -5,6 +5,7 @@ and resumes its folder, losing and duplicating nothing."""
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -141,3 +142,27 @@ def test_tree_tokens_and_the_paper_scale_estimate_by_hand():
     for gpu, rate in fanout.DECODE_TOKENS_PER_S.items():
         assert e[f"gpu_hours {gpu}"] == pytest.approx(
             (e["small_tokens"] + e["large_tokens"]) / rate / 3600)
+
+
+def test_merge_refuses_duplicates_and_foreign_ids_and_keeps_the_problem_order(single, tmp_path):
+    problems, _ = _problems(16)
+    manifest, recs = single
+    shard = {"manifest": manifest.to_json(), "written": 0, "failed": [], "reasons": {},
+             "requests": []}
+    # Shards hand records back in any order; the set is written in the problem order.
+    n = fanout.merge_in_order([dict(shard, index=0, records=recs[8:][::-1]),
+                               dict(shard, index=1, records=recs[:8])], problems, tmp_path)
+    assert n == 16
+    assert [r["problem_id"] for r in traceset.load_trace_set(tmp_path)[1]] == \
+        [r["problem_id"] for r in recs]
+    with pytest.raises(InputError, match="shards 0 and 1: duplicate problem_id"):
+        fanout.merge_in_order([dict(shard, index=0, records=recs[:2]),
+                               dict(shard, index=1, records=recs[1:3])], problems, tmp_path)
+    with pytest.raises(InputError, match="not one of this run's problems"):
+        fanout.merge_in_order([dict(shard, index=0, records=recs[:2])], problems[2:], tmp_path)
+
+
+def test_without_ray_installed_fanning_out_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(InputError, match=r"pip install 'jaxroute\[ray\]'"):
+        fanout.generate_on_ray(SPEC, [], {}, Path("unused"), PROVENANCE, 2)

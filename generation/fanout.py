@@ -127,10 +127,10 @@ def _ray():
     return ray
 
 
-def merge_in_order(shards: Sequence[dict], problems: Sequence[Problem], out: Path) -> int:
+def merge_in_order(shards: Sequence[dict], problems: Sequence[Problem], out: Path) -> dict:
     """Write the shards' records (`_shard_task` results) into `out` as one trace set in the
     problem order — the order a single process writes — refusing duplicate ids; the manifest's
-    provenance adds the shards' run summaries up. Returns the records written."""
+    provenance adds the shards' run summaries up (`last_run`, returned)."""
     order = {p.problem_id: i for i, p in enumerate(problems)}
     records, seen = [], {}
     for s in shards:
@@ -160,7 +160,7 @@ def merge_in_order(shards: Sequence[dict], problems: Sequence[Problem], out: Pat
             "requests": [s["requests"] for s in shards], "shards": len(shards)}
     manifest = dataclasses.replace(first, provenance={**first.provenance, "last_run": last})
     traceset.write_trace_set(out, manifest, records)
-    return len(records)
+    return last
 
 
 def generate_on_ray(spec: GeneratorSpec, problems: Sequence[Problem], splits: dict[str, str],
@@ -185,17 +185,14 @@ def generate_on_ray(spec: GeneratorSpec, problems: Sequence[Problem], splits: di
         with durable.exclusive(out):  # one driver per output folder
             results = _fan_out(ray, spec, problems, splits, out, provenance, num_shards,
                                resources, max_retries, accept_partial, poll_s)
+            last = merge_in_order(results, problems, out)
     finally:
         if started:
             ray.shutdown()
-    merge_in_order(results, problems, out)
-    summary = tracegen.RunSummary(out, written=sum(r["written"] for r in results),
-                                  failed=[f for r in results for f in r["failed"]])
-    for r in results:
-        for k, v in r["reasons"].items():
-            summary.reasons[k] = summary.reasons.get(k, 0) + v
-        summary.backends += r["requests"]
-    return summary
+    return tracegen.RunSummary(out, written=last["written"],
+                               failed=[f for r in results for f in r["failed"]],
+                               reasons=last["reasons"],
+                               backends=[b for r in results for b in r["requests"]])
 
 
 def _placeable(ray, spec: GeneratorSpec, resources: dict) -> dict:

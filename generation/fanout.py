@@ -129,8 +129,9 @@ def _ray():
 
 def merge_in_order(shards: Sequence[dict], problems: Sequence[Problem], out: Path) -> dict:
     """Write the shards' records (`_shard_task` results) into `out` as one trace set in the
-    problem order — the order a single process writes — refusing duplicate ids; the manifest's
-    provenance adds the shards' run summaries up (`last_run`, returned)."""
+    problem order — the order a single process writes — refusing duplicate ids and a `out`
+    that holds another set (`tracegen.same_set`); the manifest's provenance adds the shards'
+    run summaries up (`last_run`, returned)."""
     order = {p.problem_id: i for i, p in enumerate(problems)}
     records, seen = [], {}
     for s in shards:
@@ -158,6 +159,8 @@ def merge_in_order(shards: Sequence[dict], problems: Sequence[Problem], out: Pat
     last = {"written": sum(s["written"] for s in shards),
             "failed": sum(len(s["failed"]) for s in shards), "reasons": reasons,
             "requests": [s["requests"] for s in shards], "shards": len(shards)}
+    if (Path(out) / trace.MANIFEST).exists():  # rewrite only the same set, never another
+        tracegen.same_set(out, first)
     manifest = dataclasses.replace(first, provenance={**first.provenance, "last_run": last})
     traceset.write_trace_set(out, manifest, records)
     return last

@@ -160,6 +160,13 @@ def test_merge_refuses_duplicates_and_foreign_ids_and_keeps_the_problem_order(si
                                dict(shard, index=1, records=recs[1:3])], problems, tmp_path)
     with pytest.raises(InputError, match="not one of this run's problems"):
         fanout.merge_in_order([dict(shard, index=0, records=recs[:2])], problems[2:], tmp_path)
+    # An --out holding another set (other settings) is refused, and kept as it was.
+    other = dataclasses.replace(manifest, provenance={**manifest.provenance, "task": "other"})
+    before = (tmp_path / trace.TREES).read_text()
+    with pytest.raises(FileExistsError, match="other settings"):
+        fanout.merge_in_order([dict(shard, index=0, records=recs, manifest=other.to_json())],
+                              problems, tmp_path)
+    assert (tmp_path / trace.TREES).read_text() == before
 
 
 def test_without_ray_installed_fanning_out_is_one_clear_error(monkeypatch):

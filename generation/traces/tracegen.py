@@ -412,22 +412,30 @@ def _same_run(old: dict, new: dict) -> list[str]:
             if a.get(k) != b.get(k)]
 
 
+def same_set(out: Path, manifest: trace.Manifest) -> trace.Manifest:
+    """The trace set already in `out`, if it is the set `manifest` describes (same models,
+    weights, features and settings: a run may resume or rewrite it); else an error — a run
+    never overwrites or extends another set."""
+    mpath = Path(out) / trace.MANIFEST
+    old = traceset.read_manifest(out)
+    if [m.name for m in old.models] != [m.name for m in manifest.models] or \
+            old.feature_names != manifest.feature_names or \
+            old.provenance.get("model_versions") != manifest.provenance.get("model_versions"):
+        raise InputError(f"{mpath}: existing trace set was made with other models, weights or "
+                         "features; use a new --out folder")
+    diffs = _same_run(old.provenance, manifest.provenance)
+    if diffs:
+        raise FileExistsError(f"{mpath}: existing trace set was made with other settings "
+                              f"({'; '.join(diffs[:5])}); use a new --out folder")
+    return old
+
+
 def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, spend,
          accept_partial, progress=None) -> RunSummary:
     manifest = gen.manifest(provenance)
     mpath = out / trace.MANIFEST
     if mpath.exists():
-        old = traceset.read_manifest(out)
-        if [m.name for m in old.models] != [m.name for m in manifest.models] or \
-                old.feature_names != manifest.feature_names or \
-                old.provenance.get("model_versions") != manifest.provenance["model_versions"]:
-            raise InputError(f"{mpath}: existing trace set was made with other models, weights or "
-                             "features; use a new --out folder")
-        diffs = _same_run(old.provenance, manifest.provenance)
-        if diffs:
-            raise FileExistsError(f"{mpath}: existing trace set was made with other settings "
-                                  f"({'; '.join(diffs[:5])}); use a new --out folder")
-        manifest = old
+        manifest = same_set(out, manifest)
     else:
         durable.atomic_write_text(mpath, json.dumps(manifest.to_json(), indent=2) + "\n")
     tpath = out / trace.TREES

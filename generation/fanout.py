@@ -149,8 +149,7 @@ def merge_in_order(shards: Sequence[dict], problems: Sequence[Problem], out: Pat
     first = trace.Manifest.from_json(shards[0]["manifest"], "shard 0")
     for s in shards[1:]:
         m = trace.Manifest.from_json(s["manifest"], f"shard {s['index']}")
-        if m.to_json()["models"] != first.to_json()["models"] or \
-                m.feature_names != first.feature_names:
+        if not tracegen.same_models(m, first):
             raise InputError(f"shard {s['index']}: manifest differs from shard 0's")
     reasons: dict[str, int] = {}
     for s in shards:

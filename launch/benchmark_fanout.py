@@ -30,7 +30,7 @@ _OUT = flags.DEFINE_string("out", "runs/benchmark_fanout", "Output folder (rewri
 _DATA = flags.DEFINE_string("data", "../shared/data", "Folder of the datasets (problem counts).")
 common.check_flags(shards=(common.positive, "≥ 1"))
 
-DATA_FILES = {"gsm8k": "gsm8k", "math500": "math500", "omnimath": "omnimath"}
+DATASETS = ("gsm8k", "math500", "omnimath")  # each in DATA/<name>
 STEPS = (4, 8, 16)
 
 
@@ -74,8 +74,8 @@ def main(argv):
     tokens = fanout.tree_tokens(ref)
     ratio = tokens["large"] / tokens["formula_large"]
     rows = []
-    for name, folder in DATA_FILES.items():
-        n = len(datasets.load(name, Path(_DATA.value) / folder))
+    for name in DATASETS:
+        n = len(datasets.load(name, Path(_DATA.value) / name))
         for s in STEPS:
             e = fanout.paper_scale_estimate(n, s, name, measured_ratio=ratio)
             rows.append([name, n, s, round(e["small_tokens"] / 1e6, 2),

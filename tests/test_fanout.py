@@ -160,6 +160,11 @@ def test_merge_refuses_duplicates_and_foreign_ids_and_keeps_the_problem_order(si
                                dict(shard, index=1, records=recs[1:3])], problems, tmp_path)
     with pytest.raises(InputError, match="not one of this run's problems"):
         fanout.merge_in_order([dict(shard, index=0, records=recs[:2])], problems[2:], tmp_path)
+    renamed = dataclasses.replace(manifest, feature_names=manifest.feature_names[::-1])
+    with pytest.raises(InputError, match="shard 1: manifest differs from shard 0's"):
+        fanout.merge_in_order([dict(shard, index=0, records=recs[:8]),
+                               dict(shard, index=1, records=recs[8:],
+                                    manifest=renamed.to_json())], problems, tmp_path)
     # An --out holding another set (other settings) is refused, and kept as it was.
     other = dataclasses.replace(manifest, provenance={**manifest.provenance, "task": "other"})
     before = (tmp_path / trace.TREES).read_text()

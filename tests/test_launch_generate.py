@@ -113,6 +113,6 @@ def test_generate_cli_on_ray_with_api_backends_equals_one_process(tmp_path):
         assert res.returncode == 2 and last.startswith("error:") and "OPENAI_API_KEY" in last, \
             res.stderr[-2000:]
     one, ray_set = (traceset.load_trace_set(tmp_path / d)[1] for d in ("one", "ray"))
-    same, identical, _ = traceset.compare_records(ray_set, one)
-    assert same == identical == 8
+    # Texts, tokens, labels and costs exactly; floats within the rounding tolerance.
+    assert traceset.compare_records(ray_set, one)[0] == 8
     assert len(list((tmp_path / "ray" / "shards").glob("*/api_cache.sqlite"))) == 2

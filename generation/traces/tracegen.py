@@ -31,7 +31,7 @@ from generation.traces import features
 from generation.traces.answers import AnswerChecker, Verdict
 from generation.traces.datasets import Problem
 from jaxroute import accounting, durable, trace, traceset
-from jaxroute.errors import InputError
+from jaxroute.errors import InputError, quote
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,21 +491,25 @@ def _run(gen, problems, splits, out: Path, provenance, num_shards, shard_index, 
     return summary
 
 
+def same_models(a: trace.Manifest, b: trace.Manifest) -> bool:
+    """Whether two shards' manifests describe one set's models and features (mergeable)."""
+    return a.to_json()["models"] == b.to_json()["models"] and a.feature_names == b.feature_names
+
+
 def merge(parts: Sequence[Path], out: Path) -> Path:
     """Merge shard folders (same manifest) into one trace set; duplicate ids are an error."""
     parts = [Path(p) for p in parts]
     manifests = [traceset.read_manifest(p) for p in parts]
     first = manifests[0]
     for p, m in zip(parts, manifests, strict=True):
-        if m.to_json()["models"] != first.to_json()["models"] or \
-                m.feature_names != first.feature_names:
+        if not same_models(m, first):
             raise InputError(f"{p}: manifest differs from {parts[0]}")
     records, seen = [], set()
     for p in parts:
         for n, rec in traceset.read_records(p / trace.TREES):
             if rec["problem_id"] in seen:
                 raise InputError(f"{p / trace.TREES}: line {n}: duplicate problem_id "
-                                 f"{rec['problem_id']!r}")
+                                 f"{quote(rec['problem_id'])}")
             seen.add(rec["problem_id"])
             records.append(rec)
     traceset.write_trace_set(out, first, records)

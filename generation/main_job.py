@@ -310,8 +310,7 @@ def _roots(backends, problems: list[Problem], seed: int) -> list[list[str]]:
     engine = online.Engine(backends, rules.FixedRule("small", 0),
                            online.OnlineConfig(seed=seed, **GEN_CONFIG))
     live = [engine.admit(p) for p in problems]
-    while engine.active():
-        engine.round()
+    engine.run()
     return [list(s.steps) for s in live]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from fakes import ScriptedBackend
 
-from generation.backends import costs
+from generation.backends import costs, streams
 from generation.live import comparison, online, rules, scorers
 from generation.traces import answers, features
 from generation.traces.datasets import Problem
@@ -251,7 +251,7 @@ def test_an_empty_draft_is_asked_again_with_a_new_seed_and_paid_for(checker, emp
         if status == "ok":  # every step needed `empties` tries before it came
             assert len(wasted) == empties * len(kept) and r["correct"]
         else:  # the first step stayed empty: asked EMPTY_RETRIES more times, then given up
-            assert len(wasted) == online.EMPTY_RETRIES + 1 and not kept
+            assert len(wasted) == streams.EMPTY_RETRIES + 1 and not kept
     # Every generated token is paid, the empty tries included (independent count).
     assert _total_flops(recs) == pytest.approx(sum(2e9 * x.completion_tokens
                                                    for x in small.results))

@@ -66,8 +66,7 @@ def make_router(path, backends, names=features.FEATURE_NAMES):
                                                               feature_names=tuple(names)))
     for i, q in enumerate(QUESTIONS[:8]):
         engine.admit(Problem(f"p{i}", q, "", "served"))
-    while engine.active():
-        engine.round()
+    engine.run()
     f = np.stack(rec.features).astype(np.float32)
     nets = nets_lib.make_networks(2, f.shape[1], (8,))
     params, _, _ = nets_lib.init_params(nets, jax.random.PRNGKey(3))
@@ -370,7 +369,7 @@ def test_load_32_clients_by_10_requests_and_metrics(served):
                  "jaxroute_request_cost_flops_bucket", "jaxroute_saving_flops_total",
                  "jaxroute_errors_total"):
         assert name in text
-    assert service.stats["rounds"] > 0
+    assert service.stats["requests"] > 0 and service.stats["upstream_requests"] > 0
     router_s, engine_s = _metric(srv, "jaxroute_router_seconds"), _metric(srv,
                                                                           "jaxroute_engine_seconds")
     assert 0 < router_s < engine_s  # the router's share of the engine's time is exported
@@ -633,7 +632,7 @@ def test_slow_bodies_never_hold_an_admission_slot(backends):
             statuses = [call("POST", srv.base_url + "/chat/completions",
                              _body(QUESTIONS[i], max_tokens=8))[0] for i in range(3)]
             assert statuses == [200, 200, 200]
-            assert service.engine.active() == [] and slow
+            assert service.engine.live == [] and slow
             for s in slow:
                 s.close()
     finally:
@@ -683,8 +682,7 @@ def test_a_client_that_leaves_is_cancelled_and_frees_its_slot(backends):
     engine = online.Engine(backends, rules.FixedRule("small only", 0),
                            online.OnlineConfig(CFG.max_steps, 64, 160))
     live = engine.admit(Problem(serving.problem_id(question), question, "", "served"))
-    while engine.active():
-        engine.round()
+    engine.run()
     assert len(live.pieces) >= 2  # left alone it takes more than one round
     gated = [GatedBackend(b) for b in backends]
     service = _service(gated, max_concurrent=1)
@@ -740,10 +738,10 @@ def test_max_tokens_is_a_budget_for_the_whole_answer_and_a_cut_says_length(serve
     assert cut >= 6  # most of these answers are longer than 12 tokens
 
 
-def test_a_second_stop_answers_everyone_503_and_the_engine_thread_lives(backends):
-    """Regression: a second SIGTERM turned requests in flight into `500 CancelledError` and the
-    engine thread died with "Event loop is closed". `serving.abort` (what `launch.serve` calls
-    on the second signal) answers them 503 at once; the engine thread survives the loop's end."""
+def test_a_second_stop_answers_everyone_503_and_leaves_nothing_running(backends):
+    """Regression: a second SIGTERM turned requests in flight into `500 CancelledError` (and the
+    old engine thread died with "Event loop is closed"). `serving.abort` (what `launch.serve`
+    calls on the second signal) answers them 503 at once and cancels their tasks."""
     gated = [GatedBackend(b) for b in backends]
     service = _service(gated)
     app = serving.make_app(service)
@@ -763,9 +761,9 @@ def test_a_second_stop_answers_everyone_503_and_the_engine_thread_lives(backends
             assert status == 200 and '"code": 503' in text and "shutting down" in text
             assert call("GET", srv.base_url.removesuffix("/v1") + "/health")[0] == 503
         for g in gated:
-            g.gate.set()  # the round ends after the server's loop is gone
+            g.gate.set()  # the step call in flight ends after the server's loop is gone
         time.sleep(0.5)
-        assert service._thread.is_alive()
+        assert not service._tasks  # every request's task was cancelled and has ended
     finally:
         service.close()
 

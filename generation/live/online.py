@@ -1,24 +1,27 @@
-"""Online routing: live stepwise generation for a batch of problems with any routing rule.
+"""Online routing: live generation of a set of problems with any routing rule, one asyncio
+task per answer (`Engine`, decision 94).
 
-Every live problem has a current model. Each round, the current models write the next step of
-their problems (one batched call per model); the rule (`generation.live.rules`) looks at each draft
-and answers with the model that should own that step:
+Every live problem has a current model, which writes the answer as one stream of steps
+(`generation.backends.streams`); the rule (`generation.live.rules`) looks at each completed
+step (a draft) and answers with the model that should own it:
 
-- the same model → the draft is accepted;
-- a larger model k' → the draft is discarded (its tokens are still paid for) and k' writes the
-  step from the same prefix. A *sticky* rule then stays with k'; when k' is the largest model it
-  writes the rest of the solution in one call, exactly like a leaf of a trace tree, so offline
-  and online costs are comparable. A *per-step* rule lets k' write only that step and returns
-  to model 0.
+- the same model → the draft is accepted and the stream goes on;
+- a larger model k' → the draft is discarded (its tokens, and whatever the stream wrote past
+  it before the cancel arrived, are still paid for) and k' writes the step from the same
+  prefix. A *sticky* rule then stays with k'; when k' is the largest model it writes the rest
+  of the solution in one request, exactly like a leaf of a trace tree, so offline and online
+  costs are comparable. A *per-step* rule lets k' write only that step and returns to model 0.
 
 A rule may score drafts with a model of its own (RSD's process reward model, SpecReason's judge);
 that compute is kept in a separate `scorer_cost` column, never in the generation cost. Each
 problem's record (`jaxroute.records`) keeps every generated piece — text, model, features, the
-rule's score and decision, whether it was kept — with its cost in the trace format's fields.
+rule's score and decision, whether it was kept — with its cost in the trace format's fields,
+and the number of upstream requests its answer opened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import time
@@ -26,9 +29,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from generation.backends import costs
+from generation.backends import costs, streams
 from generation.backends.base import STEP_DELIMITER, Backend, StepRequest, StepResult, prefix_text
-from generation.live.rules import Rule, View
+from generation.live.rules import Decision, Rule, View
 from generation.traces import features, tracegen
 from generation.traces.answers import AnswerChecker, Verdict
 from generation.traces.datasets import Problem
@@ -46,11 +49,8 @@ class OnlineConfig:
     feature_names: tuple[str, ...] = features.FEATURE_NAMES
 
 
-EMPTY_RETRIES = tracegen.EMPTY_RETRIES
-
-
 def _is_empty(r: StepResult) -> bool:
-    return r.error is None and not r.is_final and not r.text.strip()
+    return streams.is_empty(r)
 
 
 @dataclasses.dataclass
@@ -70,7 +70,8 @@ class Live:
     pieces: list[dict] = dataclasses.field(default_factory=list)
     scorer: list[dict] = dataclasses.field(default_factory=list)
     tokens: int = 0
-    rounds: int = 0  # rounds this problem has been through (its request keys count them)
+    rounds: int = 0  # drafts this problem has been through
+    requests: int = 0  # upstream requests (answer streams and single steps) it opened
     status: str = "ok"
     done: bool = False
     final_text: str | None = None
@@ -87,14 +88,19 @@ class Live:
             STEP_DELIMITER.join(self.steps)
 
 
-def _request(s: Live, model: int, attempt: int = 0) -> StepRequest:
-    # Continue by token ids only when every accepted step came from this very model (no
-    # re-tokenisation drift); otherwise by text, as a trace tree's child segment does.
+def _answer(s: Live, model: int, cfg: OnlineConfig, whole: bool) -> streams.Answer:
+    """Model `model`'s answer from `s`'s accepted steps: continued by token ids only when every
+    accepted step came from this very model (no re-tokenisation drift), otherwise by text, as a
+    trace tree's child segment does; drawn from the model's sample stream on this problem, as
+    trace generation draws it (decision 87)."""
     ids = tuple(s.ids) if all(o == model for o in s.owners) else None
-    key = f"{s.problem.problem_id}/{len(s.steps)}/{model}" + "/retry" * attempt
-    # The model's sample stream on this problem, as trace generation draws it (decision 87).
-    return StepRequest(key, s.problem.question, tuple(s.steps), ids,
-                       tracegen.stream_seed(s.problem.problem_id, model, s.seed, attempt=attempt))
+    pid = s.problem.problem_id
+    seeds = [tracegen.stream_seed(pid, model, s.seed, attempt=a)
+             for a in range(streams.EMPTY_RETRIES + 1)]
+    req = StepRequest(f"{pid}/m{model}", s.problem.question, tuple(s.steps), ids, seeds[0])
+    budget = None if s.budget is None else max(1, s.budget - s.tokens)
+    return streams.Answer(req, tuple(seeds[1:]), s.max_tokens, cfg.max_tokens_per_step,
+                          whole=whole, budget=budget)
 
 
 def _features_of(s: Live, r: StepResult, names: Sequence[str]
@@ -107,32 +113,70 @@ def _features_of(s: Live, r: StepResult, names: Sequence[str]
     return np.asarray(vector, np.float64), span
 
 
-def _isolated(backend: Backend, reqs: list[StepRequest], whole: bool, limit: int
-              ) -> list[StepResult]:
-    """`backend.generate(reqs)`, where a request the backend refuses (`ValueError`: bad input
-    that a batched in-process call raises for the whole batch) fails alone — as its own
-    `StepResult.error` — and never takes its batch mates down with it (decision 83)."""
-    try:
-        return backend.generate(reqs, whole=whole, max_tokens=limit)
-    except ValueError as e:
-        if len(reqs) == 1:
-            return [StepResult("", [], [], [], "max_logit", 0, 0, 0, "error", True,
-                               error=f"request {reqs[0].key}: {e}")]
-    return [r for req in reqs for r in _isolated(backend, [req], whole, limit)]
-
-
 def _piece(r: StepResult, model: int, params: float, **extra) -> dict:
     return {"model": model, "text": r.text, "cost": costs.generation_cost(r, params), **extra}
 
 
-class Engine:
-    """The stepwise loop for any set of problems with one rule — problems may join between
-    rounds (the serving layer's continuous batching; `run_online` admits all at once).
+class _Decider:
+    """Gathers the drafts of every answer waiting for a decision into one `rule.decide` call
+    (run in a worker thread: a rule may run a model of its own)."""
 
-    Each `round()`: the current models write the next step of their live problems (one batched
-    call per model and limit; the largest model, under a sticky rule, the rest), empty drafts
-    are asked again, the rule decides for every draft in one call, and drafts are accepted or
-    handed to the larger model.
+    def __init__(self, rule: Rule):
+        self.rule, self.seconds, self.calls = rule, 0.0, 0
+        self._queue: list[tuple[View, asyncio.Future]] = []
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def decide(self, view: View) -> Decision:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._wake = asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        fut = loop.create_future()
+        self._queue.append((view, fut))
+        self._wake.set()
+        return await fut
+
+    def _timed(self, views):
+        t0 = time.perf_counter()
+        try:
+            return self.rule.decide(views)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            for _ in range(4):  # every answer about to ask joins this call
+                await asyncio.sleep(0)
+            self._wake.clear()
+            batch = [(v, f) for v, f in self._queue if not f.cancelled()]
+            self._queue = []
+            if not batch:
+                continue
+            self.calls += 1
+            try:
+                out = await asyncio.to_thread(self._timed, [v for v, _ in batch])
+            except Exception as e:  # noqa: BLE001 — every waiting answer fails with it
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), d in zip(batch, out, strict=True):
+                if not f.done():
+                    f.set_result(d)
+
+
+class Engine:
+    """Live routing as one asyncio task per answer (decision 94).
+
+    An answer's current model writes it as one answer stream (`generation.backends.streams`:
+    one streaming request upstream, or batched step calls in process); the rule decides on each
+    completed step as the stream goes on (every waiting answer's draft in one `decide` call).
+    Accepted: read on. Escalated: the stream is closed (what the model wrote beyond the step is
+    paid for) and the larger model takes over — a sticky rule's largest model writes the rest
+    in one request, exactly like a leaf of a trace tree; a per-step rule's model writes that
+    step alone and the answer goes back to model 0, in a new stream from the new prefix.
     """
 
     def __init__(self, backends: Sequence[Backend], rule: Rule, cfg: OnlineConfig):
@@ -140,127 +184,142 @@ class Engine:
         self.feature_names = tuple(getattr(rule, "feature_names", None) or cfg.feature_names)
         self.last = len(self.backends) - 1
         self.live: list[Live] = []
-        self.decide_seconds = 0.0  # time in the rule's decisions (the router's share)
+        self._decider = _Decider(rule)
+        self._batchers: list[streams.StepBatcher] = [streams.StepBatcher(b)
+                                                     for b in self.backends]
+
+    @property
+    def decide_seconds(self) -> float:
+        """Time in the rule's decisions (the router's share)."""
+        return self._decider.seconds
 
     def admit(self, problem: Problem, *, seed: int | None = None, max_tokens: int | None = None,
               on_step: Callable[[dict], None] | None = None) -> Live:
-        """Add a problem. `max_tokens`: a budget for the whole answer across models (a served
-        request's; decision 90) — None keeps the trees' per-segment guard only, so a live run
-        writes what its replay on the trees says."""
+        """Add a problem (`route` it, or `run` every admitted one). `max_tokens`: a budget for
+        the whole answer across models (a served request's; decision 90) — None keeps the trees'
+        per-segment guard only, so a live run writes what its replay on the trees says."""
         s = Live(problem, self.rule.start_model, self.cfg.seed if seed is None else seed,
                  self.cfg.max_tokens_per_solution, budget=max_tokens, on_step=on_step)
         self.live.append(s)
         return s
 
-    def active(self) -> list[Live]:
-        return [s for s in self.live if not s.done]
+    def run(self, progress: Callable[[int], None] | None = None) -> list[Live]:
+        """Route every admitted problem to its end (from synchronous code)."""
+        return asyncio.run(self.route_all(self.live, progress))
 
-    def collect(self) -> list[Live]:
-        """Remove and return the finished problems."""
-        done = [s for s in self.live if s.done]
-        self.live = [s for s in self.live if not s.done]
-        return done
+    async def route_all(self, lives: Sequence[Live],
+                        progress: Callable[[int], None] | None = None) -> list[Live]:
+        tasks = [asyncio.ensure_future(self.route(s)) for s in lives]
+        try:
+            for n, t in enumerate(asyncio.as_completed(tasks), 1):
+                await t
+                if progress:
+                    progress(n)
+        finally:  # one failed: the others stop too (their streams are closed)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return list(lives)
 
-    def _generate(self, group: list[Live], m: int, whole: bool, attempt: int = 0
-                  ) -> list[StepResult]:
-        """Batched calls of model m for `group`, one per distinct token limit."""
-        cfg, out = self.cfg, {}
-        limits = {}
-        for s in group:
-            limit = s.max_tokens if whole else min(cfg.max_tokens_per_step, s.max_tokens)
-            if s.budget is not None:  # what the answer's budget leaves
-                limit = max(1, min(limit, s.budget - s.tokens))
-            limits.setdefault(limit, []).append(s)
-        for limit, members in limits.items():
-            reqs = [_request(s, m, attempt) for s in members]
-            res = _isolated(self.backends[m], reqs, whole, limit)
-            out.update({id(s): r for s, r in zip(members, res, strict=True)})
-        return [out[id(s)] for s in group]
+    async def route(self, s: Live) -> Live:
+        """Route one answer to its end. A cancelled task marks it "cancelled"; anything an
+        upstream or the rule raises propagates (a fatal backend error stops a run at once; the
+        server turns it into this request's error)."""
+        try:
+            while not s.done:
+                if s.model == self.last and self.rule.sticky:
+                    await self._rest(s)
+                else:
+                    await self._stream(s)
+        except asyncio.CancelledError:
+            s.status, s.done = "cancelled", True
+            raise
+        return s
 
-    def _retry_empty(self, active: list[Live], drafts: dict[int, StepResult]) -> None:
-        """An empty draft ("\\n\\n" first) is asked again with a new seed, at most twice, and
-        paid for (decision 75); still empty, the solution ends there."""
-        for attempt in range(1, EMPTY_RETRIES + 1):
-            empty = [s for s in active if _is_empty(drafts[id(s)])]
-            for m in sorted({s.model for s in empty}):
-                group = [s for s in empty if s.model == m]
-                for s, r in zip(group, self._generate(group, m, False, attempt), strict=True):
-                    s.pieces.append(_piece(drafts[id(s)], m, self.backends[m].params,
-                                           kept=False, empty=True))
-                    drafts[id(s)] = r
+    def _open(self, s: Live, m: int, whole: bool) -> streams.AnswerStream:
+        s.requests += 1
+        return streams.open_answer(self.backends[m], self._batchers[m],
+                                   _answer(s, m, self.cfg, whole))
 
-    def round(self) -> list[Live]:
-        """One round over every live problem; returns (and removes) those that finished."""
-        cfg, rule, backends, last = self.cfg, self.rule, self.backends, self.last
-        active = self.active()
-        for s in active:
-            if s.rounds > cfg.max_steps:
-                s.status, s.done = "max_steps", True
-        active = [s for s in active if not s.done]
-        # 1. The current models write their next step (the largest, when sticky: the rest).
-        drafts: dict[int, StepResult] = {}
-        for m in sorted({s.model for s in active}):
-            group = [s for s in active if s.model == m]
-            for s, r in zip(group, self._generate(group, m, m == last and rule.sticky),
-                            strict=True):
-                drafts[id(s)] = r
-        self._retry_empty(active, drafts)
-        # 2. The rule looks at every draft of a model that may still hand over.
-        views, drafted = [], []
-        for s in active:
-            r = drafts[id(s)]
-            if _is_empty(r):
-                s.pieces.append(_piece(r, s.model, backends[s.model].params, kept=False,
-                                       empty=True))
-                s.status, s.done = "empty_step", True
-                continue
-            if r.error is not None:
-                s.status, s.done = f"error: {r.error}", True
-                s.pieces.append(_piece(r, s.model, backends[s.model].params, kept=False))
-                continue
-            if s.model == last and rule.sticky:  # the rest of the solution, in one piece
-                s.pieces.append(_piece(r, s.model, backends[s.model].params, kept=True,
-                                       whole=True))
-                s.final_text, s.done = prefix_text(s.steps) + r.text, True
-                s.tokens += r.completion_tokens
-                s.truncated |= r.finish_reason == "length"
-                _tell(s, (STEP_DELIMITER if s.steps else "") + r.text, s.model)
-                continue
-            f, span = _features_of(s, r, self.feature_names)
-            views.append(View(s.problem, tuple(s.steps), r, s.model, f))
-            drafted.append((s, span))
-        t0 = time.perf_counter()
-        decisions = rule.decide(views) if views else []
-        self.decide_seconds += time.perf_counter() - t0
-        # 3. Apply: accept, or discard and let the larger model write the step.
-        redo: dict[int, list[Live]] = {}
-        for (s, span), v, d in zip(drafted, views, decisions, strict=True):
-            if d.scorer_cost:
-                s.scorer.append(d.scorer_cost)
-            keep = d.model == v.model
-            s.pieces.append(_piece(v.draft, v.model, backends[v.model].params, kept=keep,
-                                   features=[float(x) for x in v.features], decision=d.model,
-                                   score=d.score))
-            if d.model < v.model or d.model > last:
-                raise ValueError(f"rule {rule.name!r} answered model {d.model} for a step of "
-                                 f"model {v.model} (must be in [{v.model}, {last}])")
-            if keep:
-                _accept(s, v.draft, v.model, cfg, span)
-            elif rule.sticky:
-                s.model = d.model  # it rewrites this step next round (the rest, if largest)
-            else:
-                redo.setdefault(d.model, []).append(s)
-        for m, group in redo.items():
-            for s, r in zip(group, self._generate(group, m, False), strict=True):
-                s.pieces.append(_piece(r, m, backends[m].params, kept=r.error is None,
-                                       replaces=True))
+    async def _rest(self, s: Live) -> None:
+        """The largest model writes the rest of the solution in one piece (a sticky rule)."""
+        m = s.model
+        stream = self._open(s, m, whole=True)
+        try:
+            r = await stream.next()
+        finally:
+            await stream.close()
+        params = self.backends[m].params
+        if r is None or r.error is not None:
+            s.pieces.append(_piece(r or streams.error_result("no answer"), m, params,
+                                   kept=False))
+            s.status, s.done = f"error: {r.error if r else 'no answer'}", True
+            return
+        s.pieces.append(_piece(r, m, params, kept=True, whole=True))
+        s.final_text, s.done = prefix_text(s.steps) + r.text, True
+        s.tokens += r.completion_tokens
+        s.truncated |= r.finish_reason == "length"
+        _tell(s, (STEP_DELIMITER if s.steps else "") + r.text, m)
+
+    async def _stream(self, s: Live) -> None:
+        """Model `s.model` writes on, step by step, until it ends, or the rule hands a step
+        to a larger model."""
+        cfg, rule, m = self.cfg, self.rule, s.model
+        params = self.backends[m].params
+        stream, redo = self._open(s, m, whole=False), None
+        try:
+            while not s.done:
+                if s.rounds > cfg.max_steps:
+                    s.status, s.done = "max_steps", True
+                    break
+                r = await stream.next()
+                if r is None:  # the stream ended on empty steps (decision 75)
+                    s.status, s.done = "empty_step", True
+                    break
+                if streams.is_empty(r):
+                    s.pieces.append(_piece(r, m, params, kept=False, empty=True))
+                    continue
                 if r.error is not None:
                     s.status, s.done = f"error: {r.error}", True
+                    s.pieces.append(_piece(r, m, params, kept=False))
+                    break
+                f, span = _features_of(s, r, self.feature_names)
+                d = await self._decider.decide(View(s.problem, tuple(s.steps), r, m, f))
+                if d.model < m or d.model > self.last:
+                    raise ValueError(f"rule {rule.name!r} answered model {d.model} for a step "
+                                     f"of model {m} (must be in [{m}, {self.last}])")
+                if d.scorer_cost:
+                    s.scorer.append(d.scorer_cost)
+                keep = d.model == m
+                s.pieces.append(_piece(r, m, params, kept=keep,
+                                       features=[float(x) for x in f], decision=d.model,
+                                       score=d.score))
+                s.rounds += 1
+                if keep:
+                    _accept(s, r, m, cfg, span)
+                elif rule.sticky:
+                    s.model = d.model  # it writes this step on (the rest, if largest)
+                    break
                 else:
-                    _accept(s, r, m, cfg)
-        for s in active:
-            s.rounds += 1
-        return self.collect()
+                    redo = d.model
+                    break
+        finally:
+            extra = await stream.close()
+            if extra is not None:  # written past the decision before the cancel arrived
+                s.pieces.append(_piece(extra, m, params, kept=False, overrun=True))
+        if redo is not None:  # a per-step rule: model `redo` writes this one step
+            one = self._open(s, redo, whole=False)
+            try:
+                r = await one.next()
+            finally:
+                await one.close()
+            r = r or streams.error_result("no answer")
+            s.pieces.append(_piece(r, redo, self.backends[redo].params,
+                                   kept=r.error is None, replaces=True))
+            if r.error is not None:
+                s.status, s.done = f"error: {r.error}", True
+            else:
+                _accept(s, r, redo, cfg)
 
 
 def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: Rule,
@@ -270,16 +329,13 @@ def run_online(problems: Sequence[Problem], backends: Sequence[Backend], rule: R
     record per problem (see the module docstring)."""
     engine = Engine(backends, rule, cfg)
     live = [engine.admit(p) for p in problems]
-    finished = 0
-    while engine.active():
-        finished += len(engine.round())
-        if progress:
-            progress(finished)
+    engine.run(progress)
     verdicts = checker.check_many([(s.text(), s.problem.gold, s.problem.dataset) for s in live])
     return [{"problem_id": s.problem.problem_id, "dataset": s.problem.dataset,
              "difficulty": s.problem.difficulty, "method": rule.name,
              "correct": v == Verdict.CORRECT, "verdict": str(v), "status": s.status,
-             "pieces": s.pieces, "scorer_cost": accounting.sum_costs(s.scorer)}
+             "pieces": s.pieces, "scorer_cost": accounting.sum_costs(s.scorer),
+             "requests": s.requests}
             for s, v in zip(live, verdicts, strict=True)]
 
 

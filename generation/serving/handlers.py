@@ -197,7 +197,8 @@ async def health(request: Request):
     parts = _parts(request)
     draining = parts.admission.draining
     body = {"status": "draining" if draining else "ok", "in_flight": parts.admission.in_flight,
-            "rounds": parts.service.stats["rounds"], "guarantee": _guarantee(parts)}
+            "answers": parts.service.stats["requests"],
+            "upstream_requests": parts.service.stats["upstream_requests"], "guarantee": _guarantee(parts)}
     return JSONResponse(body, status_code=503 if draining else 200)
 
 

@@ -1,10 +1,11 @@
 """The routing server's engine side: its limits (`ServeConfig`) and the one shared
-`online.Engine` every request joins (`RoutingService`, decision 80).
+`online.Engine` every request joins (`RoutingService`, decisions 80 and 94).
 
-The engine runs in one worker thread; each round, the steps of every in-flight request that
-waits for the same model go out together (one batched call for an in-process backend,
-concurrent HTTP requests for a remote one) and the router decides for all of their drafts in
-one call. The event loop only parses, queues and answers.
+Every request is a task of the engine on the server's own event loop — no engine thread, no
+hop between loops: an upstream model writes the answer as one stream (one streaming HTTP
+request to an OpenAI-compatible server; batched step calls, in a worker thread, for an
+in-process model), and the router decides for the drafts of every request waiting at that
+moment in one call.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,16 +44,14 @@ class ServeConfig:
     retry_after_s: int = 1
     request_timeout_s: float = 300.0  # an answer later than this is a 504
     read_timeout_s: float = 30.0  # a body slower than this to arrive is a 408
-    batch_window_s: float = 0.002  # the engine waits this long to gather a round's newcomers
 
     def __post_init__(self):
         for name in ("max_body_bytes", "max_steps", "max_tokens", "max_tokens_per_step",
                      "max_concurrent"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.request_timeout_s <= 0 or self.read_timeout_s <= 0 or self.batch_window_s < 0:
-            raise InputError("request_timeout_s > 0, read_timeout_s > 0 and batch_window_s ≥ 0 "
-                             "are required")
+        if self.request_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise InputError("request_timeout_s > 0 and read_timeout_s > 0 are required")
 
 
 def problem_id(question: str) -> str:
@@ -63,8 +61,9 @@ def problem_id(question: str) -> str:
 
 
 class RoutingService:
-    """The engine thread: admits problems, runs rounds while any is live, hands finished ones
-    back to their requests (and each accepted step to a streaming request as it happens)."""
+    """Admits problems into the shared engine as tasks on the caller's event loop, hands each
+    finished one back to its request (and each accepted step to a streaming request as it
+    happens), and cancels those nobody waits for any more."""
 
     def __init__(self, backends: Sequence, rule, models: Sequence[trace.ModelInfo],
                  config: ServeConfig = ServeConfig()):
@@ -80,24 +79,20 @@ class RoutingService:
         self.engine = online.Engine(self.backends, rule, online.OnlineConfig(
             max_steps=config.max_steps, max_tokens_per_step=config.max_tokens_per_step,
             max_tokens_per_solution=config.max_tokens))
-        self._lock = threading.Condition()
-        self._pending: list[tuple] = []
-        self._cancelled: set[int] = set()  # id(future) of requests nobody waits for any more
-        self._stop = False
-        self.stats = {"rounds": 0, "decide_seconds": 0.0, "round_seconds": 0.0}
-        self._futures: dict[int, tuple] = {}  # id(live) → (loop, future), requests in flight
-        self._thread = threading.Thread(target=self._loop, name="routing-engine", daemon=True)
-        self._thread.start()
+        # requests: answers served; busy_seconds: wall time with at least one answer in flight
+        self.stats = {"requests": 0, "upstream_requests": 0, "busy_seconds": 0.0}
+        self._tasks: dict[int, tuple[asyncio.Task, asyncio.Future]] = {}  # id(future) → …
+        self._busy_since: float | None = None
 
     def close(self) -> None:
-        with self._lock:
-            self._stop = True
-            self._lock.notify_all()
-        self._thread.join(timeout=10)
+        """Cancel every request still in flight (their tasks end on their own loop)."""
+        for task, _ in list(self._tasks.values()):
+            loop = task.get_loop()
+            _on_loop(loop, task.cancel)
 
     def check_prompt(self, question: str) -> None:
         """Refuse (400) a prompt an upstream cannot take — `check_prompt` of every backend that
-        has one — before it joins the shared engine, where it would fail the round of every
+        has one — before it joins the shared engine, where it would fail the batch of every
         other request (decision 83)."""
         for b in self.backends:
             check = getattr(b, "check_prompt", None)
@@ -110,82 +105,50 @@ class RoutingService:
                                    param="messages") from None
 
     def submit(self, question: str, seed: int, max_tokens: int | None,
-               loop: asyncio.AbstractEventLoop,
-               on_step=None) -> asyncio.Future:
-        """Queue a problem; the future resolves (on `loop`) with its `online.Live` when done.
-        `on_step(event)` is called on `loop` for every accepted step."""
+               loop: asyncio.AbstractEventLoop, on_step=None) -> asyncio.Future:
+        """Start routing a problem on `loop` (the running loop); the future resolves with its
+        `online.Live` when done. `on_step(event)` is called for every accepted step."""
         fut = loop.create_future()
-        with self._lock:
-            self._pending.append((question, seed, max_tokens, loop, fut, on_step))
-            self._lock.notify_all()
+        live = self.engine.admit(Problem(problem_id(question), question, "", "served"),
+                                 seed=seed, max_tokens=max_tokens, on_step=on_step)
+        if not self._tasks:
+            self._busy_since = time.perf_counter()
+        task = loop.create_task(self._serve(live, fut))
+        self._tasks[id(fut)] = (task, fut)
         return fut
 
+    async def _serve(self, live: online.Live, fut: asyncio.Future) -> None:
+        try:
+            await self.engine.route(live)
+        except asyncio.CancelledError:
+            live.status, live.done = "cancelled", True
+        except Exception as e:  # an upstream that raises fails this request, not the others
+            log.exception("routing a request failed")
+            live.status, live.done = f"error: {type(e).__name__}: {e}", True
+        finally:
+            self.engine.live.remove(live)
+            self._tasks.pop(id(fut), None)
+            self.stats["requests"] += 1
+            self.stats["upstream_requests"] += live.requests
+            if not self._tasks and self._busy_since is not None:
+                self.stats["busy_seconds"] += time.perf_counter() - self._busy_since
+                self._busy_since = None
+            _resolve(fut, live if live.status != "cancelled" else _Stopped("cancelled"))
+
     def cancel(self, fut: asyncio.Future) -> None:
-        """Nobody waits for this request any more (its client left, or it timed out): the engine
-        drops it before its next round and resolves it as "cancelled", which frees its admission
-        slot (decision 90)."""
-        with self._lock:
-            self._cancelled.add(id(fut))
-            self._lock.notify_all()
+        """Nobody waits for this request any more (its client left, or it timed out): its task
+        is cancelled at once — its upstream streams are closed — and it resolves as
+        "cancelled", which frees its admission slot (decision 90)."""
+        entry = self._tasks.get(id(fut))
+        if entry is not None:
+            entry[0].cancel()
 
     def abort(self) -> None:
         """Answer every request in flight at once as "shutdown" (a 503; the second SIGTERM of
-        `launch.serve`) and drop them from the engine before its next round."""
-        with self._lock:
-            waiting = list(self._futures.values()) + [(p[3], p[4]) for p in self._pending]
-            for loop, fut in waiting:
-                self._cancelled.add(id(fut))
-                _post(loop, fut, _Stopped("shutdown"))
-            self._lock.notify_all()
-
-    def _loop(self) -> None:
-        waiting = self._futures  # id(live) → (loop, future)
-        while True:
-            with self._lock:
-                while not self._pending and not self.engine.active() and not self._stop \
-                        and not self._cancelled:
-                    self._lock.wait()
-                if self._stop:
-                    break
-            if self.config.batch_window_s and self._pending:
-                time.sleep(self.config.batch_window_s)  # newcomers of this round, together
-            with self._lock:
-                pending, self._pending = self._pending, []
-                cancelled, self._cancelled = self._cancelled, set()
-            for question, seed, max_tokens, loop, fut, on_step in pending:
-                if id(fut) in cancelled:
-                    _post(loop, fut, _Stopped("cancelled"))
-                    continue
-                cb = None
-                if on_step is not None:
-                    def cb(event, loop=loop, on_step=on_step):
-                        _call(loop, on_step, event)
-                live = self.engine.admit(Problem(problem_id(question), question, "", "served"),
-                                         seed=seed, max_tokens=max_tokens, on_step=cb)
-                waiting[id(live)] = (loop, fut)
-            for live in self.engine.active():
-                if id(waiting[id(live)][1]) in cancelled:
-                    live.status, live.done = "cancelled", True
-            if not self.engine.active():
-                self._finish(self.engine.collect())
-                continue
-            t0 = time.perf_counter()
-            try:
-                finished = self.engine.round()
-            except Exception as e:  # an upstream that raises: every request of the round fails
-                log.exception("engine round failed")
-                for live in self.engine.active():
-                    live.status, live.done = f"error: {type(e).__name__}: {e}", True
-                finished = self.engine.collect()
-            self.stats["rounds"] += 1
-            self.stats["round_seconds"] += time.perf_counter() - t0
-            self.stats["decide_seconds"] = self.engine.decide_seconds
-            self._finish(finished)
-
-    def _finish(self, finished) -> None:
-        for live in finished:
-            loop, fut = self._futures.pop(id(live))
-            _post(loop, fut, live)
+        `launch.serve`, from a signal handler or any thread) and cancel their tasks."""
+        for task, fut in list(self._tasks.values()):
+            _on_loop(task.get_loop(), _resolve, fut, _Stopped("shutdown"))
+            _on_loop(task.get_loop(), task.cancel)
 
 
 @dataclasses.dataclass
@@ -195,20 +158,15 @@ class _Stopped:
     status: str
 
 
-def _post(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, value) -> None:
-    """Resolve `fut` with `value` on its loop."""
-    _call(loop, _resolve, fut, value)
+def _resolve(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
-def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+def _on_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
     """`fn(*args)` on `loop` — unless that loop has closed: the server is gone and nobody reads
-    the answer (the engine thread must not die of it)."""
+    the answer."""
     try:
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # "Event loop is closed"
         pass
-
-
-def _resolve(fut: asyncio.Future, value) -> None:
-    if not fut.done():
-        fut.set_result(value)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from generation.backends import costs
+from generation.backends import costs, streams
 from generation.backends.base import (
     STEP_DELIMITER,
     SYSTEM_PROMPT,
@@ -50,6 +51,7 @@ from generation.backends.retry import (
     FatalBackendError,
     retry_after_seconds,
 )
+from generation.backends.streams import Token
 
 CHAT_SYSTEM = SYSTEM_PROMPT + " Separate steps with a blank line."
 QWEN_TEMPLATE = ("<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n"
@@ -136,6 +138,8 @@ class OpenAIBackend:
       preflight: check the server, key and model once before the first request (`check`).
       cache_path: SQLite file for the response cache (None: no cache).
       temperature, top_logprobs: sampling and log-probability settings (paper: 0.7, 5).
+      stream: write each answer as one streaming request cut into steps (`astream`; None: in
+        completions mode) instead of one request per step.
     """
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
@@ -146,7 +150,8 @@ class OpenAIBackend:
                  breaker_threshold: int = 10, breaker_cooldown: float = 30.0,
                  max_error_rate: float = 0.5, min_requests: int = 20, preflight: bool = True,
                  cache_path: str | Path | None = None, temperature: float = 0.7,
-                 top_logprobs: int = 5, template: str = QWEN_TEMPLATE, seed: int = 0):
+                 top_logprobs: int = 5, template: str = QWEN_TEMPLATE, seed: int = 0,
+                 stream: bool | None = None):
         if mode not in ("chat", "completions"):
             raise ValueError(f"mode must be 'chat' or 'completions', got {mode!r}")
         if confidence not in ("top1_prob", "max_logit"):
@@ -171,7 +176,11 @@ class OpenAIBackend:
         self.temperature, self.top_logprobs, self.template = temperature, top_logprobs, template
         self.backoff = Backoff(backoff_base, backoff_max, seed)
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "failures": 0,
-                      "context_clamps": 0}
+                      "context_clamps": 0, "streams": 0, "cancelled_streams": 0}
+        # One streaming request per answer (decision 94): the default where the prompt
+        # continues a prefix exactly (completions); a chat model is asked step by step.
+        self.streaming = mode == "completions" if stream is None else bool(stream)
+        self._loop_client: tuple | None = None  # (event loop, client, semaphore)
         self.failure_reasons: collections.Counter = collections.Counter()
 
     @property
@@ -272,6 +281,14 @@ class OpenAIBackend:
         return cls(base_url=self.base_url, api_key=self.api_key, max_retries=0,
                    timeout=self.timeout)
 
+    def _loop_state(self):
+        """(client, semaphore) of the running event loop: one long-lived client per loop
+        (connection pooling, keep-alive), made on first use."""
+        loop = asyncio.get_running_loop()
+        if self._loop_client is None or self._loop_client[0] is not loop:
+            self._loop_client = (loop, self._client(), asyncio.Semaphore(self.concurrency))
+        return self._loop_client[1], self._loop_client[2]
+
     def _fatal(self, e: Exception) -> FatalBackendError | None:
         """The run-stopping failures, with the message that says what to fix."""
         import openai
@@ -314,6 +331,20 @@ class OpenAIBackend:
     async def _send(self, client, body: dict, validate: Callable[[dict], object], key: str
                     ) -> dict:
         """One request under the one retry policy; returns the validated response body."""
+
+        async def call(body):
+            create = (client.chat.completions if "messages" in body
+                      else client.completions).with_raw_response.create
+            raw = await create(**body)
+            resp = json.loads(raw.text)
+            validate(resp)  # never cache an invalid body
+            return resp
+
+        return await self._attempts(body, call, key)
+
+    async def _attempts(self, body: dict, call, key: str):
+        """`await call(body)` under the one retry policy (backoff, Retry-After, the breaker,
+        fatal errors, the context clamp)."""
         import openai
 
         retryable = (openai.RateLimitError, openai.APIConnectionError, openai.InternalServerError,
@@ -325,11 +356,7 @@ class OpenAIBackend:
                                   f"failed requests (last: {last})")
             hint = None
             try:
-                create = (client.chat.completions if "messages" in body
-                          else client.completions).with_raw_response.create
-                raw = await create(**body)
-                resp = json.loads(raw.text)
-                validate(resp)  # never cache an invalid body
+                resp = await call(body)
                 self.breaker.record(True)
                 return resp
             except openai.APIStatusError as e:
@@ -405,9 +432,16 @@ class OpenAIBackend:
         return self.parse(out, whole)
 
     async def agenerate(self, requests: Sequence[StepRequest], *, whole: bool = False,
-                        max_tokens: int = 1024) -> list[StepResult]:
-        sem = asyncio.Semaphore(self.concurrency)
-        client = self._client()
+                        max_tokens: int = 1024, long_lived: bool = True) -> list[StepResult]:
+        """Step requests on the running loop, through its long-lived client (`long_lived`
+        False: a client of this call only, closed after it — `generate`'s own loop)."""
+        if not self._checked:
+            await asyncio.to_thread(self.check)
+        if long_lived:
+            client, sem = self._loop_state()
+            return list(await asyncio.gather(*(self._one(client, sem, r, whole, max_tokens)
+                                               for r in requests)))
+        sem, client = asyncio.Semaphore(self.concurrency), self._client()
         try:
             return list(await asyncio.gather(*(self._one(client, sem, r, whole, max_tokens)
                                                for r in requests)))
@@ -417,7 +451,36 @@ class OpenAIBackend:
     def generate(self, requests: Sequence[StepRequest], *, whole: bool = False,
                  max_tokens: int = 1024) -> list[StepResult]:
         self.check()
-        return asyncio.run(self.agenerate(requests, whole=whole, max_tokens=max_tokens))
+        return asyncio.run(self.agenerate(requests, whole=whole, max_tokens=max_tokens,
+                                          long_lived=False))
+
+    def astream(self, answer) -> OpenAIStream:
+        """The answer as one streaming request, cut into steps as tokens arrive (decision 94)."""
+        return OpenAIStream(self, answer)
+
+    async def open_stream(self, body: dict, key: str):
+        """A streaming request under the retry policy (retried until its first byte: a
+        failure after that fails the answer); returns the SDK's async stream."""
+        if not self._checked:
+            await asyncio.to_thread(self.check)
+        client, _ = self._loop_state()
+        self.stats["requests"] += 1
+        self.stats["streams"] += 1
+
+        async def call(body):
+            create = (client.chat.completions if "messages" in body
+                      else client.completions).create
+            return await create(**body)
+
+        try:
+            return await self._attempts(body, call, key)
+        except FatalBackendError:
+            raise
+        except Exception as e:
+            self.stats["failures"] += 1
+            self.failure_reasons[type(e).__name__] += 1
+            self._check_error_rate()
+            raise
 
     def chat_raw(self, messages: Sequence[list[dict]], *, max_tokens: int = 8,
                  temperature: float = 0.0, extra: dict | None = None) -> list[dict | None]:
@@ -451,6 +514,120 @@ class OpenAIBackend:
     def usd(self, result: StepResult) -> float:
         return costs.usd(result.prompt_tokens, result.cached_tokens, result.completion_tokens,
                          self.price)
+
+
+def _chunk_tokens(chunk: dict, chat: bool, confidence: str) -> tuple[list[Token], str]:
+    """The tokens of one streamed chunk (with their log-probabilities) and its text."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return [], ""
+    c = choices[0]
+    out = []
+    if chat:
+        text = (c.get("delta") or {}).get("content") or ""
+        for e in ((c.get("logprobs") or {}).get("content") or []):
+            tops = sorted((t["logprob"] for t in (e.get("top_logprobs") or [])), reverse=True)
+            tops = tops or [float(e["logprob"])]
+            out.append(Token(e["token"], tops[0] if confidence == "max_logit"
+                             else math.exp(tops[0]), float(e["logprob"]), tops))
+    else:
+        text = c.get("text") or ""
+        lp = c.get("logprobs") or {}
+        tops_all = lp.get("top_logprobs") or [{} for _ in lp.get("tokens") or []]
+        chosen = lp.get("token_logprobs") or [None] * len(lp.get("tokens") or [])
+        for tok, cand, ch in zip(lp.get("tokens") or [], tops_all, chosen, strict=True):
+            vals = sorted((cand or {}).values(), reverse=True)
+            best = vals[0] if vals else (ch if ch is not None else -math.inf)
+            out.append(Token(tok, best if confidence == "max_logit" else math.exp(best),
+                             float(ch if ch is not None else best), vals or [float(best)]))
+    if text and not out:
+        raise ValueError("no log-probabilities for the streamed text")
+    return out, text
+
+
+class OpenAIStream:
+    """One answer as one streaming request (`streams.AnswerStream`): chunks are cut into steps
+    by `streams.StepCutter` as they arrive; `close()` closes the HTTP response — a vLLM server
+    aborts the request when its client disconnects (checked against the real server in
+    `tests/test_real_engine.py`) — and returns what was written past the last step handed over.
+    The request's prompt tokens are known from the usage chunk at the stream's end: the final
+    step carries them (a cancelled stream's are not reported)."""
+
+    def __init__(self, backend: OpenAIBackend, answer):
+        self.be, self.a = backend, answer
+        self.cutter, self.ready = streams.StepCutter(), collections.deque()
+        self.resp, self.it, self.ended = None, None, False
+        self.finish, self.eos, self.usage = "stop", False, {}
+
+    async def next(self) -> StepResult | None:
+        be = self.be
+        while not self.ready:
+            if self.ended:
+                return None
+            try:
+                if self.resp is None:
+                    body = be.request_body(self.a.request, True, self.a.limit(stream=True))
+                    body.update(stream=True, stream_options={"include_usage": True})
+                    self.resp = await be.open_stream(body, self.a.request.key)
+                    self.it = self.resp.__aiter__()
+                chunk = (await self.it.__anext__()).model_dump()
+                self._feed(chunk)
+            except StopAsyncIteration:
+                self._end()
+            except FatalBackendError:
+                raise
+            except Exception as e:  # a failure mid-stream fails this answer
+                self.ended = True
+                return streams.error_result(f"request {self.a.request.key}: "
+                                            f"{type(e).__name__}: {e}", be.confidence)
+        return self.ready.popleft()
+
+    def _feed(self, chunk: dict) -> None:
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        tokens, _ = _chunk_tokens(chunk, self.be.mode == "chat", self.be.confidence)
+        for t in tokens:
+            cut = self.cutter.feed(t)
+            if cut is not None:
+                self.ready.append(streams.step_result(*cut, self.be.confidence, finish="stop",
+                                                      eos=False))
+        for c in chunk.get("choices") or []:
+            if c.get("finish_reason"):
+                self.finish = c["finish_reason"]
+                # vLLM names the stop that ended a completion; None after "stop" means EOS
+                self.eos = self.finish == "stop" and c.get("stop_reason") is None
+
+    def _end(self) -> None:
+        self.ended = True
+        tokens, text = self.cutter.rest()
+        details = self.usage.get("prompt_tokens_details") or {}
+        r = streams.step_result(tokens, text, self.be.confidence, finish=self.finish,
+                                eos=self.eos, last=True,
+                                prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
+                                cached_tokens=int(details.get("cached_tokens") or 0))
+        if tokens or not self.ready:
+            self.ready.append(r)
+        elif self.ready:  # the stream ended right after a cut: that step is the last
+            last = self.ready.pop()
+            self.ready.append(dataclasses.replace(
+                last, is_final=True, finish_reason=r.finish_reason,
+                prompt_tokens=r.prompt_tokens, cached_tokens=r.cached_tokens))
+
+    async def close(self) -> StepResult | None:
+        """Cancel the request if it is still writing; the tokens written past the last step
+        handed over, as a piece to pay for."""
+        left = [t for r in self.ready for t in r.tokens]
+        spare = list(self.cutter.tokens)
+        if not self.ended and self.resp is not None:
+            self.be.stats["cancelled_streams"] += 1
+            await self.resp.close()
+        self.ended = True
+        self.ready.clear()
+        n = len(left) + len(spare)
+        if not n:
+            return None
+        return StepResult("", [], left + [t.text for t in spare], [], self.be.confidence, 0,
+                          0, n, "stop", False)
 
 
 def _msg(e: Exception) -> str:

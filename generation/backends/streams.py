@@ -131,10 +131,11 @@ class Answer:
     whole: bool = False  # the rest in one piece, not cut into steps (a leaf)
     budget: int | None = None  # a served request's tokens left for this answer (decision 90)
 
-    def limit(self, written: int = 0) -> int:
+    def limit(self, written: int = 0, *, stream: bool = False) -> int:
         """The token limit of the next call, after `written` tokens of this answer: the
-        step's (or, whole, the answer's) guard, within what the budget leaves."""
-        limit = self.max_tokens if self.whole else self.max_tokens_per_step
+        step's guard (or the answer's, for the rest in one piece or one streaming request —
+        which has no per-step limit), within what the budget leaves."""
+        limit = self.max_tokens if self.whole or stream else self.max_tokens_per_step
         if self.budget is not None:
             limit = max(1, min(limit, self.budget - written))
         return limit
@@ -142,7 +143,8 @@ class Answer:
 
 class StepBatcher:
     """Gathers the step requests of every concurrent answer of one backend into one `generate`
-    call per (whole, limit), run in a worker thread. Requests that arrive while a call runs go
+    call per (whole, limit), run in a worker thread (an HTTP backend's `agenerate` runs on the
+    loop itself, through its long-lived client). Requests that arrive while a call runs go
     together into the next one (continuous batching at step granularity)."""
 
     def __init__(self, backend: Backend):
@@ -176,9 +178,12 @@ class StepBatcher:
                     groups.setdefault((item[1], item[2]), []).append(item)
             for (whole, limit), items in groups.items():
                 self.calls += 1
+                reqs = [i[0] for i in items]
                 try:
-                    res = await asyncio.to_thread(isolated, self.backend, [i[0] for i in items],
-                                                  whole, limit)
+                    if hasattr(self.backend, "agenerate"):  # an HTTP backend: on this loop
+                        res = await self.backend.agenerate(reqs, whole=whole, max_tokens=limit)
+                    else:
+                        res = await asyncio.to_thread(isolated, self.backend, reqs, whole, limit)
                 except Exception as e:  # noqa: BLE001 — delivered to every waiting answer
                     for *_, fut in items:
                         if not fut.done():
@@ -244,13 +249,19 @@ class StepwiseStream:
 
 
 def open_answer(backend: Backend, batcher: StepBatcher | None, answer: Answer) -> AnswerStream:
-    """The answer stream of `backend` (one streaming request if it can, else stepwise)."""
-    astream = getattr(backend, "astream", None)
-    if astream is not None and getattr(backend, "streaming", False):
-        return astream(answer)
+    """The answer stream of `backend`: one streaming request if it streams, else stepwise. The
+    rest in one piece (`whole`, a leaf) is one plain request either way — the very request
+    trace generation's leaves make."""
+    if is_streaming(backend) and not answer.whole:
+        return backend.astream(answer)
     if batcher is None:
         raise ValueError(f"{backend.name}: a stepwise answer needs its StepBatcher")
     return StepwiseStream(batcher, answer)
+
+
+def is_streaming(backend: Backend) -> bool:
+    """Whether `backend` writes an answer as one streaming request (`astream`)."""
+    return bool(getattr(backend, "streaming", False)) and hasattr(backend, "astream")
 
 
 async def read_all(stream: AnswerStream, max_steps: int, max_tokens: int

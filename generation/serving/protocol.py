@@ -80,13 +80,16 @@ def routing_trace(live: online.Live, models: Sequence[trace.ModelInfo]) -> dict[
         m = models[p["model"]]
         flops += accounting.cost_of(p["cost"], m, "flops") * 1e12
         usd += accounting.cost_of(p["cost"], m, "usd_cents") / 100.0
-        if escalated_at is None and (not p.get("kept", True) or p["model"] != 0):
+        if escalated_at is None and not p.get("overrun") and (not p.get("kept", True)
+                                                              or p["model"] != 0):
             escalated_at = i
         steps.append({"text": p["text"], "model": m.name, "kept": p.get("kept", True),
                       "decision": None if p.get("decision") is None else
                       models[p["decision"]].name,
                       "escalation_probability": p.get("score"),
-                      "whole_rest": bool(p.get("whole"))})
+                      "whole_rest": bool(p.get("whole")),
+                      # tokens a stream wrote past a decision before its cancel arrived
+                      "overrun": bool(p.get("overrun"))})
     return {"steps": steps, "escalated_at": escalated_at, "status": live.status,
             "answer_tokens": live.tokens, "cost": {"flops": flops, "usd": usd},
             "models": [m.name for m in models]}

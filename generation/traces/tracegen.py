@@ -14,6 +14,7 @@ crash loses at most the chunk in flight.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from generation.backends import costs
+from generation.backends import costs, streams
 from generation.backends.base import Backend, StepRequest, StepResult, prefix_text
 from generation.backends.costs import model_infos
 from generation.traces import features
@@ -154,8 +155,12 @@ class TraceGenerator:
     # -- generation ------------------------------------------------------------------------------
 
     def _expand(self, segments: list[_Segment]) -> None:
-        """Generate every segment step by step, batching per model across segments."""
+        """Generate every segment: as one streaming request cut into steps where the model's
+        backend streams (the live engine's path, decision 94), else step by step, batching per
+        model across segments."""
         cfg = self.cfg
+        self._stream_segments([s for s in segments if not s.done and
+                               streams.is_streaming(self.backends[s.model])])
         while True:
             live = [s for s in segments if not s.done]
             if not live:
@@ -193,6 +198,30 @@ class TraceGenerator:
                         s.status, s.done = "max_steps", True
                     elif total >= cfg.max_tokens_per_solution:
                         s.status, s.done = "max_tokens", True
+
+    def _stream_segments(self, segments: list[_Segment]) -> None:
+        """Each segment's answer as one request of its model, read to the end and cut into
+        steps exactly as a live answer stream cuts it (`streams.read_all`)."""
+        if not segments:
+            return
+        cfg = self.cfg
+
+        def answer(s: _Segment) -> streams.AnswerStream:
+            req = StepRequest(_key(s.problem.problem_id, s.path), s.problem.question,
+                              tuple(s.prefix), None if s.prefix_ids is None
+                              else tuple(s.prefix_ids),
+                              stream_seed(s.problem.problem_id, s.model, cfg.seed, root=s.root))
+            return streams.open_answer(self.backends[s.model], None, streams.Answer(
+                req, (), cfg.max_tokens_per_solution, cfg.max_tokens_per_step))
+
+        async def run():
+            return await asyncio.gather(*(streams.read_all(answer(s), cfg.max_steps,
+                                                           cfg.max_tokens_per_solution)
+                                          for s in segments))
+
+        for s, (steps, status) in zip(segments, asyncio.run(run()), strict=True):
+            s.results = [r for r in steps if r.error is None and not streams.is_empty(r)]
+            s.status, s.done = status, True
 
     def _leaves(self, jobs: list[tuple[Problem, list[str], str]]) -> list[StepResult]:
         """The largest model writes the rest of each solution (one call each, batched)."""

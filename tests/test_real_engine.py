@@ -379,6 +379,64 @@ def test_the_openai_backend_against_a_real_server_clamps_to_its_context(upstream
     np.testing.assert_allclose(r.confidence, ours.confidence, atol=MAX_ABS_LOGIT)
 
 
+def _generated_tokens(url: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))
+
+
+def test_a_cancelled_answer_stream_stops_the_real_server_generating(upstreams, models_dir):
+    """Decision 94: `OpenAIStream.close()` mid-answer closes the HTTP response and vLLM aborts
+    the request — the server's own token counter stops well short of what the request would
+    have written (a control stream read to its end writes every token), and what the stream
+    wrote past the last step handed over comes back as a piece to pay for."""
+    import asyncio
+
+    from generation.backends import streams
+    from generation.backends.openai_backend import OpenAIBackend, completion_template
+
+    be = OpenAIBackend("small", base_url=upstreams[0] + "/v1", api_key="none", params=1.0,
+                       mode="completions", seed=0, temperature=0.7, confidence="max_logit",
+                       template=completion_template(str(models_dir / "small")))
+    body_of = be.request_body
+    # a long answer whatever the model writes: no EOS, no \boxed{} cut (long enough to cancel)
+    be.request_body = lambda *a: {**body_of(*a), "ignore_eos": True, "min_tokens": 120}
+    q = "Ada has 3 coins. She gets 4 more. How many?"
+
+    async def answer(cancel: bool):
+        s = be.astream(streams.Answer(StepRequest("c", q, (), None, 3), max_tokens=120))
+        first = await s.next()
+        if cancel:
+            return first, await s.close()
+        while (r := await s.next()) is not None:
+            first = r
+        return first, await s.close()
+
+    async def run(cancel: bool, n: int):
+        try:
+            return await asyncio.gather(*(answer(cancel) for _ in range(n)))
+        finally:
+            await be.aclose()
+
+    def delta(cancel: bool, n: int):
+        before = _generated_tokens(upstreams[0])
+        out = asyncio.run(run(cancel, n))
+        time.sleep(1.0)  # let the server's counters settle
+        return _generated_tokens(upstreams[0]) - before, out
+
+    full, _ = delta(False, 1)
+    assert full >= 115  # the control: the whole answer is written (and counted)
+    cut, out = delta(True, 8)
+    assert cut < 0.5 * 8 * full, (cut, full)
+    assert be.stats["cancelled_streams"] == 8
+    for first, extra in out:
+        assert first.error is None and first.text
+        if extra is not None:
+            assert extra.completion_tokens >= 1 and not extra.is_final
+
+
 def test_serve_in_front_of_two_real_vllm_servers(upstreams, trained, models_dir):
     """The routing server (the router trained on the real engines' traces) with real upstreams,
     queried with the openai SDK: an answer and the routing trace."""

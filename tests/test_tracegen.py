@@ -184,3 +184,38 @@ def test_a_trace_folder_belongs_to_one_set_of_settings(checker, tmp_path):
     tracegen.run(gen, probs, splits, tmp_path / "t", {"dataset": "a", "config": {"chunk": 9}})
     with pytest.raises(FileExistsError, match="dataset: 'a' → 'b'"):
         tracegen.run(gen, probs, splits, tmp_path / "t", {"dataset": "b", "config": {}})
+
+
+def test_trees_through_a_streaming_server_are_the_in_process_trees(checker):
+    """Trace generation on the live engine's path (decision 94): through an OpenAI-compatible
+    server a segment is one streaming request cut into steps — one request per root and per
+    leaf, not one per step — and, the tiny engine keying each token by its position, the trees
+    are the ones the in-process engine writes step by step (texts, verdicts, generated
+    tokens)."""
+    from generation import main_job
+    from generation.backends.openai_backend import OpenAIBackend
+    from generation.serving.tiny_server import TinyLMServer
+    from generation.tinylm import backend as tiny
+
+    local = [tiny.load("small"), tiny.load("large")]
+    probs, splits = main_job.problems_and_splits({"train": 6}, 4)
+    cfg = tracegen.GenConfig(chunk=6, seed=2, **main_job.GEN_CONFIG)
+    want = tracegen.TraceGenerator(local, checker, None, cfg).generate(probs, splits)
+    with TinyLMServer({b.name: b for b in local}, logprobs_mode="raw_logits") as srv:
+        remote = [OpenAIBackend(b.name, base_url=srv.base_url, mode="completions",
+                                confidence="max_logit", temperature=b.temperature,
+                                params=b.params) for b in local]
+        assert all(b.streaming for b in remote)
+        got = tracegen.TraceGenerator(remote, checker, None, cfg).generate(probs, splits)
+    assert remote[0].stats["streams"] == remote[0].stats["requests"] == len(probs)
+    steps = sum(len(r["roots"][0]["steps"]) for r in want)
+    assert remote[1].stats["requests"] == steps and steps > len(probs)  # a leaf per step
+    for g, w in zip(got, want, strict=True):
+        assert g["solo"][0]["correct"] == w["solo"][0]["correct"]
+        gs, ws = g["roots"][0]["steps"], w["roots"][0]["steps"]
+        assert len(gs) == len(ws)
+        for a, b in zip(gs, ws, strict=True):
+            assert a["cost"]["output_tokens"] == b["cost"]["output_tokens"]
+            assert a["branches"]["1"]["correct"] == b["branches"]["1"]["correct"]
+            assert a["branches"]["1"]["cost"]["output_tokens"] == \
+                b["branches"]["1"]["cost"]["output_tokens"]

@@ -289,6 +289,12 @@ class OpenAIBackend:
             self._loop_client = (loop, self._client(), asyncio.Semaphore(self.concurrency))
         return self._loop_client[1], self._loop_client[2]
 
+    async def aclose(self) -> None:
+        """Close the running loop's long-lived client (a loop that ends with its run)."""
+        if self._loop_client is not None and self._loop_client[0] is asyncio.get_running_loop():
+            client, self._loop_client = self._loop_client[1], None
+            await client.close()
+
     def _fatal(self, e: Exception) -> FatalBackendError | None:
         """The run-stopping failures, with the message that says what to fix."""
         import openai

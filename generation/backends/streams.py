@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from generation.backends.base import (
@@ -78,15 +78,22 @@ class StepCutter:
         cut = self.text.find(STEP_DELIMITER, start)
         if start == len(self.text) or cut < 0:
             return None
-        done, text = self.tokens, self.text[:cut]
+        done, text = self.tokens, self._text(self.text[:cut])
         self.tokens, self.text = [], self.text[cut + len(STEP_DELIMITER):]
-        return done, text.strip("\n")
+        return done, text
+
+    @staticmethod
+    def _text(raw: str) -> str:
+        """A step's text: without the blank lines before it (those a stepwise request would
+        have answered as an empty step) and without surrounding newlines."""
+        start = len(raw) - len(raw.lstrip())
+        return raw[raw.rfind("\n", 0, start) + 1:].strip("\n")
 
     def rest(self) -> tuple[list[Token], str]:
         """What is left when the stream ends: the last step (maybe blank)."""
-        done, text = self.tokens, self.text
+        done, text = self.tokens, self._text(self.text)
         self.tokens, self.text = [], ""
-        return done, text.strip("\n")
+        return done, text
 
 
 def step_result(tokens: Sequence[Token], text: str, kind: str, *, finish: str, eos: bool,
@@ -296,6 +303,8 @@ async def read_all(stream: AnswerStream, max_steps: int, max_tokens: int
     return out, status
 
 
-def run_answers(make: Callable[[], Awaitable[list]]) -> list:
-    """Run an async batch of answers to the end from synchronous code."""
-    return asyncio.run(make())
+async def close_clients(backends: Sequence[Backend]) -> None:
+    """Close the long-lived clients the running loop's answers opened (a loop of one run)."""
+    for b in backends:
+        if hasattr(b, "aclose"):
+            await b.aclose()

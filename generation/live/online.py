@@ -205,7 +205,13 @@ class Engine:
 
     def run(self, progress: Callable[[int], None] | None = None) -> list[Live]:
         """Route every admitted problem to its end (from synchronous code)."""
-        return asyncio.run(self.route_all(self.live, progress))
+        async def run():
+            try:
+                return await self.route_all(self.live, progress)
+            finally:
+                await streams.close_clients(self.backends)
+
+        return asyncio.run(run())
 
     async def route_all(self, lives: Sequence[Live],
                         progress: Callable[[int], None] | None = None) -> list[Live]:

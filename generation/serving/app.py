@@ -29,7 +29,8 @@ def make_app(service: RoutingService) -> Starlette:
     config = service.config
     admission = asgi.Admission(config.max_concurrent, config.retry_after_s)
     metrics = ServerMetrics(service.models, lambda: service.engine.decide_seconds,
-                            lambda: service.stats["busy_seconds"], lambda: admission.in_flight)
+                            lambda: service.stats["busy_seconds"], lambda: admission.in_flight,
+                            lambda: service.stats["upstream_requests"])
     middleware = []
     if config.api_key is not None:
         open_paths = {"/health"} | (set() if config.metrics_need_key else {"/metrics"})

@@ -24,6 +24,7 @@ class LoadResult:
     latencies_s: tuple[float, ...]  # of the successful requests
     flops: float  # summed over successful responses' routing traces (0 when absent)
     escalated: int  # responses whose routing trace escalated
+    traces: tuple[dict, ...] = ()  # the successful responses' routing traces (`jaxroute`)
 
     @property
     def throughput(self) -> float:
@@ -46,6 +47,7 @@ def run_load(base_url: str, model: str, questions: Sequence[str], clients: int,
 
     async def go() -> LoadResult:
         lat: list[float] = []
+        traces: list[dict] = []
         errors = escalated = 0
         flops = 0.0
         client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
@@ -65,6 +67,7 @@ def run_load(base_url: str, model: str, questions: Sequence[str], clients: int,
                     continue
                 lat.append(time.perf_counter() - t0)
                 tr = (r.model_extra or {}).get("jaxroute") or {}
+                traces.append(tr)
                 flops += float(tr.get("cost", {}).get("flops", 0.0))
                 escalated += tr.get("escalated_at") is not None
         t0 = time.perf_counter()
@@ -73,6 +76,6 @@ def run_load(base_url: str, model: str, questions: Sequence[str], clients: int,
         finally:
             await client.close()
         return LoadResult(clients, clients * requests_per_client, errors,
-                          time.perf_counter() - t0, tuple(lat), flops, escalated)
+                          time.perf_counter() - t0, tuple(lat), flops, escalated, tuple(traces))
 
     return asyncio.run(go())

@@ -16,7 +16,8 @@ from jaxroute import trace
 
 class ServerMetrics:
     def __init__(self, models: Sequence[trace.ModelInfo], router_seconds: Callable[[], float],
-                 engine_seconds: Callable[[], float], in_flight: Callable[[], int]):
+                 engine_seconds: Callable[[], float], in_flight: Callable[[], int],
+                 upstream_requests: Callable[[], float] = lambda: 0.0):
         self.models = models
         self.registry = reg = CollectorRegistry()
         self.requests = Counter("jaxroute_requests", "Requests by endpoint and status",
@@ -36,9 +37,11 @@ class ServerMetrics:
                               "largest model alone (cumulative)", registry=reg)
         Gauge("jaxroute_router_seconds", "Seconds in router decisions (cumulative)",
               registry=reg).set_function(router_seconds)
-        Gauge("jaxroute_engine_seconds", "Seconds the engine spent in rounds (cumulative)",
+        Gauge("jaxroute_engine_seconds", "Seconds with at least one answer in flight (cumulative)",
               registry=reg).set_function(engine_seconds)
         Gauge("jaxroute_in_flight", "Requests in flight", registry=reg).set_function(in_flight)
+        Gauge("jaxroute_upstream_requests", "Requests the engine sent upstream: answer streams "
+              "and single steps (cumulative)", registry=reg).set_function(upstream_requests)
 
     def failed(self, e: RequestError, endpoint: str) -> None:
         self.requests.labels(endpoint, str(e.status)).inc()

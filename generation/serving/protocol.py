@@ -83,14 +83,18 @@ def routing_trace(live: online.Live, models: Sequence[trace.ModelInfo]) -> dict[
         if escalated_at is None and not p.get("overrun") and (not p.get("kept", True)
                                                               or p["model"] != 0):
             escalated_at = i
-        steps.append({"text": p["text"], "model": m.name, "kept": p.get("kept", True),
+        steps.append({"text": p["text"], "model": m.name, "model_index": p["model"],
+                      "tokens": p["cost"]["output_tokens"], "kept": p.get("kept", True),
                       "decision": None if p.get("decision") is None else
                       models[p["decision"]].name,
                       "escalation_probability": p.get("score"),
                       "whole_rest": bool(p.get("whole")),
                       # tokens a stream wrote past a decision before its cancel arrived
                       "overrun": bool(p.get("overrun"))})
+    prompt = next((p["cost"]["input_tokens"] for p in live.pieces
+                   if p["cost"]["input_tokens"]), 0)
     return {"steps": steps, "escalated_at": escalated_at, "status": live.status,
+            "prompt_tokens": prompt,
             "answer_tokens": live.tokens, "cost": {"flops": flops, "usd": usd},
             "models": [m.name for m in models]}
 

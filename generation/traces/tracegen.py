@@ -215,9 +215,12 @@ class TraceGenerator:
                 req, (), cfg.max_tokens_per_solution, cfg.max_tokens_per_step))
 
         async def run():
-            return await asyncio.gather(*(streams.read_all(answer(s), cfg.max_steps,
-                                                           cfg.max_tokens_per_solution)
-                                          for s in segments))
+            try:
+                return await asyncio.gather(*(streams.read_all(answer(s), cfg.max_steps,
+                                                               cfg.max_tokens_per_solution)
+                                              for s in segments))
+            finally:
+                await streams.close_clients(self.backends)
 
         for s, (steps, status) in zip(segments, asyncio.run(run()), strict=True):
             s.results = [r for r in steps if r.error is None and not streams.is_empty(r)]

@@ -80,6 +80,40 @@ def test_answers_as_the_backend_does(server, backend):
     assert r.json()["usage"]["completion_tokens"] == direct.completion_tokens
 
 
+@pytest.mark.parametrize("chat_mode", [False, True])
+def test_a_streamed_answer_is_the_whole_answer_token_by_token(server, chat_mode):
+    """`stream: true` (what the routing engine's answer streams read, decision 94) through the
+    openai SDK: the chunks join to the plain answer, each token with its log-probabilities, the
+    finish reason last and the usage when asked for."""
+    import openai
+
+    c = openai.OpenAI(base_url=server.base_url, api_key="x")
+    if chat_mode:
+        ask = dict(messages=[{"role": "user", "content": QUESTION}], logprobs=True,
+                   top_logprobs=3)
+        create = c.chat.completions.create
+    else:
+        ask = dict(prompt=f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
+                   logprobs=3)
+        create = c.completions.create
+    whole = create(model="tiny", seed=5, max_tokens=40, **ask)
+    chunks = list(create(model="tiny", seed=5, max_tokens=40, stream=True,
+                         stream_options={"include_usage": True}, **ask))
+    body = [ch for ch in chunks if ch.choices]
+    if chat_mode:
+        text = "".join(ch.choices[0].delta.content or "" for ch in body)
+        assert text.strip("\n") == whole.choices[0].message.content
+        lps = [e.logprob for ch in body if ch.choices[0].logprobs
+               for e in ch.choices[0].logprobs.content]
+        assert lps == [e.logprob for e in whole.choices[0].logprobs.content][:len(lps)]
+    else:
+        text = "".join(ch.choices[0].text for ch in body)
+        assert text.strip("\n") == whole.choices[0].text
+        assert all(len(ch.choices[0].logprobs.tokens) == 1 for ch in body[:-1])
+    assert body[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 def test_a_huge_max_tokens_is_clamped_to_the_context(server, backend):
     """Regression: buffers were sized for 1e9 tokens before the clamp, under the global lock."""
     r = chat(server, max_tokens=1e9, seed=1)
@@ -92,7 +126,7 @@ def test_a_huge_max_tokens_is_clamped_to_the_context(server, backend):
 @pytest.mark.parametrize("fields, status, words, param", [
     ({"temperature": 0.2}, 400, ["'temperature' must be 0.7"], "temperature"),
     ({"n": 2}, 400, ["'n' must be 1"], "n"),
-    ({"stream": True}, 400, ["'stream' must be False"], "stream"),
+    ({"stream": "yes"}, 400, ["'stream' must be true or false"], "stream"),
     ({"top_p": 0.5}, 400, ["'top_p'"], "top_p"),
     ({"stop": ["x"]}, 400, ["'stop' may only be"], "stop"),
     ({"frequency_penalty": 1}, 400, ["unsupported field 'frequency_penalty'"],

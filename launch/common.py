@@ -12,6 +12,7 @@ import resource
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -97,6 +98,18 @@ def release_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def compilation_cache(path: str | Path) -> None:
+    """JAX's persistent compilation cache in `path` (decision 96): an executable dropped by
+    `release_memory` — or compiled by an earlier run — is read back from disk instead of being
+    compiled again. Memory stays bounded (the executables live on disk, not in the process)."""
+    import jax
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class StageClock:

@@ -56,6 +56,9 @@ _REFERENCE = flags.DEFINE_bool("reference", None, "Report the perfect-risk refer
                                "set's committed). Default: on with the JAX engine, off with vLLM "
                                "(its rollouts take tens of minutes on a CPU).")
 _DELTA = common.define_guarantee_flags()
+_CACHE = flags.DEFINE_bool("compilation_cache", True, "Keep compiled JAX executables on disk "
+                           "(WORKDIR/jax_cache): a stage recompiling a shape an earlier one "
+                           "dropped reads it back (decision 96).")
 
 UNIT = "FLOPs ×1e6"
 common.check_flags(alpha=(common.probability, "in (0, 1)"),
@@ -70,6 +73,8 @@ def main(argv):
     common.large_blocks_outside_the_heap()
     work = Path(_WORKDIR.value or default_workdir(_ENGINE.value, _DELTA()))
     with exclusive(work):  # one run per workdir at a time (decision 78)
+        if _CACHE.value:
+            common.compilation_cache(work / "jax_cache")
         run(work, _SEED.value, _ALPHA.value, _DELTA())
 
 

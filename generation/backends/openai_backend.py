@@ -466,7 +466,7 @@ class OpenAIBackend:
 
     async def open_stream(self, body: dict, key: str):
         """A streaming request under the retry policy (retried until its first byte: a
-        failure after that fails the answer); returns the SDK's async stream."""
+        failure after that fails the answer); returns the SDK's raw streamed response."""
         if not self._checked:
             await asyncio.to_thread(self.check)
         client, _ = self._loop_state()
@@ -474,9 +474,9 @@ class OpenAIBackend:
         self.stats["streams"] += 1
 
         async def call(body):
-            create = (client.chat.completions if "messages" in body
-                      else client.completions).create
-            return await create(**body)
+            # The raw event stream: one json.loads per chunk, not an SDK model per token.
+            api = client.chat.completions if "messages" in body else client.completions
+            return await api.with_streaming_response.create(**body).__aenter__()
 
         try:
             return await self._attempts(body, call, key)
@@ -575,8 +575,16 @@ class OpenAIStream:
                     body = be.request_body(self.a.request, True, self.a.limit(stream=True))
                     body.update(stream=True, stream_options={"include_usage": True})
                     self.resp = await be.open_stream(body, self.a.request.key)
-                    self.it = self.resp.__aiter__()
-                chunk = (await self.it.__anext__()).model_dump()
+                    self.it = self.resp.iter_lines().__aiter__()
+                line = await self.it.__anext__()
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    raise StopAsyncIteration
+                chunk = json.loads(data)
+                if isinstance(chunk, dict) and chunk.get("error"):
+                    raise ValueError(f"error event mid-stream: {chunk['error']}")
                 self._feed(chunk)
             except StopAsyncIteration:
                 self._end()

@@ -150,9 +150,9 @@ class Answer:
 
 class StepBatcher:
     """Gathers the step requests of every concurrent answer of one backend into one `generate`
-    call per (whole, limit), run in a worker thread (an HTTP backend's `agenerate` runs on the
-    loop itself, through its long-lived client). Requests that arrive while a call runs go
-    together into the next one (continuous batching at step granularity)."""
+    call per (whole, limit), run in a worker thread. Requests that arrive while a call runs go
+    together into the next one (continuous batching at step granularity). An HTTP backend's
+    requests go out at once on the loop, through its long-lived client (its server batches)."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -162,6 +162,9 @@ class StepBatcher:
         self.calls = 0
 
     async def step(self, req: StepRequest, *, whole: bool, max_tokens: int) -> StepResult:
+        if hasattr(self.backend, "agenerate"):  # an HTTP backend: the server batches
+            self.calls += 1
+            return (await self.backend.agenerate([req], whole=whole, max_tokens=max_tokens))[0]
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
             self._wake = asyncio.Event()
@@ -187,10 +190,7 @@ class StepBatcher:
                 self.calls += 1
                 reqs = [i[0] for i in items]
                 try:
-                    if hasattr(self.backend, "agenerate"):  # an HTTP backend: on this loop
-                        res = await self.backend.agenerate(reqs, whole=whole, max_tokens=limit)
-                    else:
-                        res = await asyncio.to_thread(isolated, self.backend, reqs, whole, limit)
+                    res = await asyncio.to_thread(isolated, self.backend, reqs, whole, limit)
                 except Exception as e:  # noqa: BLE001 — delivered to every waiting answer
                     for *_, fut in items:
                         if not fut.done():

@@ -26,6 +26,7 @@ Three things keep stepwise generation close to one-shot generation in wall time:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import itertools
@@ -150,6 +151,20 @@ class TinyLMBackend:
         self._cache_bytes = 0
         self.version: str | None = None
         self.stats = collections.Counter()  # prefix-cache hits/misses, decode-loop launches
+        self._streamer = None  # (event loop, Streamer) of the last loop that streamed
+
+    # Answers are written as rows of one continuous decode loop (`streamer`, decision 97).
+    streaming = True
+
+    def astream(self, answer):
+        """An answer stream (`generation.backends.streams.AnswerStream`) written by this event
+        loop's `streamer.Streamer`."""
+        from generation.tinylm.streamer import Streamer, TinyStream  # it imports this module
+
+        loop = asyncio.get_running_loop()
+        if self._streamer is None or self._streamer[0] is not loop:
+            self._streamer = (loop, Streamer(self))
+        return TinyStream(self._streamer[1], answer)
 
     def clear_prefix_cache(self) -> None:
         self._cache.clear()
@@ -379,24 +394,29 @@ class TinyLMBackend:
             parts = gen[i]
             cat = [np.concatenate([p[m] for p in parts]) if parts else np.zeros(0)
                    for m in range(6)]
-            ids = [int(t) for t in cat[0]]
             self.last_logprobs.append((cat[2], cat[3], cat[4]))
-            eos = bool(ids) and ids[-1] == self.tok.eos
-            text = self.tok.decode(ids)
-            finish = "stop" if eos or (not whole and text.endswith("\n\n")) else "length"
-            text = text.rstrip("\n") if not whole else text.strip("\n")
-            step_text = text.split("\n\n")[0] if not whole else text
-            out.append(StepResult(
-                text=step_text, token_ids=ids,
-                tokens=[self.tok.token_text(t) for t in ids],
-                confidence=[float(z) for z in cat[1]], confidence_kind="max_logit",
-                prompt_tokens=len(prompts[i]), cached_tokens=len(prompts[i]) if hits[i] else 0,
-                completion_tokens=len(ids), finish_reason=finish,
-                is_final=whole or is_final_step(step_text, finish, eos),
-                logprobs=[float(x) for x in cat[2][:, 0]] if ids else [],
-                top_logprobs=[[float(x) for x in row] for row in cat[4][..., 0]] if ids else [],
-                entropies=[float(x) for x in cat[5]] if ids else []))
+            out.append(self.result(cat, len(prompts[i]), len(prompts[i]) if hits[i] else 0,
+                                   whole))
         return out
+
+    def result(self, cat, prompt_tokens: int, cached_tokens: int, whole: bool) -> StepResult:
+        """The `StepResult` of one generated piece from its per-token outputs `cat` (sampled
+        ids, max raw logits, (log-prob, logit) pairs, top ids, top pairs, entropies)."""
+        ids = [int(t) for t in cat[0]]
+        eos = bool(ids) and ids[-1] == self.tok.eos
+        text = self.tok.decode(ids)
+        finish = "stop" if eos or (not whole and text.endswith("\n\n")) else "length"
+        text = text.rstrip("\n") if not whole else text.strip("\n")
+        step_text = text.split("\n\n")[0] if not whole else text
+        return StepResult(
+            text=step_text, token_ids=ids, tokens=[self.tok.token_text(t) for t in ids],
+            confidence=[float(z) for z in cat[1]], confidence_kind="max_logit",
+            prompt_tokens=prompt_tokens, cached_tokens=cached_tokens,
+            completion_tokens=len(ids), finish_reason=finish,
+            is_final=whole or is_final_step(step_text, finish, eos),
+            logprobs=[float(x) for x in cat[2][:, 0]] if ids else [],
+            top_logprobs=[[float(x) for x in row] for row in cat[4][..., 0]] if ids else [],
+            entropies=[float(x) for x in cat[5]] if ids else [])
 
 
 @functools.lru_cache(maxsize=4)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -34,6 +35,10 @@ from generation.backends.base import (
 )
 
 EMPTY_RETRIES = 2  # an empty step ("\\n\\n" first) is asked again at most twice (decision 75)
+
+# One in-process model computation at a time (worker threads of every engine in the process):
+# XLA already uses every core for one, and two at once hold two batches' buffers (decision 81).
+IN_PROCESS = threading.Lock()
 
 
 def is_empty(r: StepResult) -> bool:
@@ -190,7 +195,8 @@ class StepBatcher:
                 self.calls += 1
                 reqs = [i[0] for i in items]
                 try:
-                    res = await asyncio.to_thread(isolated, self.backend, reqs, whole, limit)
+                    res = await asyncio.to_thread(in_process, isolated, self.backend, reqs, whole,
+                                                  limit)
                 except Exception as e:  # noqa: BLE001 — delivered to every waiting answer
                     for *_, fut in items:
                         if not fut.done():
@@ -199,6 +205,12 @@ class StepBatcher:
                 for (*_, fut), r in zip(items, res, strict=True):
                     if not fut.done():
                         fut.set_result(r)
+
+
+def in_process(fn, *args):
+    """`fn(*args)` holding `IN_PROCESS` (run in a worker thread)."""
+    with IN_PROCESS:
+        return fn(*args)
 
 
 def isolated(backend: Backend, reqs: list[StepRequest], whole: bool, limit: int

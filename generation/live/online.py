@@ -138,11 +138,12 @@ class _Decider:
         return await fut
 
     def _timed(self, views):
-        t0 = time.perf_counter()
-        try:
-            return self.rule.decide(views)
-        finally:
-            self.seconds += time.perf_counter() - t0
+        with streams.IN_PROCESS:  # a rule may run an in-process model (RSD's PRM, a judge)
+            t0 = time.perf_counter()
+            try:
+                return self.rule.decide(views)
+            finally:
+                self.seconds += time.perf_counter() - t0
 
     async def _run(self) -> None:
         while True:

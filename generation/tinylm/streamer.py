@@ -196,7 +196,7 @@ class Streamer:
             if not self._running():
                 continue
             self.calls += 1
-            out = await asyncio.to_thread(self._decode)
+            out = await asyncio.to_thread(streams.in_process, self._decode)
             if out is not None:
                 self._deliver(*out)
 
@@ -217,7 +217,8 @@ class Streamer:
             self._resize(_rows(sum(s is not None for s in self.slots) + len(ok)))
             free = [j for j, s in enumerate(self.slots) if s is None]
         n = _rows(len(ok))
-        logits, caches = self.be._prefill_rows([st.prompt for st in ok], n, self.length)
+        with streams.IN_PROCESS:
+            logits, caches = self.be._prefill_rows([st.prompt for st in ok], n, self.length)
         dst = np.full(n, len(self.slots), np.int32)
         for i, (st, j) in enumerate(zip(ok, free, strict=False)):
             dst[i], st.row, self.slots[j] = j, j, st

@@ -274,6 +274,25 @@ def targets(runs: Path) -> str:
     ratio = (_load(runs, "tinylm") or {}).get("stepwise_ratio")
     rows.append(["stepwise vs one-shot generation, tiny LMs", BENCHMARKS["tinylm"],
                  "not run" if ratio is None else f"{ratio:.2f}×", "≤ 1.2×", verdict(ratio, 1.2)])
+    online = secs.get("online")
+    rows.append(["main job, online stage wall time", MAIN_COMMAND,
+                 "not run" if online is None else f"{online:.0f} s",
+                 "≤ 65 s (half of 129 s, before streaming)", verdict(online, 65)])
+    routed = (_load(runs, "tinylm") or {}).get("routed")
+    live = None if not routed else routed["streams"] / routed["one_shot"]
+    rows.append(["routing the test split live vs one-shot generation of the same answers, "
+                 "tiny LMs", BENCHMARKS["tinylm"], "not run" if live is None else f"{live:.2f}×",
+                 "≤ 1.1×", verdict(live, 1.1)])
+    served = (_load(runs, "serve_vllm") or {}).get("ratios") or {}
+    for n, r in served.items():
+        p50_limit = 1.1 if n == "1" else 1.0
+        rows.append([f"routed ÷ large-only in front of two vLLM servers, {n} client(s): "
+                     "upstream requests per answer / p50 latency / throughput",
+                     "the serve_vllm command (README)",
+                     f"{r['requests_per_answer']:.2f} / {r['p50']:.2f}× / {r['throughput']:.2f}×",
+                     f"≤ 2 / ≤ {p50_limit}× / " + ("–" if n == "1" else "≥ 1.0×"),
+                     "met" if r["requests_per_answer"] <= 2 and r["p50"] <= p50_limit and (
+                         n == "1" or r["throughput"] >= 1.0) else "missed"])
     fan = (_load(runs, "fanout") or {}).get("ray_over_single")
     rows.append(["trace generation, 2 Ray shards vs one process (wall)", BENCHMARKS["fanout"],
                  "not run" if fan is None else f"{fan:.2f}×", "≤ 1.2×", verdict(fan, 1.2)])

@@ -9,9 +9,10 @@ with the routing trace; `stream: true` streams accepted steps as server-sent eve
 answer in OpenAI's error shape (`generation.serving.asgi`): 400, 401, 404, 408, 413, 429 (with
 `Retry-After`), 502 (an upstream failed), 503 (shutting down), 504 (an upstream too slow).
 
-The parts, one module each: `service` (limits, the engine thread), `protocol` (request and
-response types), `metrics` (Prometheus), `handlers` (one function per endpoint), `app`
-(`build`, `make_app`: wiring only); what both servers share (`asgi`), the tiny-model server
+The parts, one module each: `service` (limits, the shared engine: a task per request),
+`protocol` (request and response types), `metrics` (Prometheus), `handlers` (one function per
+endpoint), `app` (`build`, `make_app`: wiring only); what both servers share (`asgi`), the
+tiny-model server
 (`tiny_server`) and a load generator (`loadgen`). May import: every other room of `generation`.
 """
 

@@ -16,7 +16,7 @@ stepwise request is (decision 75): that stream finishes step by step (`StepwiseS
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ import numpy as np
 
 from generation.backends import streams
 from generation.backends.base import StepResult, prefix_text
-from generation.tinylm.backend import (
+from generation.tinylm.decode import (
     DecodeState,
     _bucket,
     _empty_batch,
@@ -34,9 +34,6 @@ from generation.tinylm.backend import (
     _rows,
     _take,
 )
-
-if TYPE_CHECKING:
-    from generation.tinylm.backend import TinyLMBackend
 
 SETTLE_S = 0.05  # the longest the loop waits for decisions on the steps it handed over
 
@@ -113,7 +110,7 @@ class TinyStream:
 class Streamer:
     """The decode loop of one backend on one event loop (`TinyLMBackend.astream`)."""
 
-    def __init__(self, backend: TinyLMBackend):
+    def __init__(self, backend: Any):  # a `backend.TinyLMBackend` (which imports this module)
         self.be, self.length = backend, backend.cfg.max_len
         self.batcher = streams.StepBatcher(backend)  # for streams that went step by step
         self.slots: list[TinyStream | None] = []

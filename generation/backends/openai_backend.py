@@ -548,6 +548,12 @@ def _chunk_tokens(chunk: dict, chat: bool, confidence: str) -> tuple[list[Token]
                              float(ch if ch is not None else best), vals or [float(best)]))
     if text and not out:
         raise ValueError("no log-probabilities for the streamed text")
+    if out and "".join(t.text for t in out) != text:
+        # The chunk's text is what the answer says (special tokens such as EOS left out, as
+        # in a whole response); the token strings may differ: the text goes to the last token.
+        for t in out[:-1]:
+            t.text = ""
+        out[-1].text = text
     return out, text
 
 

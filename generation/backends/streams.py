@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from generation.backends.base import (
@@ -153,58 +153,74 @@ class Answer:
         return limit
 
 
-class StepBatcher:
-    """Gathers the step requests of every concurrent answer of one backend into one `generate`
-    call per (whole, limit), run in a worker thread. Requests that arrive while a call runs go
-    together into the next one (continuous batching at step granularity). An HTTP backend's
-    requests go out at once on the loop, through its long-lived client (its server batches)."""
+class Gatherer:
+    """Gathers what concurrent tasks submit within a few turns of the event loop into one call
+    `fn(items) -> results`, run in a worker thread holding `IN_PROCESS`; items that arrive
+    while a call runs go together into the next one. A failed call fails every item in it."""
 
-    def __init__(self, backend: Backend):
-        self.backend = backend
-        self._queue: list[tuple[StepRequest, bool, int, asyncio.Future]] = []
+    def __init__(self, fn: Callable[[list], list]):
+        self.fn = fn
+        self._queue: list[tuple[object, asyncio.Future]] = []
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
-        self.calls = 0
 
-    async def step(self, req: StepRequest, *, whole: bool, max_tokens: int) -> StepResult:
-        if hasattr(self.backend, "agenerate"):  # an HTTP backend: the server batches
-            self.calls += 1
-            return (await self.backend.agenerate([req], whole=whole, max_tokens=max_tokens))[0]
+    async def submit(self, item):
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
             self._wake = asyncio.Event()
             self._worker = loop.create_task(self._run())
         fut = loop.create_future()
-        self._queue.append((req, whole, max_tokens, fut))
+        self._queue.append((item, fut))
         self._wake.set()
         return await fut
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            # Let every answer that is about to ask join this call: a few turns of the loop.
-            for _ in range(4):
+            for _ in range(4):  # every task about to submit joins this call
                 await asyncio.sleep(0)
             self._wake.clear()
-            batch, self._queue = self._queue, []
-            groups: dict[tuple[bool, int], list] = {}
-            for item in batch:
-                if not item[3].cancelled():
-                    groups.setdefault((item[1], item[2]), []).append(item)
-            for (whole, limit), items in groups.items():
-                self.calls += 1
-                reqs = [i[0] for i in items]
-                try:
-                    res = await asyncio.to_thread(in_process, isolated, self.backend, reqs, whole,
-                                                  limit)
-                except Exception as e:  # noqa: BLE001 — delivered to every waiting answer
-                    for *_, fut in items:
-                        if not fut.done():
-                            fut.set_exception(e)
-                    continue
-                for (*_, fut), r in zip(items, res, strict=True):
-                    if not fut.done():
-                        fut.set_result(r)
+            batch = [(i, f) for i, f in self._queue if not f.cancelled()]
+            self._queue = []
+            if not batch:
+                continue
+            try:
+                out = await asyncio.to_thread(in_process, self.fn, [i for i, _ in batch])
+            except Exception as e:  # noqa: BLE001 — delivered to every waiting task
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), r in zip(batch, out, strict=True):
+                if not f.done():
+                    f.set_result(r)
+
+
+class StepBatcher:
+    """Gathers the step requests of every concurrent answer of one backend into one `generate`
+    call per (whole, limit) (`Gatherer`: continuous batching at step granularity). An HTTP
+    backend's requests go out at once on the loop, through its long-lived client (its server
+    batches)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self._gather = Gatherer(self._generate)
+
+    async def step(self, req: StepRequest, *, whole: bool, max_tokens: int) -> StepResult:
+        if hasattr(self.backend, "agenerate"):  # an HTTP backend: the server batches
+            return (await self.backend.agenerate([req], whole=whole, max_tokens=max_tokens))[0]
+        return await self._gather.submit((req, whole, max_tokens))
+
+    def _generate(self, items: list[tuple[StepRequest, bool, int]]) -> list[StepResult]:
+        out: list = [None] * len(items)
+        groups: dict[tuple[bool, int], list[int]] = {}
+        for i, (_, whole, limit) in enumerate(items):
+            groups.setdefault((whole, limit), []).append(i)
+        for (whole, limit), idx in groups.items():
+            res = isolated(self.backend, [items[i][0] for i in idx], whole, limit)
+            for i, r in zip(idx, res, strict=True):
+                out[i] = r
+        return out
 
 
 def in_process(fn, *args):

@@ -49,10 +49,6 @@ class OnlineConfig:
     feature_names: tuple[str, ...] = features.FEATURE_NAMES
 
 
-def _is_empty(r: StepResult) -> bool:
-    return streams.is_empty(r)
-
-
 @dataclasses.dataclass
 class Live:
     """One problem being routed: its current model, accepted steps and every generated piece."""
@@ -119,53 +115,21 @@ def _piece(r: StepResult, model: int, params: float, **extra) -> dict:
 
 class _Decider:
     """Gathers the drafts of every answer waiting for a decision into one `rule.decide` call
-    (run in a worker thread: a rule may run a model of its own)."""
+    (`streams.Gatherer`: a worker thread, since a rule may run a model of its own)."""
 
     def __init__(self, rule: Rule):
-        self.rule, self.seconds, self.calls = rule, 0.0, 0
-        self._queue: list[tuple[View, asyncio.Future]] = []
-        self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
+        self.rule, self.seconds = rule, 0.0
+        self._gather = streams.Gatherer(self._timed)
 
     async def decide(self, view: View) -> Decision:
-        loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._wake = asyncio.Event()
-            self._worker = loop.create_task(self._run())
-        fut = loop.create_future()
-        self._queue.append((view, fut))
-        self._wake.set()
-        return await fut
+        return await self._gather.submit(view)
 
-    def _timed(self, views):
-        with streams.IN_PROCESS:  # a rule may run an in-process model (RSD's PRM, a judge)
-            t0 = time.perf_counter()
-            try:
-                return self.rule.decide(views)
-            finally:
-                self.seconds += time.perf_counter() - t0
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            for _ in range(4):  # every answer about to ask joins this call
-                await asyncio.sleep(0)
-            self._wake.clear()
-            batch = [(v, f) for v, f in self._queue if not f.cancelled()]
-            self._queue = []
-            if not batch:
-                continue
-            self.calls += 1
-            try:
-                out = await asyncio.to_thread(self._timed, [v for v, _ in batch])
-            except Exception as e:  # noqa: BLE001 — every waiting answer fails with it
-                for _, f in batch:
-                    if not f.done():
-                        f.set_exception(e)
-                continue
-            for (_, f), d in zip(batch, out, strict=True):
-                if not f.done():
-                    f.set_result(d)
+    def _timed(self, views: list[View]) -> list[Decision]:
+        t0 = time.perf_counter()
+        try:
+            return self.rule.decide(views)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 class Engine:

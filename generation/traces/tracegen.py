@@ -61,7 +61,6 @@ class _Segment:
     done: bool = False
 
 
-EMPTY_RETRIES = 2  # an empty step ("\\n\\n" first) is asked again at most twice
 
 
 def _key(*parts) -> str:
@@ -187,7 +186,7 @@ class TraceGenerator:
                     if not r.text.strip() and not r.is_final:
                         wasted = s.wasted.setdefault(len(s.results), [])
                         wasted.append(r)  # paid for: its cost joins the step's
-                        if len(wasted) > EMPTY_RETRIES:
+                        if len(wasted) > streams.EMPTY_RETRIES:
                             s.status, s.done = "empty_step", True
                         continue
                     s.results.append(r)
